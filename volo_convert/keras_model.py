@@ -1,0 +1,153 @@
+"""Keras 3 VOLO: a flat functional graph whose layer names the mapping tables target.
+
+Names follow `stem_*`, `stack{stage}_block{index}_*`, `downsample`, `pos_embed`,
+`cls_token`, `classifier{index}_*`, `norm`, `head`, `aux_head`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import layers
+
+from volo_convert.keras_layers import (
+    ClassAttention,
+    ClassToken,
+    MultiHeadSelfAttention,
+    OutlookAggregation,
+    PositionEmbedding,
+    TokenLabelingLogits,
+    TokenSlice,
+)
+from volo_convert.variants import (
+    NUM_CLASS_BLOCKS,
+    OUTLOOK_KERNEL,
+    PATCH_SIZE,
+    VoloConfig,
+    check_image_size,
+)
+
+NORM_EPS = 1e-5
+STEM_STRIDE = 2
+
+
+def _layer_norm(name: str) -> layers.LayerNormalization:
+    return layers.LayerNormalization(epsilon=NORM_EPS, name=name)
+
+
+def _mlp(x: Any, dim: int, mlp_ratio: int, prefix: str) -> Any:
+    """Dense -> exact GELU -> Dense, named `{prefix}_mlp_*`."""
+    x = layers.Dense(dim * mlp_ratio, name=f"{prefix}_mlp_dense_1")(x)
+    x = layers.Activation(keras.activations.gelu, name=f"{prefix}_mlp_gelu")(x)
+    return layers.Dense(dim, name=f"{prefix}_mlp_dense_2")(x)
+
+
+def _stem(images: Any, hidden_dim: int, embed_dim: int) -> Any:
+    """Conv7x7/2 -> 2x conv3x3, each with BN and ReLU, then the 4x4/4 patch projection."""
+    x = images
+    for index, (kernel_size, stride) in enumerate(((7, STEM_STRIDE), (3, 1), (3, 1)), start=1):
+        x = layers.ZeroPadding2D(kernel_size // 2, name=f"stem_pad{index}")(x)
+        x = layers.Conv2D(
+            hidden_dim, kernel_size, strides=stride, use_bias=False, name=f"stem_conv{index}"
+        )(x)
+        x = layers.BatchNormalization(epsilon=NORM_EPS, name=f"stem_bn{index}")(x)
+        x = layers.ReLU(name=f"stem_relu{index}")(x)
+    patch_stride = PATCH_SIZE // STEM_STRIDE
+    return layers.Conv2D(embed_dim, patch_stride, strides=patch_stride, name="stem_proj")(x)
+
+
+def _outlooker(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
+    """Outlooker block on B, H, W, C."""
+    normed = _layer_norm(f"{prefix}_norm1")(x)
+    values = layers.Dense(dim, use_bias=False, name=f"{prefix}_attn_v")(normed)
+    pooled = layers.AveragePooling2D(2, strides=2, name=f"{prefix}_attn_pool")(normed)
+    attn_logits = layers.Dense(
+        OUTLOOK_KERNEL**4 * num_heads, name=f"{prefix}_attn_attn"
+    )(pooled)  # B, H/2, W/2, heads*k^4
+    attn = OutlookAggregation(num_heads, name=f"{prefix}_attn_outlook")([values, attn_logits])
+    attn = layers.Dense(dim, name=f"{prefix}_attn_proj")(attn)
+    x = layers.Add(name=f"{prefix}_add_1")([x, attn])
+    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(x), dim, mlp_ratio, prefix)
+    return layers.Add(name=f"{prefix}_add_2")([x, mlp])
+
+
+def _transformer(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
+    """Transformer block on B, H, W, C."""
+    qkv = layers.Dense(3 * dim, use_bias=False, name=f"{prefix}_attn_qkv")(
+        _layer_norm(f"{prefix}_norm1")(x)
+    )
+    attn = MultiHeadSelfAttention(num_heads, name=f"{prefix}_attn_mhsa")(qkv)
+    attn = layers.Dense(dim, name=f"{prefix}_attn_proj")(attn)
+    x = layers.Add(name=f"{prefix}_add_1")([x, attn])
+    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(x), dim, mlp_ratio, prefix)
+    return layers.Add(name=f"{prefix}_add_2")([x, mlp])
+
+
+def _class_block(tokens: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
+    """Class-attention block on B, 1+N, C: only the class token (index 0) is updated."""
+    normed = _layer_norm(f"{prefix}_norm1")(tokens)
+    kv = layers.Dense(2 * dim, use_bias=False, name=f"{prefix}_attn_kv")(normed)
+    query = layers.Dense(dim, use_bias=False, name=f"{prefix}_attn_q")(
+        TokenSlice(0, 1, name=f"{prefix}_attn_cls")(normed)
+    )
+    attn = ClassAttention(num_heads, name=f"{prefix}_attn_class")([query, kv])
+    attn = layers.Dense(dim, name=f"{prefix}_attn_proj")(attn)
+    cls_token = TokenSlice(0, 1, name=f"{prefix}_cls")(tokens)
+    cls_token = layers.Add(name=f"{prefix}_add_1")([cls_token, attn])
+    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(cls_token), dim, mlp_ratio, prefix)
+    cls_token = layers.Add(name=f"{prefix}_add_2")([cls_token, mlp])
+    patch_tokens = TokenSlice(1, None, name=f"{prefix}_patches")(tokens)
+    return layers.Concatenate(axis=1, name=f"{prefix}_merge")([cls_token, patch_tokens])
+
+
+def stage_output_layers(config: VoloConfig) -> dict[str, str]:
+    """Stage name -> name of the Keras layer whose output ends that stage.
+
+    Stage names match `torch_reference.Volo.stage_outputs`.
+    """
+    names = {"stem": "stem_proj"}
+    for stage, num_blocks in enumerate(config.layers):
+        names[f"stack{stage}"] = f"stack{stage}_block{num_blocks - 1}_add_2"
+        if stage == 0:
+            names["downsample"] = "pos_embed"
+    for index in range(NUM_CLASS_BLOCKS):
+        names[f"classifier{index}"] = f"classifier{index}_merge"
+    names["norm"] = "norm"
+    names["logits"] = "logits"
+    return names
+
+
+def build_volo(config: VoloConfig, image_size: int) -> keras.Model:
+    """Builds the Keras VOLO classifier.
+
+    Args:
+        config: the architecture (a `VARIANTS` entry, or a tiny test configuration).
+        image_size: input side S, a multiple of 16.
+
+    Returns:
+        A model mapping B, S, S, 3 normalised float32 images to B, num_classes logits.
+    """
+    check_image_size(image_size)
+    dims, heads, mlp_ratio = config.embed_dims, config.num_heads, config.mlp_ratio
+    images = keras.Input((image_size, image_size, 3), name="images")
+    x = _stem(images, config.stem_hidden_dim, dims[0])  # B, S/8, S/8, C1
+    for block in range(config.layers[0]):
+        x = _outlooker(x, dims[0], heads[0], mlp_ratio, f"stack0_block{block}")
+    x = layers.Conv2D(dims[1], 2, strides=2, name="downsample")(x)  # B, S/16, S/16, C2
+    x = PositionEmbedding(name="pos_embed")(x)
+    for stage in (1, 2, 3):
+        for block in range(config.layers[stage]):
+            x = _transformer(x, dims[stage], heads[stage], mlp_ratio, f"stack{stage}_block{block}")
+    tokens = ClassToken(name="cls_token")(x)  # B, 1+N, C
+    for index in range(NUM_CLASS_BLOCKS):
+        tokens = _class_block(tokens, dims[-1], heads[-1], mlp_ratio, f"classifier{index}")
+    tokens = _layer_norm("norm")(tokens)
+    cls_logits = layers.Dense(config.num_classes, name="head")(
+        TokenSlice(0, 1, name="head_cls")(tokens)
+    )
+    patch_logits = layers.Dense(config.num_classes, name="aux_head")(
+        TokenSlice(1, None, name="aux_head_patches")(tokens)
+    )
+    logits = TokenLabelingLogits(name="logits")([cls_logits, patch_logits])
+    return keras.Model(images, logits, name=f"volo_{config.name}_{image_size}")

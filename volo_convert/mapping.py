@@ -1,0 +1,126 @@
+"""The torch -> Keras name-mapping tables: load `mappings/*.yaml` and expand their patterns.
+
+Each table names a scope; a scope yields one set of placeholder values per repetition
+(one per block, say), and every pattern in the table is formatted with each set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from collections.abc import Iterator
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from volo_convert.errors import ConversionError
+from volo_convert.variants import NUM_CLASS_BLOCKS, VoloConfig
+
+MAPPINGS_PACKAGE = "volo_convert.mappings"
+TRANSFORMS = ("identity", "dense_kernel", "conv_kernel")
+STEM_CONV_INDICES = (0, 3, 6)  # torch Sequential index of each stem conv; its BN follows
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightMapping:
+    """One checkpoint tensor, the Keras variable (`layer/weight`) it fills, and how."""
+
+    torch_key: str
+    keras_path: str
+    transform: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingTable:
+    """One YAML table: a scope and its pattern rows."""
+
+    source: str
+    scope: str
+    rows: tuple[dict[str, str], ...]
+
+
+def _scope_values(scope: str, config: VoloConfig) -> Iterator[dict[str, int]]:
+    """Placeholder values for each repetition of `scope` in a model of `config`."""
+    if scope == "model":
+        yield {}
+    elif scope == "stem_conv":
+        for index, conv_index in enumerate(STEM_CONV_INDICES, start=1):
+            yield {"index": index, "conv_index": conv_index, "bn_index": conv_index + 1}
+    elif scope == "outlooker_block":
+        for block in range(config.layers[0]):
+            yield {"stack": 0, "network_index": 0, "block": block}
+    elif scope == "transformer_block":
+        for stack in (1, 2, 3):
+            for block in range(config.layers[stack]):
+                # torch network.1 is the downsample, so stack s lives at network.{s + 1}
+                yield {"stack": stack, "network_index": stack + 1, "block": block}
+    elif scope == "class_block":
+        for index in range(NUM_CLASS_BLOCKS):
+            yield {"index": index}
+    else:
+        raise ValueError(f"unknown mapping scope {scope!r}")
+
+
+def _parse_table(source: str, text: str) -> MappingTable:
+    """Parses and checks one YAML table."""
+    document: Any = yaml.safe_load(text)
+    if not isinstance(document, dict) or not isinstance(document.get("tensors"), list):
+        raise ValueError(f"{source}: expected a mapping with 'scope' and a 'tensors' list")
+    rows = []
+    for row in document["tensors"]:
+        if not isinstance(row, dict) or not {"torch", "keras"} <= row.keys():
+            raise ValueError(f"{source}: every row needs 'torch' and 'keras', got {row!r}")
+        transform = row.get("transform", "identity")
+        if transform not in TRANSFORMS:
+            raise ValueError(
+                f"{source}: unknown transform {transform!r}, expected one of {TRANSFORMS}"
+            )
+        rows.append({"torch": row["torch"], "keras": row["keras"], "transform": transform})
+    return MappingTable(source, document.get("scope", "model"), tuple(rows))
+
+
+def _tables_folder() -> Traversable:
+    """The installed `volo_convert.mappings` package, or `mappings/` of a source checkout."""
+    try:
+        return importlib.resources.files(MAPPINGS_PACKAGE)
+    except ModuleNotFoundError:  # imported from a checkout that shadows the installed copy
+        return Path(__file__).resolve().parent.parent / "mappings"
+
+
+def load_tables() -> list[MappingTable]:
+    """Loads every table shipped in `mappings/`, sorted by file name."""
+    folder = _tables_folder()
+    files = sorted(
+        (entry for entry in folder.iterdir() if entry.name.endswith(".yaml")),
+        key=lambda entry: entry.name,
+    )
+    return [_parse_table(entry.name, entry.read_text(encoding="utf-8")) for entry in files]
+
+
+def expand_tables(tables: list[MappingTable], config: VoloConfig) -> list[WeightMapping]:
+    """Expands the tables' patterns into concrete mappings for a model of `config`."""
+    mappings = []
+    for table in tables:
+        for values in _scope_values(table.scope, config):
+            for row in table.rows:
+                try:
+                    mappings.append(
+                        WeightMapping(
+                            row["torch"].format(**values),
+                            row["keras"].format(**values),
+                            row["transform"],
+                        )
+                    )
+                except KeyError as error:
+                    raise ConversionError(
+                        f"{table.source}: placeholder {error} is not defined in scope "
+                        f"{table.scope!r}"
+                    ) from None
+    return mappings
+
+
+def weight_mappings(config: VoloConfig) -> list[WeightMapping]:
+    """All mappings for a model of `config`, from the shipped tables."""
+    return expand_tables(load_tables(), config)

@@ -1,0 +1,81 @@
+"""Synthetic VOLO checkpoints in the release format, with realistic, asymmetric weights.
+
+Default initialisation (zero biases, unit norms, near-uniform attention) hides wrong
+transposes and permutations, so every tensor here is drawn away from those values and
+the attention projections are scaled up until the softmaxes are peaked.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from volo_convert.torch_reference import Volo
+from volo_convert.variants import VoloConfig
+
+# Gains on 1/sqrt(fan_in): large on attention logits (peaked softmax), small on the
+# residual branches' last layers (the residual stream stays in a float32-friendly range).
+ATTENTION_GAIN = 2.0
+OUTLOOK_ATTENTION_GAIN = 10.0  # its logits are also scaled by head_dim**-0.5
+RESIDUAL_OUT_GAIN = 0.5
+HEAD_GAIN = 3.0
+BATCHES_TRACKED = 31250
+
+
+def _gain(key: str) -> float:
+    if key.endswith("attn.attn.weight"):
+        return OUTLOOK_ATTENTION_GAIN
+    if key.endswith(("attn.qkv.weight", "attn.q.weight", "attn.kv.weight")):
+        return ATTENTION_GAIN
+    if key.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+        return RESIDUAL_OUT_GAIN
+    if key.startswith(("head.", "aux_head.")):
+        return HEAD_GAIN
+    if key.startswith("patch_embed.conv."):
+        return math.sqrt(2.0)  # ReLU follows
+    return 1.0
+
+
+def _synthetic_tensor(key: str, template: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A realistic value for one tensor of the state dict."""
+    shape = template.shape
+
+    def normal(std: float, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * std + mean
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(shape, generator=generator) * (high - low) + low
+
+    if key.endswith("num_batches_tracked"):
+        return torch.tensor(BATCHES_TRACKED, dtype=torch.long)
+    if key.endswith("running_mean"):
+        return normal(0.3)
+    if key.endswith("running_var"):
+        return uniform(0.4, 2.5)
+    if key in ("pos_embed", "cls_token"):
+        return normal(0.5)
+    if template.dim() == 1 and key.endswith("weight"):  # LayerNorm / BatchNorm scale
+        return uniform(0.6, 1.4) * torch.sign(uniform(-0.1, 1.0))
+    if key.endswith("bias"):
+        return normal(0.5 if key.startswith(("head.", "aux_head.")) else 0.1)
+    fan_in = math.prod(shape[1:])
+    return normal(_gain(key) / math.sqrt(fan_in))
+
+
+def make_state_dict(config: VoloConfig, image_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Returns a release-format state dict (bare, with BN counters) for `config`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        template = Volo(config, image_size).state_dict()
+    return {key: _synthetic_tensor(key, tensor, generator) for key, tensor in template.items()}
+
+
+def write_checkpoint(
+    path: str | Path, config: VoloConfig, image_size: int, seed: int = 0
+) -> Path:
+    """Writes a synthetic release-format `.pth.tar` (a bare state dict) and returns its path."""
+    path = Path(path)
+    torch.save(make_state_dict(config, image_size, seed), path)
+    return path
