@@ -81,16 +81,12 @@ class OutlookAggregation(keras.layers.Layer):
 
         padded = ops.pad(values, [(0, 0), (1, 1), (1, 1), (0, 0)])  # B, H+2, W+2, C
         windows = ops.stack(_unfold_taps(padded, out_h, out_w), axis=3)  # B, h, w, k*k, C
-        windows = ops.reshape(
-            windows, (-1, num_windows, KERNEL_AREA, self.num_heads, head_dim)
-        )
+        windows = ops.reshape(windows, (-1, num_windows, KERNEL_AREA, self.num_heads, head_dim))
         windows = ops.transpose(windows, (0, 1, 3, 2, 4))  # B, N, heads, k*k, C/heads
         windows = ops.reshape(windows, (-1, num_windows * self.num_heads, KERNEL_AREA, head_dim))
 
         weighted = ops.matmul(attn, windows)  # B, N*heads, k*k, C/heads
-        weighted = ops.reshape(
-            weighted, (-1, num_windows, self.num_heads, KERNEL_AREA, head_dim)
-        )
+        weighted = ops.reshape(weighted, (-1, num_windows, self.num_heads, KERNEL_AREA, head_dim))
         weighted = ops.transpose(weighted, (0, 1, 3, 2, 4))  # B, N, k*k, heads, C/heads
         weighted = ops.reshape(weighted, (-1, out_h, out_w, KERNEL_AREA, channels))
 

@@ -62,9 +62,9 @@ def _outlooker(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) ->
     normed = _layer_norm(f"{prefix}_norm1")(x)
     values = layers.Dense(dim, use_bias=False, name=f"{prefix}_attn_v")(normed)
     pooled = layers.AveragePooling2D(2, strides=2, name=f"{prefix}_attn_pool")(normed)
-    attn_logits = layers.Dense(
-        OUTLOOK_KERNEL**4 * num_heads, name=f"{prefix}_attn_attn"
-    )(pooled)  # B, H/2, W/2, heads*k^4
+    attn_logits = layers.Dense(OUTLOOK_KERNEL**4 * num_heads, name=f"{prefix}_attn_attn")(
+        pooled
+    )  # B, H/2, W/2, heads*k^4
     attn = OutlookAggregation(num_heads, name=f"{prefix}_attn_outlook")([values, attn_logits])
     attn = layers.Dense(dim, name=f"{prefix}_attn_proj")(attn)
     x = layers.Add(name=f"{prefix}_add_1")([x, attn])

@@ -72,9 +72,7 @@ def make_state_dict(config: VoloConfig, image_size: int, seed: int = 0) -> dict[
     return {key: _synthetic_tensor(key, tensor, generator) for key, tensor in template.items()}
 
 
-def write_checkpoint(
-    path: str | Path, config: VoloConfig, image_size: int, seed: int = 0
-) -> Path:
+def write_checkpoint(path: str | Path, config: VoloConfig, image_size: int, seed: int = 0) -> Path:
     """Writes a synthetic release-format `.pth.tar` (a bare state dict) and returns its path."""
     path = Path(path)
     torch.save(make_state_dict(config, image_size, seed), path)

@@ -59,9 +59,7 @@ class OutlookAttention(nn.Module):
         v = v.permute(0, 1, 4, 3, 2)  # B, heads, N, k*k, C/heads
 
         attn = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # B, h, w, C
-        attn = self.attn(attn).reshape(
-            batch, num_windows, self.num_heads, kernel_area, kernel_area
-        )
+        attn = self.attn(attn).reshape(batch, num_windows, self.num_heads, kernel_area, kernel_area)
         attn = attn.permute(0, 2, 1, 3, 4)  # B, heads, N, k*k, k*k
         attn = (attn * self.scale).softmax(dim=-1)
 

@@ -1,0 +1,341 @@
+"""The `volo-convert` command line: a thin shell over `volo_convert.convert`.
+
+Exit codes: 0 parity passed (or not checked), 1 parity failed, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from volo_convert import __version__
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
+
+EXIT_PARITY_FAILED = 1
+EXIT_BAD_INPUT = 2
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+DEMO_CHECKPOINT = "d1_224_84.2.pth.tar"
+
+
+class InputError(click.ClickException):
+    """A user mistake: printed as one line, exit code 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class DefaultCommandGroup(click.Group):
+    """A group that runs `convert` when the first argument names no command."""
+
+    default_command = "convert"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turns library errors into one-line messages; `--debug` shows the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        from volo_convert.errors import ConversionError
+
+        try:
+            return command(*args, **kwargs)
+        except ConversionError as error:
+            if debug:
+                raise
+            raise InputError(str(error)) from None
+        except (click.ClickException, click.exceptions.Exit, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            if debug:
+                raise
+            raise click.ClickException(
+                f"internal error: {type(error).__name__}: {error} (rerun with --debug for the "
+                "traceback, and please report it)"
+            ) from None
+
+    return click.option(
+        "--debug", is_flag=True, help="Show the full traceback on errors (for bug reports)."
+    )(wrapper)
+
+
+def verification_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every command that checks parity."""
+    options = [
+        click.option(
+            "--atol",
+            type=click.FloatRange(min=0.0, min_open=True),
+            default=1e-4,
+            show_default=True,
+            help="Largest allowed absolute difference between Keras and PyTorch logits.",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+            help="Where the PyTorch reference runs (auto: a GPU when present).",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=2,
+            show_default=True,
+            help="Number of seeded test images.",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help="Image seed."),
+        click.option(
+            "--report",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Write the figures as JSON to this file.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def checkpoint_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that say how to read a checkpoint."""
+    options = [
+        click.option(
+            "--variant",
+            type=click.Choice(["d1", "d2", "d3", "d4", "d5"]),
+            help="Override the variant detected from the tensor shapes.",
+        ),
+        click.option(
+            "--image-size",
+            type=int,
+            help="Input size in pixels (a multiple of 16); pos_embed is resized if it differs.",
+        ),
+        click.option("--ema", is_flag=True, help="Use the checkpoint's state_dict_ema."),
+        click.option(
+            "--trust-checkpoint",
+            is_flag=True,
+            help="Allow pickles that run code when loaded. Only for files you trust.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _print_result(result: Any) -> None:
+    """Prints the figures of one conversion or verification."""
+    click.echo(
+        f"{result.checkpoint} -> {result.output}: VOLO {result.variant} at "
+        f"{result.image_size}px, {result.num_classes} classes, {result.parameters:,} parameters"
+    )
+    if result.convert_seconds is not None:
+        click.echo(f"converted in {result.convert_seconds:.1f}s")
+    if result.parity is None:
+        click.echo("not verified (--no-verify)")
+        return
+    parity = result.parity
+    click.echo(f"max abs diff    {parity.max_abs_diff:.3g}  (atol {parity.atol:g})")
+    click.echo(f"max rel diff    {parity.max_rel_diff:.3g}")
+    click.echo(f"top-1 agreement {parity.top1_agreement:.0%}  ({parity.batch_size} images)")
+    click.echo(f"verified in {result.verify_seconds:.1f}s, reference on {parity.device}")
+    click.echo("PASS" if parity.passed else "FAIL")
+
+
+def _check_report_path(path: Path | None) -> None:
+    """Fails before any work if the report could not be written afterwards."""
+    if path is not None and not path.parent.is_dir():
+        raise InputError(f"{path}: the report folder {path.parent} does not exist")
+
+
+def _write_report(path: Path | None, result: Any) -> None:
+    if path is None:
+        return
+    from volo_convert.report import write_json
+
+    write_json(path, result.to_dict())
+    click.echo(f"report written to {path}")
+
+
+def _finish(result: Any, report: Path | None) -> None:
+    _print_result(result)
+    _write_report(report, result)
+    if not result.passed:
+        message = (
+            f"parity failed: max abs diff {result.parity.max_abs_diff:.3g} exceeds "
+            f"atol {result.parity.atol:g}"
+        )
+        if result.convert_seconds is not None:
+            message += f"; nothing was written at {result.output}"
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(EXIT_PARITY_FAILED)
+
+
+def _stage_printer() -> Callable[[str], None]:
+    """Prints each pipeline stage to stderr as it starts."""
+    return lambda stage: click.echo(f"[{stage}]", err=True)
+
+
+@click.group(cls=DefaultCommandGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "--version", prog_name="volo-convert")
+def cli() -> None:
+    """Convert PyTorch VOLO checkpoints to Keras 3 models with the same logits.
+
+    \b
+    Example:
+      volo-convert d1_224_84.2.pth.tar -o d1.h5
+      volo-convert verify d1.h5 d1_224_84.2.pth.tar --report parity.json
+    """
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The Keras file to write; .h5 or .keras picks the format.",
+)
+@checkpoint_options
+@verification_options
+@click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch.")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@handles_errors
+def convert(
+    checkpoint: Path,
+    output: Path,
+    variant: str | None,
+    image_size: int | None,
+    ema: bool,
+    trust_checkpoint: bool,
+    atol: float,
+    device: str,
+    batch_size: int,
+    seed: int,
+    report: Path | None,
+    no_verify: bool,
+    overwrite: bool,
+) -> None:
+    """Convert a VOLO checkpoint to Keras, then verify it against PyTorch.
+
+    Variant and image size are read from the tensors. The file is written under a
+    temporary name and moved to OUTPUT only once it is complete and verified.
+
+    \b
+    Example:
+      volo-convert d1_224_84.2.pth.tar -o d1.h5
+      volo-convert d5_512_87.07.pth.tar -o d5.keras --device cuda --report d5.json
+    """
+    from volo_convert.convert import ConvertOptions
+    from volo_convert.convert import convert as run_convert
+
+    options = ConvertOptions(
+        variant=variant,
+        image_size=image_size,
+        atol=atol,
+        device=device,
+        verify=not no_verify,
+        batch_size=batch_size,
+        seed=seed,
+        ema=ema,
+        trust_checkpoint=trust_checkpoint,
+        overwrite=overwrite,
+    )
+    _check_report_path(report)
+    result = run_convert(checkpoint, output, options, on_stage=_stage_printer())
+    _finish(result, report)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("keras_file", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@checkpoint_options
+@verification_options
+@handles_errors
+def verify(
+    keras_file: Path,
+    checkpoint: Path,
+    variant: str | None,
+    image_size: int | None,
+    ema: bool,
+    trust_checkpoint: bool,
+    atol: float,
+    device: str,
+    batch_size: int,
+    seed: int,
+    report: Path | None,
+) -> None:
+    """Check an existing Keras file against its PyTorch checkpoint (for CI).
+
+    Exits 0 when the logits agree within --atol, 1 when they do not.
+
+    \b
+    Example:
+      volo-convert verify d1.h5 d1_224_84.2.pth.tar --atol 1e-4 --report parity.json
+    """
+    from volo_convert.convert import ConvertOptions, verify_file
+
+    options = ConvertOptions(
+        variant=variant,
+        image_size=image_size,
+        atol=atol,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        ema=ema,
+        trust_checkpoint=trust_checkpoint,
+    )
+    _check_report_path(report)
+    result = verify_file(keras_file, checkpoint, options, on_stage=_stage_printer())
+    _finish(result, report)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("volo-demo"),
+    show_default=True,
+    help="Folder for the synthetic checkpoint and the converted model.",
+)
+@verification_options
+@handles_errors
+def demo(
+    workdir: Path, atol: float, device: str, batch_size: int, seed: int, report: Path | None
+) -> None:
+    """Run the whole job on a synthetic d1_224 checkpoint in the release format.
+
+    Writes WORKDIR/d1_224_84.2.pth.tar (realistic random weights), converts it to
+    WORKDIR/d1_224.h5 and verifies it.
+
+    \b
+    Example:
+      volo-convert demo --workdir /tmp/volo-demo
+    """
+    from volo_convert.convert import ConvertOptions
+    from volo_convert.convert import convert as run_convert
+    from volo_convert.synthetic import write_checkpoint
+    from volo_convert.variants import VARIANTS
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = workdir / DEMO_CHECKPOINT
+    click.echo(f"writing synthetic checkpoint {checkpoint}", err=True)
+    write_checkpoint(checkpoint, VARIANTS["d1"], 224)
+    options = ConvertOptions(
+        atol=atol, device=device, batch_size=batch_size, seed=seed, overwrite=True
+    )
+    result = run_convert(checkpoint, workdir / "d1_224.h5", options, on_stage=_stage_printer())
+    _finish(result, report)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="volo-convert")
