@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny architectures for fast model tests, small real checkpoints for the CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest
+import torch
+
+from volo_convert.synthetic import make_state_dict, write_checkpoint
+from volo_convert.variants import VARIANTS, VoloConfig
+
+# Two outlookers and one block per transformer stage, every width small: fast yet complete.
+TINY_CONFIG = VoloConfig(
+    name="tiny",
+    layers=(2, 1, 1, 1),
+    embed_dims=(16, 32, 32, 32),
+    num_heads=(2, 4, 4, 4),
+    mlp_ratio=3,
+    stem_hidden_dim=8,
+    num_classes=10,
+)
+SMALL_IMAGE_SIZE = 32  # the smallest size every variant accepts
+
+
+@pytest.fixture(scope="session")
+def tiny_state_dict() -> dict[str, torch.Tensor]:
+    return make_state_dict(TINY_CONFIG, 64, seed=3)
+
+
+@pytest.fixture(scope="session")
+def d1_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic release-format d1 checkpoint at 32px (real widths, 107 MB)."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    return write_checkpoint(folder / "d1_32.pth.tar", VARIANTS["d1"], SMALL_IMAGE_SIZE, seed=5)

@@ -1,0 +1,151 @@
+"""The command line through click's CliRunner: exit codes, messages, files left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from volo_convert import __version__, mapping
+from volo_convert.cli import cli
+from volo_convert.saving import load_model
+from volo_convert.verification import sample_images
+
+
+def run(*args: str) -> object:
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def error_line(result: object) -> str:
+    """The single `Error:` line of a failed run; there must be no traceback."""
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_convert_writes_verified_file_and_report(
+    d1_checkpoint: Path, tmp_path: Path, suffix: str
+) -> None:
+    output = tmp_path / f"d1{suffix}"
+    result = run(d1_checkpoint, "-o", output, "--device", "cpu", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "VOLO d1 at 32px, 1000 classes" in result.output
+    assert "PASS" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "passed" and report["variant"] == "d1"
+    assert report["parity"]["max_abs_diff"] <= 2e-5
+    assert report["parity"]["top1_agreement"] == 1.0
+    assert leftovers(tmp_path) == sorted([output.name, "r.json"])
+    reloaded = load_model(output)
+    images = sample_images(1, 32, seed=4)
+    assert np.isfinite(keras.ops.convert_to_numpy(reloaded.predict_on_batch(images))).all()
+
+
+def test_convert_subcommand_and_module_entry_agree(d1_checkpoint: Path, tmp_path: Path) -> None:
+    result = run("convert", d1_checkpoint, "-o", tmp_path / "x.h5", "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert "not verified (--no-verify)" in result.output
+
+
+def test_verify_command_passes_then_fails_on_wrong_checkpoint(
+    d1_checkpoint: Path, tmp_path: Path
+) -> None:
+    from volo_convert.synthetic import write_checkpoint
+    from volo_convert.variants import VARIANTS
+
+    converted = tmp_path / "d1.keras"
+    assert run(d1_checkpoint, "-o", converted, "--no-verify").exit_code == 0
+    result = run(
+        "verify", converted, d1_checkpoint, "--device", "cpu", "--report", tmp_path / "v.json"
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "v.json").read_text())["status"] == "passed"
+
+    other = write_checkpoint(tmp_path / "other.pth.tar", VARIANTS["d1"], 32, seed=99)
+    result = run("verify", converted, other, "--device", "cpu")
+    assert result.exit_code == 1
+    assert error_line(result).startswith("Error: parity failed: max abs diff")
+    assert "exceeds atol 0.0001" in error_line(result)
+
+
+def test_wrong_mapping_transform_fails_and_writes_nothing(
+    d1_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tables = mapping.load_tables()
+    broken = [
+        mapping.MappingTable(
+            table.source,
+            table.scope,
+            tuple(
+                {**row, "transform": "identity"} if row["keras"].endswith("attn_v/kernel") else row
+                for row in table.rows
+            ),
+        )
+        for table in tables
+    ]
+    monkeypatch.setattr(mapping, "load_tables", lambda: broken)
+    output = tmp_path / "d1.h5"
+    result = run(d1_checkpoint, "-o", output, "--device", "cpu")
+    assert result.exit_code == 1
+    assert "Error: parity failed" in result.output
+    assert f"nothing was written at {output}" in result.output
+    assert leftovers(tmp_path) == []
+
+
+def test_missing_checkpoint_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = run(tmp_path / "nope.pth.tar", "-o", tmp_path / "x.h5")
+    assert result.exit_code == 2
+    assert error_line(result) == f"Error: {tmp_path / 'nope.pth.tar'}: no such file"
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_output_is_not_overwritten(d1_checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "d1.h5"
+    output.write_bytes(b"precious")
+    result = run(d1_checkpoint, "-o", output)
+    assert result.exit_code == 2
+    assert error_line(result) == f"Error: {output}: already exists; pass --overwrite to replace it"
+    assert output.read_bytes() == b"precious"
+
+
+def test_unknown_extension_is_refused(d1_checkpoint: Path, tmp_path: Path) -> None:
+    result = run(d1_checkpoint, "-o", tmp_path / "d1.onnx")
+    assert result.exit_code == 2
+    assert "unknown output extension '.onnx', expected one of .h5, .keras" in error_line(result)
+
+
+def test_not_volo_checkpoint_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    checkpoint = tmp_path / "resnet.pth"
+    torch.save(
+        {"conv1.weight": torch.zeros(4, 3, 7, 7), "fc.weight": torch.zeros(10, 4)}, checkpoint
+    )
+    result = run(checkpoint, "-o", tmp_path / "x.h5")
+    assert result.exit_code == 2
+    assert (
+        "not a VOLO checkpoint: expected tensors such as patch_embed.conv.0.weight" in result.output
+    )
+
+
+def test_every_command_has_help_with_example() -> None:
+    for name in ["", *cli.commands]:
+        result = run(*([name] if name else []), "-h")
+        assert result.exit_code == 0, name
+        assert "Example:" in result.output, name
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.output == f"volo-convert, version {__version__}\n"
