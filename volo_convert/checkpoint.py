@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,7 +14,13 @@ import torch
 
 from volo_convert.errors import ConversionError
 
-SAFETENSORS_SUFFIX = ".safetensors"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default zip container
+PICKLE_MAGIC = b"\x80"  # legacy torch.save: a protocol-2+ pickle
+SNIFF_BYTES = 64
+UNKNOWN_BINARY = "binary data of an unknown format"
+UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# Harmless classes that training checkpoints hold (timm stores its `args` as a Namespace).
+SAFE_GLOBALS = [argparse.Namespace]
 CONTAINER_KEYS = ("state_dict", "model")
 EMA_KEY = "state_dict_ema"
 DATA_PARALLEL_PREFIX = "module."
@@ -27,22 +35,43 @@ def _check_file(path: Path) -> None:
         raise ConversionError(f"{path}: the file is empty")
 
 
-def _load_pickle(path: Path, trust_checkpoint: bool) -> Any:
-    """torch.load with weights_only unless the user vouches for the file."""
+def _sniff(path: Path) -> str:
+    """Names the container from the first bytes: `torch`, `safetensors`, or what it is not."""
+    with path.open("rb") as stream:
+        head = stream.read(SNIFF_BYTES)
+    if head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        return "torch"
+    if (  # safetensors: a little-endian u64 header length, then the JSON header
+        len(head) > 8
+        and head[8:9] == b"{"
+        and int.from_bytes(head[:8], "little") < path.stat().st_size
+    ):
+        return "safetensors"
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:  # not just a character cut at the sniff boundary
+            return UNKNOWN_BINARY
+        text = head[: error.start].decode("utf-8")
+    if not all(char.isprintable() or char.isspace() for char in text):
+        return UNKNOWN_BINARY
+    return "a JSON file" if text.lstrip().startswith(("{", "[")) else "a text file"
+
+
+def _load_pickle(path: Path, trust_checkpoint: bool) -> Any:
+    """torch.load with weights_only (plus harmless extras) unless the user vouches for the file."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Weights only load failed" in str(error):
+        if unsafe := UNSAFE_GLOBAL.search(str(error)):
             raise ConversionError(
-                f"{path}: refusing to unpickle, the file holds objects that run code when "
-                "loaded; if you trust its source, pass --trust-checkpoint"
+                f"{path}: refusing to unpickle, the file needs {unsafe.group(1)}, which could run "
+                "code when loaded; if you trust its source, pass --trust-checkpoint"
             ) from None
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConversionError(
-            f"{path}: not a readable PyTorch checkpoint, it may be truncated or corrupt ({reason})"
-        ) from None
+        raise ConversionError(f"{path}: the checkpoint is truncated or corrupt") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
+        raise ConversionError(f"{path}: the checkpoint is truncated or corrupt") from None
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -51,8 +80,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ConversionError(f"{path}: not a readable safetensors file ({error})") from None
+    except (SafetensorError, OSError, ValueError):
+        raise ConversionError(f"{path}: the safetensors file is truncated or corrupt") from None
 
 
 def _select_state_dict(loaded: Any, path: Path, ema: bool) -> Mapping[str, Any]:
@@ -77,7 +106,8 @@ def load_state_dict(
     """Reads a checkpoint and returns its state dict as float32 CPU tensors.
 
     Args:
-        path: a `.pth.tar`/`.pth`/`.bin` pickle or a `.safetensors` file.
+        path: a `.pth.tar`/`.pth`/`.bin` torch file or a safetensors file (told apart by
+            their content, not their extension).
         ema: take `state_dict_ema` from a training checkpoint.
         trust_checkpoint: allow pickles that need arbitrary code to load.
 
@@ -87,10 +117,15 @@ def load_state_dict(
     """
     path = Path(path)
     _check_file(path)
-    if path.suffix == SAFETENSORS_SUFFIX:
+    container = _sniff(path)
+    if container == "safetensors":
         loaded: Any = _load_safetensors(path)
-    else:
+    elif container == "torch":
         loaded = _load_pickle(path, trust_checkpoint)
+    else:
+        raise ConversionError(
+            f"{path}: not a PyTorch or safetensors checkpoint, it looks like {container}"
+        )
     raw_state_dict = _select_state_dict(loaded, path, ema)
     state_dict = {}
     for key, tensor in raw_state_dict.items():

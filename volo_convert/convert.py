@@ -102,7 +102,10 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
     count); `options.image_size` converts to another input size.
     """
     state_dict = load_state_dict(path, ema=options.ema, trust_checkpoint=options.trust_checkpoint)
-    config, image_size = detect_config(tensor_shapes(state_dict))
+    try:
+        config, image_size = detect_config(tensor_shapes(state_dict))
+    except ConversionError as error:
+        raise ConversionError(f"{path}: {error}") from None
     if options.variant is not None:
         config = get_variant(options.variant).with_num_classes(config.num_classes)
     check_finite(state_dict, path)
@@ -159,7 +162,10 @@ def convert(
     _notify(on_stage, "building")
     model = build_volo(checkpoint.config, checkpoint.image_size)
     _notify(on_stage, "porting")
-    port_weights(model, checkpoint.state_dict, weight_mappings(checkpoint.config))
+    try:
+        port_weights(model, checkpoint.state_dict, weight_mappings(checkpoint.config))
+    except ConversionError as error:
+        raise ConversionError(f"{checkpoint_path}: {error}") from None
     result = ConversionResult(
         checkpoint=str(checkpoint_path),
         output=str(output_path),
@@ -170,7 +176,12 @@ def convert(
     )
     with staged_output(output_path) as temp_path:
         _notify(on_stage, "saving")
-        save_model(model, temp_path, fmt)
+        try:
+            save_model(model, temp_path, fmt)
+        except OSError as error:
+            raise ConversionError(
+                f"{output_path}: could not write the {fmt} file ({error.strerror or error})"
+            ) from None
         del model
         result.convert_seconds = time.perf_counter() - started
         if options.verify:

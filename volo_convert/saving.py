@@ -41,8 +41,14 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ConversionError(f"{path}: the output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ConversionError(f"{path}: the output folder {folder} is not writable")
+    try:  # a real write: permission bits alone mislead for root, ACLs and read-only mounts
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as error:
+        raise ConversionError(
+            f"{path}: the output folder {folder} is not writable ({error.strerror})"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
     if path.is_dir():
         raise ConversionError(f"{path}: is a folder, expected a file name to write")
     if path.exists() and not overwrite:
@@ -52,17 +58,14 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
 
 def save_model(model: keras.Model, path: Path, fmt: str) -> None:
     """Writes `model` to `path` in format `fmt`."""
-    if fmt == "h5":
-        # The user chose .h5 explicitly; Keras' "legacy format" advice is noise here.
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        absl_logger.setLevel(logging.ERROR)
-        try:
-            model.save(path)
-        finally:
-            absl_logger.setLevel(level)
-    else:
+    # The user chose .h5 explicitly; Keras' "legacy format" advice is noise here.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
         model.save(path)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def load_model(path: str | Path) -> keras.Model:

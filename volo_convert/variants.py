@@ -108,12 +108,14 @@ def detect_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[VoloConfig, in
         The matching `VoloConfig` (with the checkpoint's class count) and the image size.
     """
     missing = [key for key in _SIGNATURE_KEYS if key not in shapes]
-    if missing:
+    if len(missing) == len(_SIGNATURE_KEYS):
+        found = ", ".join(list(shapes)[:3]) + (", ..." if len(shapes) > 3 else "")
         raise ConversionError(
-            "not a VOLO checkpoint: expected tensors such as "
-            f"{', '.join(_SIGNATURE_KEYS[:3])}, but {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing"
+            f"not a VOLO checkpoint: expected tensors such as {', '.join(_SIGNATURE_KEYS[:3])}, "
+            f"found {found}"
         )
+    if missing:
+        raise ConversionError(f"VOLO checkpoint with tensors missing: {', '.join(missing)}")
     pos_embed_shape = shapes["pos_embed"]
     if len(pos_embed_shape) != 4 or pos_embed_shape[1] != pos_embed_shape[2]:
         raise ConversionError(
