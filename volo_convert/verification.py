@@ -87,11 +87,14 @@ def build_reference(
     state_dict: Mapping[str, torch.Tensor],
     device: torch.device,
 ) -> Volo:
-    """The PyTorch reference in eval mode with the checkpoint's weights, on `device`."""
+    """The PyTorch reference in eval mode with the checkpoint's weights, on `device`.
+
+    The weights are shared with `state_dict`, not copied; only BatchNorm's
+    `num_batches_tracked` counters, unused in eval, may be absent.
+    """
     with torch.device("meta"):
         reference = Volo(config, image_size)
-    wanted = {key: tensor for key, tensor in state_dict.items() if not key.endswith(IGNORED_SUFFIX)}
-    missing, unexpected = reference.load_state_dict(wanted, strict=False, assign=True)
+    missing, unexpected = reference.load_state_dict(state_dict, strict=False, assign=True)
     missing = [key for key in missing if not key.endswith(IGNORED_SUFFIX)]
     if missing or unexpected:
         raise ConversionError(
