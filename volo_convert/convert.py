@@ -132,7 +132,7 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
 
 
 def verify_model(
-    model: Any, checkpoint: LoadedCheckpoint, options: ConvertOptions, head: str
+    model: Any, checkpoint: LoadedCheckpoint, options: ConvertOptions, head: str = DEFAULT_HEAD
 ) -> ParityResult:
     """Parity of `model`, ending in `head`, against the reference built from `checkpoint`."""
     return check_parity(
@@ -149,7 +149,7 @@ def verify_model(
 
 
 def diagnose_model(
-    model: Any, checkpoint: LoadedCheckpoint, options: ConvertOptions, head: str
+    model: Any, checkpoint: LoadedCheckpoint, options: ConvertOptions, head: str = DEFAULT_HEAD
 ) -> Diagnosis:
     """Per-stage differences of `model` from the reference, on the parity check's images."""
     return diagnose(
