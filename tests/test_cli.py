@@ -76,6 +76,7 @@ def test_verify_command_passes_then_fails_on_wrong_checkpoint(
     assert result.exit_code == 1
     assert error_line(result).startswith("Error: parity failed: max abs diff")
     assert "exceeds atol 0.0001" in error_line(result)
+    assert "first stage out of tolerance: stem" in error_line(result)  # every weight differs
 
 
 def test_wrong_mapping_transform_fails_and_writes_nothing(

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from volo_convert import __version__
+from volo_convert.variants import HEADS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
 
@@ -99,6 +100,12 @@ def verification_options(command: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Path(dir_okay=False, path_type=Path),
             help="Write the figures as JSON to this file.",
         ),
+        click.option(
+            "--explain",
+            is_flag=True,
+            help="Compare every stage with PyTorch and name the first one out of tolerance "
+            "(done anyway when parity fails).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -130,11 +137,23 @@ def checkpoint_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def head_option(default: str | None, help_text: str) -> Callable[..., Any]:
+    """The `--head` option: which output the Keras model ends in."""
+    return click.option(
+        "--head",
+        type=click.Choice(HEADS),
+        default=default,
+        show_default=default is not None,
+        help=help_text,
+    )
+
+
 def _print_result(result: Any) -> None:
     """Prints the figures of one conversion or verification."""
     click.echo(
         f"{result.checkpoint} -> {result.output}: VOLO {result.variant} at "
-        f"{result.image_size}px, {result.num_classes} classes, {result.parameters:,} parameters"
+        f"{result.image_size}px, {result.num_classes} classes, {result.parameters:,} parameters, "
+        f"{result.head} head"
     )
     if result.convert_seconds is not None:
         click.echo(f"converted in {result.convert_seconds:.1f}s")
@@ -144,8 +163,13 @@ def _print_result(result: Any) -> None:
     parity = result.parity
     click.echo(f"max abs diff    {parity.max_abs_diff:.3g}  (atol {parity.atol:g})")
     click.echo(f"max rel diff    {parity.max_rel_diff:.3g}")
-    click.echo(f"top-1 agreement {parity.top1_agreement:.0%}  ({parity.batch_size} images)")
+    if parity.top1_agreement is not None:
+        click.echo(f"top-1 agreement {parity.top1_agreement:.0%}  ({parity.batch_size} images)")
     click.echo(f"verified in {result.verify_seconds:.1f}s, reference on {parity.device}")
+    if result.diagnosis is not None:
+        from volo_convert.diagnosis import format_diagnosis
+
+        click.echo(format_diagnosis(result.diagnosis))
     click.echo("PASS" if parity.passed else "FAIL")
 
 
@@ -172,6 +196,8 @@ def _finish(result: Any, report: Path | None) -> None:
             f"parity failed: max abs diff {result.parity.max_abs_diff:.3g} exceeds "
             f"atol {result.parity.atol:g}"
         )
+        if result.diagnosis is not None and result.diagnosis.first_failing_stage:
+            message += f"; first stage out of tolerance: {result.diagnosis.first_failing_stage}"
         if result.convert_seconds is not None:
             message += f"; nothing was written at {result.output}"
         click.echo(f"Error: {message}", err=True)
@@ -208,6 +234,11 @@ def cli() -> None:
 @verification_options
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch.")
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@head_option(
+    "full",
+    "full: the published logits (class head + 0.5 x max of the aux head); cls: the class "
+    "head alone; features: no head, the normalised class token (B, C) for transfer learning.",
+)
 @handles_errors
 def convert(
     checkpoint: Path,
@@ -221,8 +252,10 @@ def convert(
     batch_size: int,
     seed: int,
     report: Path | None,
+    explain: bool,
     no_verify: bool,
     overwrite: bool,
+    head: str,
 ) -> None:
     """Convert a VOLO checkpoint to Keras, then verify it against PyTorch.
 
@@ -233,6 +266,7 @@ def convert(
     Example:
       volo-convert d1_224_84.2.pth.tar -o d1.h5
       volo-convert d5_512_87.07.pth.tar -o d5.keras --device cuda --report d5.json
+      volo-convert d1_224_84.2.pth.tar -o d1_feat.h5 --head features --image-size 256
     """
     from volo_convert.convert import ConvertOptions
     from volo_convert.convert import convert as run_convert
@@ -248,6 +282,8 @@ def convert(
         ema=ema,
         trust_checkpoint=trust_checkpoint,
         overwrite=overwrite,
+        head=head,
+        explain=explain,
     )
     _check_report_path(report)
     result = run_convert(checkpoint, output, options, on_stage=_stage_printer())
@@ -259,6 +295,7 @@ def convert(
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @checkpoint_options
 @verification_options
+@head_option(None, "The head KERAS_FILE must end in (default: whichever it ends in).")
 @handles_errors
 def verify(
     keras_file: Path,
@@ -272,6 +309,8 @@ def verify(
     batch_size: int,
     seed: int,
     report: Path | None,
+    explain: bool,
+    head: str | None,
 ) -> None:
     """Check an existing Keras file against its PyTorch checkpoint (for CI).
 
@@ -280,6 +319,7 @@ def verify(
     \b
     Example:
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --atol 1e-4 --report parity.json
+      volo-convert verify d1.h5 d1_224_84.2.pth.tar --explain
     """
     from volo_convert.convert import ConvertOptions, verify_file
 
@@ -292,6 +332,8 @@ def verify(
         seed=seed,
         ema=ema,
         trust_checkpoint=trust_checkpoint,
+        head=head,
+        explain=explain,
     )
     _check_report_path(report)
     result = verify_file(keras_file, checkpoint, options, on_stage=_stage_printer())
@@ -309,7 +351,13 @@ def verify(
 @verification_options
 @handles_errors
 def demo(
-    workdir: Path, atol: float, device: str, batch_size: int, seed: int, report: Path | None
+    workdir: Path,
+    atol: float,
+    device: str,
+    batch_size: int,
+    seed: int,
+    report: Path | None,
+    explain: bool,
 ) -> None:
     """Run the whole job on a synthetic d1_224 checkpoint in the release format.
 
@@ -330,7 +378,7 @@ def demo(
     click.echo(f"writing synthetic checkpoint {checkpoint}", err=True)
     write_checkpoint(checkpoint, VARIANTS["d1"], 224)
     options = ConvertOptions(
-        atol=atol, device=device, batch_size=batch_size, seed=seed, overwrite=True
+        atol=atol, device=device, batch_size=batch_size, seed=seed, overwrite=True, explain=explain
     )
     result = run_convert(checkpoint, workdir / "d1_224.h5", options, on_stage=_stage_printer())
     _finish(result, report)

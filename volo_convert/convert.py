@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from volo_convert.checkpoint import check_finite, load_state_dict, tensor_shapes
+from volo_convert.diagnosis import Diagnosis, diagnose
 from volo_convert.errors import ConversionError
-from volo_convert.keras_model import build_volo
+from volo_convert.keras_model import build_volo, model_head
 from volo_convert.mapping import weight_mappings
 from volo_convert.porting import port_weights
 from volo_convert.resolution import resize_pos_embed
@@ -24,7 +25,14 @@ from volo_convert.saving import (
     save_model,
     staged_output,
 )
-from volo_convert.variants import VoloConfig, check_image_size, detect_config, get_variant
+from volo_convert.variants import (
+    DEFAULT_HEAD,
+    VoloConfig,
+    check_head,
+    check_image_size,
+    detect_config,
+    get_variant,
+)
 from volo_convert.verification import (
     DEFAULT_ATOL,
     DEFAULT_BATCH_SIZE,
@@ -38,7 +46,12 @@ StageCallback = Callable[[str], None]
 
 @dataclasses.dataclass(frozen=True)
 class ConvertOptions:
-    """Everything a conversion can be told; the defaults are the CLI's."""
+    """Everything a conversion can be told; the defaults are the CLI's.
+
+    `head` None means `full` for a conversion and, for a verification, the head the
+    Keras file ends in. `explain` adds the per-stage diagnosis, which a failed parity
+    check adds anyway.
+    """
 
     variant: str | None = None
     image_size: int | None = None
@@ -51,6 +64,8 @@ class ConvertOptions:
     ema: bool = False
     trust_checkpoint: bool = False
     overwrite: bool = False
+    head: str | None = None
+    explain: bool = False
 
 
 @dataclasses.dataclass
@@ -63,9 +78,11 @@ class ConversionResult:
     image_size: int
     num_classes: int
     parameters: int
+    head: str = DEFAULT_HEAD
     convert_seconds: float | None = None
     verify_seconds: float | None = None
     parity: ParityResult | None = None
+    diagnosis: Diagnosis | None = None
 
     @property
     def passed(self) -> bool:
@@ -75,6 +92,7 @@ class ConversionResult:
     def to_dict(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
         fields["parity"] = self.parity.to_dict() if self.parity else None
+        fields["diagnosis"] = self.diagnosis.to_dict() if self.diagnosis else None
         fields["status"] = (
             "unverified" if self.parity is None else ("passed" if self.passed else "failed")
         )
@@ -116,8 +134,10 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
     return LoadedCheckpoint(state_dict, config, image_size)
 
 
-def verify_model(model: Any, checkpoint: LoadedCheckpoint, options: ConvertOptions) -> ParityResult:
-    """Parity of `model` against the reference built from `checkpoint`."""
+def verify_model(
+    model: Any, checkpoint: LoadedCheckpoint, options: ConvertOptions, head: str = DEFAULT_HEAD
+) -> ParityResult:
+    """Parity of `model`, ending in `head`, against the reference built from `checkpoint`."""
     return check_parity(
         model,
         checkpoint.config,
@@ -127,7 +147,42 @@ def verify_model(model: Any, checkpoint: LoadedCheckpoint, options: ConvertOptio
         device=options.device,
         batch_size=options.batch_size,
         seed=options.seed,
+        head=head,
     )
+
+
+def diagnose_model(
+    model: Any, checkpoint: LoadedCheckpoint, options: ConvertOptions, head: str = DEFAULT_HEAD
+) -> Diagnosis:
+    """Per-stage differences of `model` from the reference, on the parity check's images."""
+    return diagnose(
+        model,
+        checkpoint.config,
+        checkpoint.image_size,
+        checkpoint.state_dict,
+        head=head,
+        atol=options.atol,
+        device=options.device,
+        batch_size=options.batch_size,
+        seed=options.seed,
+    )
+
+
+def _check_and_explain(
+    model: Any,
+    checkpoint: LoadedCheckpoint,
+    options: ConvertOptions,
+    result: ConversionResult,
+    on_stage: StageCallback | None,
+) -> None:
+    """Fills in `result`'s parity and timing, and its diagnosis if asked for or failed."""
+    _notify(on_stage, "verifying")
+    started = time.perf_counter()
+    result.parity = verify_model(model, checkpoint, options, result.head)
+    result.verify_seconds = time.perf_counter() - started
+    if options.explain or not result.parity.passed:
+        _notify(on_stage, "diagnosing")
+        result.diagnosis = diagnose_model(model, checkpoint, options, result.head)
 
 
 def convert(
@@ -153,6 +208,10 @@ def convert(
     check_output_path(output_path, options.overwrite)
     if options.image_size is not None:
         check_image_size(options.image_size)
+    head = options.head or DEFAULT_HEAD
+    check_head(head)
+    if options.explain and not options.verify:
+        raise ConversionError("--explain compares with PyTorch, so it needs verification")
     if options.verify:
         resolve_device(options.device)
 
@@ -160,10 +219,10 @@ def convert(
     _notify(on_stage, "loading")
     checkpoint = load_checkpoint(checkpoint_path, options)
     _notify(on_stage, "building")
-    model = build_volo(checkpoint.config, checkpoint.image_size)
+    model = build_volo(checkpoint.config, checkpoint.image_size, head)
     _notify(on_stage, "porting")
     try:
-        port_weights(model, checkpoint.state_dict, weight_mappings(checkpoint.config))
+        port_weights(model, checkpoint.state_dict, weight_mappings(checkpoint.config, head))
     except ConversionError as error:
         raise ConversionError(f"{checkpoint_path}: {error}") from None
     result = ConversionResult(
@@ -173,6 +232,7 @@ def convert(
         image_size=checkpoint.image_size,
         num_classes=checkpoint.config.num_classes,
         parameters=int(model.count_params()),
+        head=head,
     )
     with staged_output(output_path) as temp_path:
         _notify(on_stage, "saving")
@@ -185,10 +245,7 @@ def convert(
         del model
         result.convert_seconds = time.perf_counter() - started
         if options.verify:
-            _notify(on_stage, "verifying")
-            verify_started = time.perf_counter()
-            result.parity = verify_model(load_model(temp_path), checkpoint, options)
-            result.verify_seconds = time.perf_counter() - verify_started
+            _check_and_explain(load_model(temp_path), checkpoint, options, result, on_stage)
         if result.passed:
             if output_path.exists() and not options.overwrite:
                 raise ConversionError(
@@ -207,11 +264,17 @@ def verify_file(
     """Verifies an existing Keras file against the checkpoint it was converted from.
 
     The image size is the Keras model's input size; pos_embed is resized to it if needed.
+    The head is the one the Keras model ends in; `options.head`, if given, must match it.
     """
     resolve_device(options.device)
     _notify(on_stage, "loading")
     model = load_model(keras_path)
     image_size = model.input_shape[1]
+    head = model_head(model)
+    if options.head is not None and options.head != head:
+        raise ConversionError(
+            f"{keras_path}: the model ends in the {head} head, but --head {options.head} was given"
+        )
     if options.image_size is not None and options.image_size != image_size:
         raise ConversionError(
             f"{keras_path}: the model takes {image_size}px images, but --image-size "
@@ -220,21 +283,23 @@ def verify_file(
     checkpoint = load_checkpoint(
         checkpoint_path, dataclasses.replace(options, image_size=image_size)
     )
-    if model.output_shape[-1] != checkpoint.config.num_classes:
+    if head == "features":
+        expected_outputs, meaning = checkpoint.config.embed_dims[-1], "feature channels"
+    else:
+        expected_outputs, meaning = checkpoint.config.num_classes, "classes"
+    if model.output_shape[-1] != expected_outputs:
         raise ConversionError(
             f"{keras_path}: the model has {model.output_shape[-1]} outputs, but the checkpoint "
-            f"has {checkpoint.config.num_classes} classes"
+            f"has {expected_outputs} {meaning}"
         )
-    _notify(on_stage, "verifying")
-    started = time.perf_counter()
-    parity = verify_model(model, checkpoint, options)
-    return ConversionResult(
+    result = ConversionResult(
         checkpoint=str(checkpoint_path),
         output=str(keras_path),
         variant=checkpoint.config.name,
         image_size=checkpoint.image_size,
         num_classes=checkpoint.config.num_classes,
         parameters=int(model.count_params()),
-        verify_seconds=time.perf_counter() - started,
-        parity=parity,
+        head=head,
     )
+    _check_and_explain(model, checkpoint, options, result, on_stage)
+    return result

@@ -1,7 +1,8 @@
 """Keras 3 VOLO: a flat functional graph whose layer names the mapping tables target.
 
 Names follow `stem_*`, `stack{stage}_block{index}_*`, `downsample`, `pos_embed`,
-`cls_token`, `classifier{index}_*`, `norm`, `head`, `aux_head`.
+`cls_token`, `classifier{index}_*`, `norm`, `head`, `aux_head`; the output layer is
+`logits` (heads `full` and `cls`) or `features` (head `features`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import keras
 from keras import layers
 
+from volo_convert.errors import ConversionError
 from volo_convert.keras_layers import (
     ClassAttention,
     ClassToken,
@@ -21,10 +23,13 @@ from volo_convert.keras_layers import (
     TokenSlice,
 )
 from volo_convert.variants import (
+    DEFAULT_HEAD,
+    HEAD_OUTPUTS,
     NUM_CLASS_BLOCKS,
     OUTLOOK_KERNEL,
     PATCH_SIZE,
     VoloConfig,
+    check_head,
     check_image_size,
 )
 
@@ -101,10 +106,39 @@ def _class_block(tokens: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: 
     return layers.Concatenate(axis=1, name=f"{prefix}_merge")([cls_token, patch_tokens])
 
 
-def stage_output_layers(config: VoloConfig) -> dict[str, str]:
+def _head(tokens: Any, config: VoloConfig, head: str) -> Any:
+    """The model's output on the normalised B, 1+N, C tokens, for one of HEADS."""
+    cls_token = TokenSlice(0, 1, name="head_cls")(tokens)  # B, 1, C
+    if head == "features":
+        return layers.Reshape((config.embed_dims[-1],), name="features")(cls_token)  # B, C
+    cls_logits = layers.Dense(config.num_classes, name="head")(cls_token)  # B, 1, K
+    if head == "cls":
+        return layers.Reshape((config.num_classes,), name="logits")(cls_logits)  # B, K
+    patch_logits = layers.Dense(config.num_classes, name="aux_head")(
+        TokenSlice(1, None, name="aux_head_patches")(tokens)
+    )  # B, N, K
+    return TokenLabelingLogits(name="logits")([cls_logits, patch_logits])
+
+
+def model_head(model: keras.Model) -> str:
+    """The head a built or reloaded Keras VOLO ends in, read from its layer names."""
+    layer_names = {layer.name for layer in model.layers}
+    if "aux_head" in layer_names:
+        return "full"
+    if "head" in layer_names:
+        return "cls"
+    if "features" in layer_names:
+        return "features"
+    raise ConversionError(
+        f"{model.name}: not a Keras VOLO from volo-convert (it has no head, aux_head or "
+        "features layer)"
+    )
+
+
+def stage_output_layers(config: VoloConfig, head: str = DEFAULT_HEAD) -> dict[str, str]:
     """Stage name -> name of the Keras layer whose output ends that stage.
 
-    Stage names match `torch_reference.Volo.stage_outputs`.
+    Stage names match `torch_reference.Volo.stage_outputs` for the same head.
     """
     names = {"stem": "stem_proj"}
     for stage, num_blocks in enumerate(config.layers):
@@ -114,21 +148,24 @@ def stage_output_layers(config: VoloConfig) -> dict[str, str]:
     for index in range(NUM_CLASS_BLOCKS):
         names[f"classifier{index}"] = f"classifier{index}_merge"
     names["norm"] = "norm"
-    names["logits"] = "logits"
+    names[HEAD_OUTPUTS[head]] = HEAD_OUTPUTS[head]
     return names
 
 
-def build_volo(config: VoloConfig, image_size: int) -> keras.Model:
+def build_volo(config: VoloConfig, image_size: int, head: str = DEFAULT_HEAD) -> keras.Model:
     """Builds the Keras VOLO classifier.
 
     Args:
         config: the architecture (a `VARIANTS` entry, or a tiny test configuration).
         image_size: input side S, a multiple of 16.
+        head: `full` (published logits), `cls` (class head only) or `features`.
 
     Returns:
-        A model mapping B, S, S, 3 normalised float32 images to B, num_classes logits.
+        A model mapping B, S, S, 3 normalised float32 images to B, num_classes logits,
+        or to B, C normalised class-token features for head `features`.
     """
     check_image_size(image_size)
+    check_head(head)
     dims, heads, mlp_ratio = config.embed_dims, config.num_heads, config.mlp_ratio
     images = keras.Input((image_size, image_size, 3), name="images")
     x = _stem(images, config.stem_hidden_dim, dims[0])  # B, S/8, S/8, C1
@@ -143,11 +180,5 @@ def build_volo(config: VoloConfig, image_size: int) -> keras.Model:
     for index in range(NUM_CLASS_BLOCKS):
         tokens = _class_block(tokens, dims[-1], heads[-1], mlp_ratio, f"classifier{index}")
     tokens = _layer_norm("norm")(tokens)
-    cls_logits = layers.Dense(config.num_classes, name="head")(
-        TokenSlice(0, 1, name="head_cls")(tokens)
-    )
-    patch_logits = layers.Dense(config.num_classes, name="aux_head")(
-        TokenSlice(1, None, name="aux_head_patches")(tokens)
-    )
-    logits = TokenLabelingLogits(name="logits")([cls_logits, patch_logits])
-    return keras.Model(images, logits, name=f"volo_{config.name}_{image_size}")
+    outputs = _head(tokens, config, head)
+    return keras.Model(images, outputs, name=f"volo_{config.name}_{image_size}")

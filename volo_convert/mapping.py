@@ -1,7 +1,8 @@
 """The torch -> Keras name-mapping tables: load `mappings/*.yaml` and expand their patterns.
 
 Each table names a scope; a scope yields one set of placeholder values per repetition
-(one per block, say), and every pattern in the table is formatted with each set.
+(one per block, say), and every pattern in the table is formatted with each set. A row
+may list the `heads` that need it; with any other head its tensor is declared unused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 
 from volo_convert.errors import ConversionError
-from volo_convert.variants import NUM_CLASS_BLOCKS, VoloConfig
+from volo_convert.variants import DEFAULT_HEAD, HEADS, NUM_CLASS_BLOCKS, VoloConfig, check_head
 
 MAPPINGS_PACKAGE = "volo_convert.mappings"
 TRANSFORMS = ("identity", "dense_kernel", "conv_kernel")
@@ -25,10 +26,14 @@ STEM_CONV_INDICES = (0, 3, 6)  # torch Sequential index of each stem conv; its B
 
 @dataclasses.dataclass(frozen=True)
 class WeightMapping:
-    """One checkpoint tensor, the Keras variable (`layer/weight`) it fills, and how."""
+    """One checkpoint tensor, the Keras variable (`layer/weight`) it fills, and how.
+
+    `keras_path` is None for a tensor the chosen head leaves out: it must still be in
+    the checkpoint, and is deliberately not ported.
+    """
 
     torch_key: str
-    keras_path: str
+    keras_path: str | None
     transform: str
 
 
@@ -38,7 +43,7 @@ class MappingTable:
 
     source: str
     scope: str
-    rows: tuple[dict[str, str], ...]
+    rows: tuple[dict[str, Any], ...]
 
 
 def _scope_values(scope: str, config: VoloConfig) -> Iterator[dict[str, int]]:
@@ -77,7 +82,12 @@ def _parse_table(source: str, text: str) -> MappingTable:
             raise ValueError(
                 f"{source}: unknown transform {transform!r}, expected one of {TRANSFORMS}"
             )
-        rows.append({"torch": row["torch"], "keras": row["keras"], "transform": transform})
+        heads = tuple(row.get("heads", HEADS))
+        if unknown := [head for head in heads if head not in HEADS]:
+            raise ValueError(f"{source}: unknown heads {unknown}, expected some of {HEADS}")
+        rows.append(
+            {"torch": row["torch"], "keras": row["keras"], "transform": transform, "heads": heads}
+        )
     return MappingTable(source, document.get("scope", "model"), tuple(rows))
 
 
@@ -99,17 +109,24 @@ def load_tables() -> list[MappingTable]:
     return [_parse_table(entry.name, entry.read_text(encoding="utf-8")) for entry in files]
 
 
-def expand_tables(tables: list[MappingTable], config: VoloConfig) -> list[WeightMapping]:
-    """Expands the tables' patterns into concrete mappings for a model of `config`."""
+def expand_tables(
+    tables: list[MappingTable], config: VoloConfig, head: str = DEFAULT_HEAD
+) -> list[WeightMapping]:
+    """Expands the tables' patterns into concrete mappings for a model of `config`.
+
+    Rows whose `heads` leave out `head` expand to mappings with no Keras path.
+    """
+    check_head(head)
     mappings = []
     for table in tables:
         for values in _scope_values(table.scope, config):
             for row in table.rows:
                 try:
+                    keras_path = row["keras"].format(**values)
                     mappings.append(
                         WeightMapping(
                             row["torch"].format(**values),
-                            row["keras"].format(**values),
+                            keras_path if head in row.get("heads", HEADS) else None,
                             row["transform"],
                         )
                     )
@@ -121,6 +138,6 @@ def expand_tables(tables: list[MappingTable], config: VoloConfig) -> list[Weight
     return mappings
 
 
-def weight_mappings(config: VoloConfig) -> list[WeightMapping]:
-    """All mappings for a model of `config`, from the shipped tables."""
-    return expand_tables(load_tables(), config)
+def weight_mappings(config: VoloConfig, head: str = DEFAULT_HEAD) -> list[WeightMapping]:
+    """All mappings for a model of `config` ending in `head`, from the shipped tables."""
+    return expand_tables(load_tables(), config, head)

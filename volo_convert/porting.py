@@ -33,11 +33,12 @@ def check_coverage(
 ) -> None:
     """Raises a ConversionError unless tensors and variables pair up one to one.
 
-    Every checkpoint tensor (bar `num_batches_tracked`) must be mapped exactly once, and
-    every Keras variable must be filled exactly once.
+    Every checkpoint tensor (bar `num_batches_tracked`) must be mapped exactly once, to
+    a Keras variable or, for a head left out, to none; every Keras variable must be
+    filled exactly once.
     """
     torch_uses = Counter(mapping.torch_key for mapping in mappings)
-    keras_uses = Counter(mapping.keras_path for mapping in mappings)
+    keras_uses = Counter(mapping.keras_path for mapping in mappings if mapping.keras_path)
     wanted_keys = {key for key in torch_keys if not key.endswith(IGNORED_SUFFIX)}
     problems = []
     if missing := sorted(set(torch_uses) - wanted_keys):
@@ -77,7 +78,7 @@ def port_weights(
     check_coverage(list(state_dict), list(variables), mappings)
     shape_errors = []
     ported = []
-    for mapping in mappings:
+    for mapping in (mapping for mapping in mappings if mapping.keras_path):
         variable = variables[mapping.keras_path]
         array = TRANSFORMS[mapping.transform](state_dict[mapping.torch_key].numpy())
         if tuple(array.shape) != tuple(variable.shape):

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from volo_convert.variants import NUM_CLASS_BLOCKS, OUTLOOK_KERNEL, PATCH_SIZE, VoloConfig
+from volo_convert.variants import (
+    DEFAULT_HEAD,
+    HEAD_OUTPUTS,
+    NUM_CLASS_BLOCKS,
+    OUTLOOK_KERNEL,
+    PATCH_SIZE,
+    VoloConfig,
+    check_head,
+)
 
 LAYER_NORM_EPS = 1e-5
 OUTLOOK_PADDING = 1
@@ -199,10 +207,17 @@ class Downsample(nn.Module):
 
 
 class Volo(nn.Module):
-    """VOLO classifier; `forward` returns the published eval logits (aux head included)."""
+    """VOLO classifier; `forward` returns the output of `head`.
 
-    def __init__(self, config: VoloConfig, image_size: int) -> None:
+    `full` gives the published eval logits (aux head included), `cls` the class head's
+    logits alone, `features` the normalised class token. Every head keeps all modules,
+    so release checkpoints load with `strict=True` whichever is chosen.
+    """
+
+    def __init__(self, config: VoloConfig, image_size: int, head: str = DEFAULT_HEAD) -> None:
         super().__init__()
+        check_head(head)
+        self.head_type = head
         dims, heads, mlp_ratio = config.embed_dims, config.num_heads, config.mlp_ratio
         self.patch_embed = PatchEmbed(config.stem_hidden_dim, dims[0])
         grid = image_size // (PATCH_SIZE * 2)
@@ -231,7 +246,8 @@ class Volo(nn.Module):
             images: B, 3, S, S normalised images.
 
         Returns:
-            stage name -> output; names match the Keras model's stage outputs.
+            stage name -> output; names match the Keras model's stage outputs. The last
+            is `logits`, or `features` for head `features`.
         """
         outputs: dict[str, torch.Tensor] = {}
         x = self.patch_embed(images).permute(0, 2, 3, 1)  # B, H, W, C
@@ -245,9 +261,14 @@ class Volo(nn.Module):
         for block_index, block in enumerate(self.post_network):
             x = outputs[f"classifier{block_index}"] = block(x)
         x = outputs["norm"] = self.norm(x)
-        aux_logits = self.aux_head(x[:, 1:]).max(dim=1).values
-        outputs["logits"] = self.head(x[:, 0]) + 0.5 * aux_logits
+        if self.head_type == "features":
+            outputs["features"] = x[:, 0]  # B, C
+            return outputs
+        logits = self.head(x[:, 0])  # B, K
+        if self.head_type == "full":
+            logits = logits + 0.5 * self.aux_head(x[:, 1:]).max(dim=1).values
+        outputs["logits"] = logits
         return outputs
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.stage_outputs(images)["logits"]
+        return self.stage_outputs(images)[HEAD_OUTPUTS[self.head_type]]

@@ -14,6 +14,11 @@ POS_EMBED_STRIDE = 16  # patch 8, then the 2x2 downsample
 OUTLOOK_KERNEL = 3
 NUM_CLASS_BLOCKS = 2
 DEFAULT_NUM_CLASSES = 1000
+# What the model ends in: the published logits (class head plus half the max over the aux
+# head), the class head alone, or the normalised class token (transfer-learning features).
+HEADS = ("full", "cls", "features")
+DEFAULT_HEAD = "full"
+HEAD_OUTPUTS = {"full": "logits", "cls": "logits", "features": "features"}  # final stage name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +83,12 @@ def check_image_size(image_size: int) -> None:
         raise ConversionError(
             f"image size must be a positive multiple of {POS_EMBED_STRIDE}, got {image_size}"
         )
+
+
+def check_head(head: str) -> None:
+    """Raises a ConversionError unless `head` is one of HEADS."""
+    if head not in HEADS:
+        raise ConversionError(f"unknown head {head!r}, expected one of {', '.join(HEADS)}")
 
 
 def get_variant(name: str) -> VoloConfig:

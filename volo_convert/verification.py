@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from volo_convert.errors import ConversionError
 from volo_convert.porting import IGNORED_SUFFIX
 from volo_convert.torch_reference import Volo
-from volo_convert.variants import VoloConfig
+from volo_convert.variants import DEFAULT_HEAD, VoloConfig
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -30,11 +30,12 @@ class ParityResult:
 
     `max_rel_diff` is the largest absolute difference relative to the largest reference
     logit; `passed` means every difference is within `atol` and all values are finite.
+    `top1_agreement` is None for features, which have no classes.
     """
 
     max_abs_diff: float
     max_rel_diff: float
-    top1_agreement: float
+    top1_agreement: float | None
     atol: float
     batch_size: int
     device: str
@@ -71,7 +72,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _use_exact_float32() -> None:
+def use_exact_float32() -> None:
     """Turns off TF32 matmuls, which would loosen GPU results to about 1e-3."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -86,6 +87,7 @@ def build_reference(
     image_size: int,
     state_dict: Mapping[str, torch.Tensor],
     device: torch.device,
+    head: str = DEFAULT_HEAD,
 ) -> Volo:
     """The PyTorch reference in eval mode with the checkpoint's weights, on `device`.
 
@@ -93,7 +95,7 @@ def build_reference(
     `num_batches_tracked` counters, unused in eval, may be absent.
     """
     with torch.device("meta"):
-        reference = Volo(config, image_size)
+        reference = Volo(config, image_size, head)
     missing, unexpected = reference.load_state_dict(state_dict, strict=False, assign=True)
     missing = [key for key in missing if not key.endswith(IGNORED_SUFFIX)]
     if missing or unexpected:
@@ -117,9 +119,13 @@ def keras_logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
 
 
 def compare_logits(
-    keras_values: np.ndarray, torch_values: np.ndarray, atol: float, device: str
+    keras_values: np.ndarray,
+    torch_values: np.ndarray,
+    atol: float,
+    device: str,
+    are_logits: bool = True,
 ) -> ParityResult:
-    """The parity figures for two B, K logit arrays."""
+    """The parity figures for two B, K logit arrays (B, C features if not `are_logits`)."""
     diff = np.abs(keras_values.astype(np.float64) - torch_values.astype(np.float64))
     finite = bool(np.isfinite(keras_values).all() and np.isfinite(torch_values).all())
     max_abs = float(diff.max()) if finite else float("inf")
@@ -127,7 +133,11 @@ def compare_logits(
     return ParityResult(
         max_abs_diff=max_abs,
         max_rel_diff=max_abs / scale if scale > 0 else max_abs,
-        top1_agreement=float((keras_values.argmax(-1) == torch_values.argmax(-1)).mean()),
+        top1_agreement=(
+            float((keras_values.argmax(-1) == torch_values.argmax(-1)).mean())
+            if are_logits
+            else None
+        ),
         atol=atol,
         batch_size=int(keras_values.shape[0]),
         device=device,
@@ -145,6 +155,7 @@ def check_parity(
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
+    head: str = DEFAULT_HEAD,
 ) -> ParityResult:
     """Compares `model` with the PyTorch reference built from `state_dict`.
 
@@ -155,11 +166,18 @@ def check_parity(
         atol: largest allowed absolute logit difference.
         device: where the reference runs (`auto`, `cpu` or `cuda`).
         batch_size, seed: the image batch.
+        head: the head `model` ends in; the reference ends in the same one.
     """
     torch_device = resolve_device(device)
-    _use_exact_float32()
+    use_exact_float32()
     images = sample_images(batch_size, image_size, seed)
-    reference = build_reference(config, image_size, state_dict, torch_device)
+    reference = build_reference(config, image_size, state_dict, torch_device, head)
     torch_values = reference_logits(reference, images, torch_device)
     del reference
-    return compare_logits(keras_logits(model, images), torch_values, atol, torch_device.type)
+    return compare_logits(
+        keras_logits(model, images),
+        torch_values,
+        atol,
+        torch_device.type,
+        are_logits=head != "features",
+    )
