@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,15 +14,25 @@ from volo_convert.checkpoint import check_finite, load_state_dict, tensor_shapes
 from volo_convert.errors import ConversionError
 from volo_convert.keras_model import build_volo
 from volo_convert.mapping import weight_mappings
-from volo_convert.porting import port_weights
+from volo_convert.porting import IGNORED_SUFFIX, port_weights
 from volo_convert.resolution import resize_pos_embed
+from volo_convert.runtimes import (
+    Predictor,
+    TFLiteRunner,
+    artifact_format,
+    load_artifact,
+    runtime_name,
+)
 from volo_convert.saving import (
+    SAVEDMODEL,
+    check_backend,
     check_output_path,
-    load_model,
+    move_into_place,
     output_format,
     save_model,
     staged_output,
 )
+from volo_convert.tflite import FLOAT16_ATOL, TFLITE_DTYPES
 from volo_convert.variants import VoloConfig, check_image_size, detect_config, get_variant
 from volo_convert.verification import (
     DEFAULT_ATOL,
@@ -43,7 +52,8 @@ class ConvertOptions:
     variant: str | None = None
     image_size: int | None = None
     output_format: str | None = None
-    atol: float = DEFAULT_ATOL
+    tflite_dtype: str = "float32"
+    atol: float | None = None  # None: DEFAULT_ATOL, or FLOAT16_ATOL for float16 TFLite
     device: str = "auto"
     verify: bool = True
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -66,6 +76,8 @@ class ConversionResult:
     convert_seconds: float | None = None
     verify_seconds: float | None = None
     parity: ParityResult | None = None
+    output_format: str | None = None
+    runtime: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -95,6 +107,22 @@ def _notify(on_stage: StageCallback | None, stage: str) -> None:
         on_stage(stage)
 
 
+def _check_tflite_dtype(fmt: str, tflite_dtype: str) -> None:
+    if tflite_dtype not in TFLITE_DTYPES:
+        raise ConversionError(
+            f"unknown TFLite dtype {tflite_dtype!r}, expected one of {', '.join(TFLITE_DTYPES)}"
+        )
+    if tflite_dtype != "float32" and fmt != "tflite":
+        raise ConversionError(f"--tflite-dtype {tflite_dtype} applies to .tflite outputs only")
+
+
+def _parameter_count(state_dict: dict[str, torch.Tensor]) -> int:
+    """The model's weight count: the checkpoint's tensors bar the BatchNorm counters."""
+    return sum(
+        tensor.numel() for key, tensor in state_dict.items() if not key.endswith(IGNORED_SUFFIX)
+    )
+
+
 def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoint:
     """Reads a checkpoint, finds its architecture and resizes pos_embed if asked to.
 
@@ -113,14 +141,22 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
     return LoadedCheckpoint(state_dict, config, image_size)
 
 
-def verify_model(model: Any, checkpoint: LoadedCheckpoint, options: ConvertOptions) -> ParityResult:
-    """Parity of `model` against the reference built from `checkpoint`."""
+def default_atol(weight_dtype: str) -> float:
+    """The tolerance when none is given: looser for float16 weights."""
+    return FLOAT16_ATOL if weight_dtype == "float16" else DEFAULT_ATOL
+
+
+def verify_model(
+    model: Predictor, checkpoint: LoadedCheckpoint, options: ConvertOptions
+) -> ParityResult:
+    """Parity of `model` (a Keras model or a runner) against the reference from `checkpoint`."""
+    weight_dtype = model.weight_dtype if isinstance(model, TFLiteRunner) else "float32"
     return check_parity(
         model,
         checkpoint.config,
         checkpoint.image_size,
         checkpoint.state_dict,
-        atol=options.atol,
+        atol=default_atol(weight_dtype) if options.atol is None else options.atol,
         device=options.device,
         batch_size=options.batch_size,
         seed=options.seed,
@@ -133,21 +169,25 @@ def convert(
     options: ConvertOptions = ConvertOptions(),
     on_stage: StageCallback | None = None,
 ) -> ConversionResult:
-    """Converts one checkpoint to a Keras file and, unless told not to, verifies it.
+    """Converts one checkpoint to a model file and, unless told not to, verifies it.
 
-    The file is written beside `output_path` under a temporary name, reloaded and
-    verified from disk, and only then moved into place. A failed verification leaves
-    no file at `output_path` and returns a result whose `passed` is False.
+    The file (or SavedModel folder) is written beside `output_path` under a temporary
+    name, reloaded and verified from disk in its format's runtime, and only then moved
+    into place. A failed verification leaves nothing at `output_path` and returns a
+    result whose `passed` is False.
 
     Args:
         checkpoint_path: the PyTorch checkpoint.
-        output_path: where the Keras file goes; its extension picks the format.
+        output_path: where the model goes; its extension picks the format (`.h5`,
+            `.keras`, `.tflite`, none for a SavedModel folder) unless the options name one.
         options: see `ConvertOptions`.
         on_stage: called with each stage's name as it starts.
     """
     output_path = Path(output_path)
     fmt = output_format(output_path, options.output_format)
-    check_output_path(output_path, options.overwrite)
+    _check_tflite_dtype(fmt, options.tflite_dtype)
+    check_backend(fmt)
+    check_output_path(output_path, options.overwrite, folder=fmt == SAVEDMODEL)
     if options.image_size is not None:
         check_image_size(options.image_size)
     if options.verify:
@@ -167,23 +207,25 @@ def convert(
         image_size=checkpoint.image_size,
         num_classes=checkpoint.config.num_classes,
         parameters=int(model.count_params()),
+        output_format=fmt,
+        runtime=runtime_name(fmt) if options.verify else None,
     )
-    with staged_output(output_path) as temp_path:
+    with staged_output(output_path, folder=fmt == SAVEDMODEL) as temp_path:
         _notify(on_stage, "saving")
-        save_model(model, temp_path, fmt)
+        save_model(model, temp_path, fmt, options.tflite_dtype)
         del model
         result.convert_seconds = time.perf_counter() - started
         if options.verify:
             _notify(on_stage, "verifying")
             verify_started = time.perf_counter()
-            result.parity = verify_model(load_model(temp_path), checkpoint, options)
+            result.parity = verify_model(load_artifact(temp_path, fmt), checkpoint, options)
             result.verify_seconds = time.perf_counter() - verify_started
         if result.passed:
             if output_path.exists() and not options.overwrite:
                 raise ConversionError(
                     f"{output_path}: appeared while converting; pass --overwrite to replace it"
                 )
-            os.replace(temp_path, output_path)
+            move_into_place(temp_path, output_path)
     return result
 
 
@@ -193,13 +235,16 @@ def verify_file(
     options: ConvertOptions = ConvertOptions(),
     on_stage: StageCallback | None = None,
 ) -> ConversionResult:
-    """Verifies an existing Keras file against the checkpoint it was converted from.
+    """Verifies an existing model against the checkpoint it was converted from.
 
-    The image size is the Keras model's input size; pos_embed is resized to it if needed.
+    `keras_path` is a `.h5` or `.keras` file, a SavedModel folder or a `.tflite` file,
+    run in its format's runtime. The image size is the model's input size; pos_embed is
+    resized to it if needed.
     """
     resolve_device(options.device)
     _notify(on_stage, "loading")
-    model = load_model(keras_path)
+    fmt = artifact_format(keras_path)
+    model = load_artifact(keras_path, fmt)
     image_size = model.input_shape[1]
     if options.image_size is not None and options.image_size != image_size:
         raise ConversionError(
@@ -223,7 +268,9 @@ def verify_file(
         variant=checkpoint.config.name,
         image_size=checkpoint.image_size,
         num_classes=checkpoint.config.num_classes,
-        parameters=int(model.count_params()),
+        parameters=_parameter_count(checkpoint.state_dict),
         verify_seconds=time.perf_counter() - started,
         parity=parity,
+        output_format=fmt,
+        runtime=runtime_name(fmt),
     )
