@@ -76,11 +76,34 @@ def check_output_path(path: str | Path, overwrite: bool, folder: bool = False) -
     return path
 
 
+def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = None) -> None:
+    """Writes a SavedModel whose `serving_default` signature maps `images` to `logits`.
+
+    `model.export` would store every weight twice (keras-team/keras#23553), so the module
+    saved here tracks the very TensorFlow variables that the traced forward pass captures.
+
+    Args:
+        model: the Keras model (TensorFlow backend).
+        path: the folder to write.
+        batch_size: a fixed batch size, or None for any.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((batch_size, *model.input_shape[1:]), tf.float32, name="images")
+    module = tf.Module()
+    module.model_variables = [weight.value for weight in model.weights]  # the tf.Variables
+    module.serve = tf.function(
+        lambda images: {"logits": model(images, training=False)}, input_signature=[spec]
+    )
+    signatures = {"serving_default": module.serve.get_concrete_function()}
+    tf.saved_model.save(module, str(path), signatures=signatures)
+
+
 def save_model(model: keras.Model, path: Path, fmt: str, tflite_dtype: str = "float32") -> None:
     """Writes `model` to `path` in format `fmt` (`tflite_dtype` for TFLite files)."""
     check_backend(fmt)
     if fmt == SAVEDMODEL:
-        model.export(path, format="tf_saved_model", verbose=False)
+        export_saved_model(model, path)
     elif fmt == "tflite":
         from volo_convert.tflite import convert_to_tflite
 

@@ -8,11 +8,13 @@ compute in float32 (the interpreter dequantizes them when it loads the file).
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import keras
 
 from volo_convert.errors import ConversionError
+from volo_convert.saving import export_saved_model
 
 TFLITE_DTYPES = ("float32", "float16")
 TFLITE_BATCH_SIZE = 1
@@ -43,9 +45,8 @@ def convert_to_tflite(model: keras.Model, dtype: str = "float32") -> bytes:
         raise ConversionError(
             f"unknown TFLite dtype {dtype!r}, expected one of {', '.join(TFLITE_DTYPES)}"
         )
-    input_spec = keras.InputSpec(shape=(TFLITE_BATCH_SIZE, *model.input_shape[1:]), dtype="float32")
     with tempfile.TemporaryDirectory(prefix="volo-tflite-") as folder:
-        model.export(folder, format="tf_saved_model", verbose=False, input_signature=[input_spec])
+        export_saved_model(model, Path(folder), batch_size=TFLITE_BATCH_SIZE)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if dtype == "float16":
