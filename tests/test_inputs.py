@@ -164,7 +164,8 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
     "unknown-extension": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),
         ["-o", "{out}/d1.onnx"],
-        "{out}/d1.onnx: unknown output extension '.onnx', expected one of .h5, .keras",
+        "{out}/d1.onnx: unknown output extension '.onnx', expected one of .h5, .keras, "
+        ".tflite, or none for a SavedModel folder",
     ),
     "output-folder-missing": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),
@@ -386,7 +387,7 @@ def test_interrupted_save_leaves_no_partial_output(
 def test_keyboard_interrupt_during_save_leaves_nothing(
     d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def interrupted_save(model: object, path: Path, fmt: str) -> None:
+    def interrupted_save(model: object, path: Path, fmt: str, tflite_dtype: str) -> None:
         path.write_bytes(b"half a model")
         raise KeyboardInterrupt
 

@@ -76,9 +76,8 @@ def verification_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--atol",
             type=click.FloatRange(min=0.0, min_open=True),
-            default=1e-4,
-            show_default=True,
-            help="Largest allowed absolute difference between Keras and PyTorch logits.",
+            help="Largest allowed absolute difference between the converted and PyTorch "
+            "logits.  [default: 1e-4; 5e-2 for float16 TFLite]",
         ),
         click.option(
             "--device",
@@ -165,7 +164,10 @@ def _print_result(result: Any) -> None:
     click.echo(f"max rel diff    {parity.max_rel_diff:.3g}")
     if parity.top1_agreement is not None:
         click.echo(f"top-1 agreement {parity.top1_agreement:.0%}  ({parity.batch_size} images)")
-    click.echo(f"verified in {result.verify_seconds:.1f}s, reference on {parity.device}")
+    click.echo(
+        f"verified in {result.verify_seconds:.1f}s, reference on {parity.device}, "
+        f"model in {result.runtime}"
+    )
     if result.diagnosis is not None:
         from volo_convert.diagnosis import format_diagnosis
 
@@ -228,7 +230,20 @@ def cli() -> None:
     "--output",
     required=True,
     type=click.Path(path_type=Path),
-    help="The Keras file to write; .h5 or .keras picks the format.",
+    help="The file to write: .h5, .keras or .tflite, or a folder (no extension) for a SavedModel.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["h5", "keras", "savedmodel", "tflite"]),
+    help="The output format, instead of the one OUTPUT's extension names.",
+)
+@click.option(
+    "--tflite-dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Weight precision of a .tflite output.",
 )
 @checkpoint_options
 @verification_options
@@ -243,11 +258,13 @@ def cli() -> None:
 def convert(
     checkpoint: Path,
     output: Path,
+    output_format: str | None,
+    tflite_dtype: str,
     variant: str | None,
     image_size: int | None,
     ema: bool,
     trust_checkpoint: bool,
-    atol: float,
+    atol: float | None,
     device: str,
     batch_size: int,
     seed: int,
@@ -259,14 +276,18 @@ def convert(
 ) -> None:
     """Convert a VOLO checkpoint to Keras, then verify it against PyTorch.
 
-    Variant and image size are read from the tensors. The file is written under a
-    temporary name and moved to OUTPUT only once it is complete and verified.
+    Variant and image size are read from the tensors. The output is written under a
+    temporary name, reloaded in its own runtime (Keras, TensorFlow's SavedModel loader or
+    the TFLite interpreter) and moved to OUTPUT only once it is complete and verified.
+    TFLite files take one image at a time and use builtin ops only.
 
     \b
     Example:
       volo-convert d1_224_84.2.pth.tar -o d1.h5
       volo-convert d5_512_87.07.pth.tar -o d5.keras --device cuda --report d5.json
       volo-convert d1_224_84.2.pth.tar -o d1_feat.h5 --head features --image-size 256
+      volo-convert d1_224_84.2.pth.tar -o d1_savedmodel/
+      volo-convert d1_224_84.2.pth.tar -o d1_fp16.tflite --tflite-dtype float16
     """
     from volo_convert.convert import ConvertOptions
     from volo_convert.convert import convert as run_convert
@@ -274,6 +295,8 @@ def convert(
     options = ConvertOptions(
         variant=variant,
         image_size=image_size,
+        output_format=output_format,
+        tflite_dtype=tflite_dtype,
         atol=atol,
         device=device,
         verify=not no_verify,
@@ -291,7 +314,7 @@ def convert(
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("keras_file", type=click.Path(path_type=Path))
+@click.argument("keras_file", metavar="MODEL", type=click.Path(path_type=Path))
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @checkpoint_options
 @verification_options
@@ -304,7 +327,7 @@ def verify(
     image_size: int | None,
     ema: bool,
     trust_checkpoint: bool,
-    atol: float,
+    atol: float | None,
     device: str,
     batch_size: int,
     seed: int,
@@ -312,14 +335,18 @@ def verify(
     explain: bool,
     head: str | None,
 ) -> None:
-    """Check an existing Keras file against its PyTorch checkpoint (for CI).
+    """Check an existing model against its PyTorch checkpoint (for CI).
 
-    Exits 0 when the logits agree within --atol, 1 when they do not.
+    MODEL is a .h5 or .keras file (run under the Keras backend KERAS_BACKEND names), a
+    SavedModel folder or a .tflite file. Exits 0 when the logits agree within --atol, 1
+    when they do not.
 
     \b
     Example:
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --atol 1e-4 --report parity.json
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --explain
+      KERAS_BACKEND=torch volo-convert verify d1.keras d1_224_84.2.pth.tar
+      volo-convert verify d1_fp16.tflite d1_224_84.2.pth.tar
     """
     from volo_convert.convert import ConvertOptions, verify_file
 
@@ -352,7 +379,7 @@ def verify(
 @handles_errors
 def demo(
     workdir: Path,
-    atol: float,
+    atol: float | None,
     device: str,
     batch_size: int,
     seed: int,

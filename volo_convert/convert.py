@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import keras
 import torch
 
 from volo_convert.checkpoint import check_finite, load_state_dict, tensor_shapes
@@ -18,13 +18,23 @@ from volo_convert.keras_model import build_volo, model_head
 from volo_convert.mapping import weight_mappings
 from volo_convert.porting import port_weights
 from volo_convert.resolution import resize_pos_embed
+from volo_convert.runtimes import (
+    Predictor,
+    TFLiteRunner,
+    artifact_format,
+    load_artifact,
+    runtime_name,
+)
 from volo_convert.saving import (
+    SAVEDMODEL,
+    check_backend,
     check_output_path,
-    load_model,
+    move_into_place,
     output_format,
     save_model,
     staged_output,
 )
+from volo_convert.tflite import FLOAT16_ATOL, TFLITE_DTYPES
 from volo_convert.variants import (
     DEFAULT_HEAD,
     VoloConfig,
@@ -56,7 +66,8 @@ class ConvertOptions:
     variant: str | None = None
     image_size: int | None = None
     output_format: str | None = None
-    atol: float = DEFAULT_ATOL
+    tflite_dtype: str = "float32"
+    atol: float | None = None  # None: DEFAULT_ATOL, or FLOAT16_ATOL for float16 TFLite
     device: str = "auto"
     verify: bool = True
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -83,6 +94,8 @@ class ConversionResult:
     verify_seconds: float | None = None
     parity: ParityResult | None = None
     diagnosis: Diagnosis | None = None
+    output_format: str | None = None
+    runtime: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -113,6 +126,27 @@ def _notify(on_stage: StageCallback | None, stage: str) -> None:
         on_stage(stage)
 
 
+def _check_tflite_dtype(fmt: str, tflite_dtype: str) -> None:
+    if tflite_dtype not in TFLITE_DTYPES:
+        raise ConversionError(
+            f"unknown TFLite dtype {tflite_dtype!r}, expected one of {', '.join(TFLITE_DTYPES)}"
+        )
+    if tflite_dtype != "float32" and fmt != "tflite":
+        raise ConversionError(f"--tflite-dtype {tflite_dtype} applies to .tflite outputs only")
+
+
+def _parameter_count(checkpoint: LoadedCheckpoint, head: str) -> int:
+    """Weights of the model ending in `head`: the checkpoint tensors it keeps.
+
+    The same figure as `keras.Model.count_params()`, for files that keep no such count.
+    """
+    return sum(
+        checkpoint.state_dict[mapping.torch_key].numel()
+        for mapping in weight_mappings(checkpoint.config, head)
+        if mapping.keras_path is not None and mapping.torch_key in checkpoint.state_dict
+    )
+
+
 def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoint:
     """Reads a checkpoint, finds its architecture and resizes pos_embed if asked to.
 
@@ -134,16 +168,30 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
     return LoadedCheckpoint(state_dict, config, image_size)
 
 
+def default_atol(weight_dtype: str) -> float:
+    """The tolerance when none is given: looser for float16 weights."""
+    return FLOAT16_ATOL if weight_dtype == "float16" else DEFAULT_ATOL
+
+
+def _atol(model: Predictor, options: ConvertOptions) -> float:
+    weight_dtype = model.weight_dtype if isinstance(model, TFLiteRunner) else "float32"
+    return default_atol(weight_dtype) if options.atol is None else options.atol
+
+
 def verify_model(
-    model: Any, checkpoint: LoadedCheckpoint, options: ConvertOptions, head: str = DEFAULT_HEAD
+    model: Predictor,
+    checkpoint: LoadedCheckpoint,
+    options: ConvertOptions,
+    head: str = DEFAULT_HEAD,
 ) -> ParityResult:
-    """Parity of `model`, ending in `head`, against the reference built from `checkpoint`."""
+    """Parity of `model` (a Keras model or a runner), ending in `head`, against the
+    reference built from `checkpoint`."""
     return check_parity(
         model,
         checkpoint.config,
         checkpoint.image_size,
         checkpoint.state_dict,
-        atol=options.atol,
+        atol=_atol(model, options),
         device=options.device,
         batch_size=options.batch_size,
         seed=options.seed,
@@ -151,17 +199,33 @@ def verify_model(
     )
 
 
+def _keras_graph(model: Predictor, checkpoint: LoadedCheckpoint, head: str) -> keras.Model:
+    """`model` itself if it is Keras; else the Keras graph a SavedModel/TFLite came from."""
+    if isinstance(model, keras.Model):
+        return model
+    rebuilt = build_volo(checkpoint.config, checkpoint.image_size, head)
+    port_weights(rebuilt, checkpoint.state_dict, weight_mappings(checkpoint.config, head))
+    return rebuilt
+
+
 def diagnose_model(
-    model: Any, checkpoint: LoadedCheckpoint, options: ConvertOptions, head: str = DEFAULT_HEAD
+    model: Predictor,
+    checkpoint: LoadedCheckpoint,
+    options: ConvertOptions,
+    head: str = DEFAULT_HEAD,
 ) -> Diagnosis:
-    """Per-stage differences of `model` from the reference, on the parity check's images."""
+    """Per-stage differences from the reference, on the parity check's images.
+
+    A SavedModel or TFLite file has no stage outputs to read, so the Keras graph it was
+    exported from is diagnosed; if every stage of that passes, the export lost the parity.
+    """
     return diagnose(
-        model,
+        _keras_graph(model, checkpoint, head),
         checkpoint.config,
         checkpoint.image_size,
         checkpoint.state_dict,
         head=head,
-        atol=options.atol,
+        atol=_atol(model, options),
         device=options.device,
         batch_size=options.batch_size,
         seed=options.seed,
@@ -169,7 +233,7 @@ def diagnose_model(
 
 
 def _check_and_explain(
-    model: Any,
+    model: Predictor,
     checkpoint: LoadedCheckpoint,
     options: ConvertOptions,
     result: ConversionResult,
@@ -205,7 +269,9 @@ def convert(
     """
     output_path = Path(output_path)
     fmt = output_format(output_path, options.output_format)
-    check_output_path(output_path, options.overwrite)
+    _check_tflite_dtype(fmt, options.tflite_dtype)
+    check_backend(fmt)
+    check_output_path(output_path, options.overwrite, folder=fmt == SAVEDMODEL)
     if options.image_size is not None:
         check_image_size(options.image_size)
     head = options.head or DEFAULT_HEAD
@@ -233,73 +299,100 @@ def convert(
         num_classes=checkpoint.config.num_classes,
         parameters=int(model.count_params()),
         head=head,
+        output_format=fmt,
+        runtime=runtime_name(fmt) if options.verify else None,
     )
-    with staged_output(output_path) as temp_path:
+    with staged_output(output_path, folder=fmt == SAVEDMODEL) as temp_path:
         _notify(on_stage, "saving")
         try:
-            save_model(model, temp_path, fmt)
+            save_model(model, temp_path, fmt, options.tflite_dtype)
         except OSError as error:
             raise ConversionError(
-                f"{output_path}: could not write the {fmt} file ({error.strerror or error})"
+                f"{output_path}: could not write the "
+                f"{'SavedModel folder' if fmt == SAVEDMODEL else f'{fmt} file'} "
+                f"({error.strerror or error})"
             ) from None
         del model
         result.convert_seconds = time.perf_counter() - started
         if options.verify:
-            _check_and_explain(load_model(temp_path), checkpoint, options, result, on_stage)
+            artifact = load_artifact(temp_path, fmt)
+            _check_and_explain(artifact, checkpoint, options, result, on_stage)
         if result.passed:
             if output_path.exists() and not options.overwrite:
                 raise ConversionError(
                     f"{output_path}: appeared while converting; pass --overwrite to replace it"
                 )
-            os.replace(temp_path, output_path)
+            move_into_place(temp_path, output_path)
     return result
 
 
+def _artifact_head(model: Predictor, config: VoloConfig, requested: str | None) -> str:
+    """The head `model` ends in: read from a Keras graph, else from the output width.
+
+    A SavedModel or TFLite file keeps no layer names, and `full` and `cls` have the same
+    width, so there `--head cls` must be given; `features` shows in the width.
+    """
+    if isinstance(model, keras.Model):
+        head = model_head(model)
+    elif model.output_shape[-1] == config.embed_dims[-1] != config.num_classes:
+        head = "features"
+    else:
+        head = requested or DEFAULT_HEAD
+    if requested is not None and requested != head:
+        raise ConversionError(
+            f"the model ends in the {head} head, but --head {requested} was given"
+        )
+    return head
+
+
 def verify_file(
-    keras_path: str | Path,
+    model_path: str | Path,
     checkpoint_path: str | Path,
     options: ConvertOptions = ConvertOptions(),
     on_stage: StageCallback | None = None,
 ) -> ConversionResult:
-    """Verifies an existing Keras file against the checkpoint it was converted from.
+    """Verifies an existing model against the checkpoint it was converted from.
 
-    The image size is the Keras model's input size; pos_embed is resized to it if needed.
-    The head is the one the Keras model ends in; `options.head`, if given, must match it.
+    `model_path` is a `.h5` or `.keras` file, a SavedModel folder or a `.tflite` file,
+    run in its format's runtime. The image size is the model's input size (pos_embed is
+    resized to it if needed); the head is the one the model ends in.
     """
     resolve_device(options.device)
     _notify(on_stage, "loading")
-    model = load_model(keras_path)
+    fmt = artifact_format(model_path)
+    model = load_artifact(model_path, fmt)
     image_size = model.input_shape[1]
-    head = model_head(model)
-    if options.head is not None and options.head != head:
-        raise ConversionError(
-            f"{keras_path}: the model ends in the {head} head, but --head {options.head} was given"
-        )
     if options.image_size is not None and options.image_size != image_size:
         raise ConversionError(
-            f"{keras_path}: the model takes {image_size}px images, but --image-size "
+            f"{model_path}: the model takes {image_size}px images, but --image-size "
             f"{options.image_size} was given"
         )
     checkpoint = load_checkpoint(
         checkpoint_path, dataclasses.replace(options, image_size=image_size)
     )
+    try:
+        head = _artifact_head(model, checkpoint.config, options.head)
+    except ConversionError as error:
+        raise ConversionError(f"{model_path}: {error}") from None
     if head == "features":
         expected_outputs, meaning = checkpoint.config.embed_dims[-1], "feature channels"
     else:
         expected_outputs, meaning = checkpoint.config.num_classes, "classes"
     if model.output_shape[-1] != expected_outputs:
         raise ConversionError(
-            f"{keras_path}: the model has {model.output_shape[-1]} outputs, but the checkpoint "
+            f"{model_path}: the model has {model.output_shape[-1]} outputs, but the checkpoint "
             f"has {expected_outputs} {meaning}"
         )
     result = ConversionResult(
         checkpoint=str(checkpoint_path),
-        output=str(keras_path),
+        output=str(model_path),
         variant=checkpoint.config.name,
         image_size=checkpoint.image_size,
         num_classes=checkpoint.config.num_classes,
-        parameters=int(model.count_params()),
+        parameters=_parameter_count(checkpoint, head),
         head=head,
+        output_format=fmt,
+        runtime=runtime_name(fmt),
     )
     _check_and_explain(model, checkpoint, options, result, on_stage)
     return result
