@@ -15,6 +15,7 @@ from volo_convert.checkpoint import check_finite, load_state_dict, tensor_shapes
 from volo_convert.errors import ConversionError
 from volo_convert.keras_model import build_volo
 from volo_convert.mapping import weight_mappings
+from volo_convert.memory import MappedCheckpoint
 from volo_convert.porting import port_weights
 from volo_convert.resolution import resize_pos_embed
 from volo_convert.saving import (
@@ -156,10 +157,18 @@ def convert(
     started = time.perf_counter()
     _notify(on_stage, "loading")
     checkpoint = load_checkpoint(checkpoint_path, options)
+    # Hand back each mapped tensor's pages once read, so the weights are held once, in Keras.
+    mapped = MappedCheckpoint(checkpoint_path)
+    mapped.release_all(checkpoint.state_dict.values())
     _notify(on_stage, "building")
     model = build_volo(checkpoint.config, checkpoint.image_size)
     _notify(on_stage, "porting")
-    port_weights(model, checkpoint.state_dict, weight_mappings(checkpoint.config))
+    port_weights(
+        model,
+        checkpoint.state_dict,
+        weight_mappings(checkpoint.config),
+        on_tensor=lambda torch_key: mapped.release(checkpoint.state_dict[torch_key]),
+    )
     result = ConversionResult(
         checkpoint=str(checkpoint_path),
         output=str(output_path),
