@@ -155,6 +155,9 @@ def test_tables_render_failures_with_their_reason() -> None:
         render_markdown(report)
     )
     assert render_text(report).splitlines()[1].endswith("error   bad | zip")
+    report.entries[0].reason = "x" * 500
+    assert render_text(report).splitlines()[1].endswith("x" * 157 + "...")
+    assert "x" * 500 in render_markdown(report)
 
 
 def test_synthesize_writes_release_names_and_corrupts_on_request(tmp_path: Path) -> None:

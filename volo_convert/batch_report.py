@@ -33,6 +33,7 @@ COLUMNS = (
     "reason",
 )
 MEGABYTE = 1024 * 1024
+TERMINAL_REASON_CHARS = 160  # report.md and report.json keep the whole reason
 
 
 def batch_environment() -> dict[str, str]:
@@ -100,8 +101,11 @@ def render_markdown(report: BatchReport) -> str:
 
 
 def render_text(report: BatchReport) -> str:
-    """The report as an aligned plain-text table (the reason column is left unpadded)."""
+    """The report as an aligned plain-text table; long reasons are cut short."""
     rows = [list(COLUMNS), *(entry_cells(entry) for entry in report.entries)]
+    for row in rows:
+        if len(row[-1]) > TERMINAL_REASON_CHARS:
+            row[-1] = row[-1][: TERMINAL_REASON_CHARS - 3] + "..."
     widths = [max(len(row[index]) for row in rows) for index in range(len(COLUMNS) - 1)]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
