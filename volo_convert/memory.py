@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
     return ranges
 
 
-def _madvise() -> ctypes._CFuncPtr | None:
+def _madvise() -> Callable[..., int] | None:
     """libc's madvise, or None where there is none."""
     try:
         function = ctypes.CDLL(None, use_errno=True).madvise
