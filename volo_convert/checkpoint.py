@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from volo_convert.errors import ConversionError
@@ -58,11 +59,22 @@ def _sniff(path: Path) -> str:
     return "a JSON file" if text.lstrip().startswith(("{", "[")) else "a text file"
 
 
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    """torch.load, memory-mapped (pages come in as tensors are read; see memory.py)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        # The legacy (pre-zip) format cannot be mapped; read it whole.
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
 def _load_pickle(path: Path, trust_checkpoint: bool) -> Any:
     """torch.load with weights_only (plus harmless extras) unless the user vouches for the file."""
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+            return _torch_load(path, weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as error:
         if unsafe := UNSAFE_GLOBAL.search(str(error)):
             raise ConversionError(
@@ -146,7 +158,8 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> No
     bad = [
         key
         for key, tensor in state_dict.items()
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        # numpy, not torch: one pass per tensor without torch's per-op thread start-up
+        if tensor.is_floating_point() and not np.isfinite(tensor.numpy()).all()
     ]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

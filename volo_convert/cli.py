@@ -411,6 +411,169 @@ def demo(
     _finish(result, report)
 
 
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output-dir",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the Keras files and report.json / report.md (created if missing).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["h5", "keras"]),
+    default="h5",
+    show_default=True,
+    help="Format of every output file.",
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=1e-4,
+    show_default=True,
+    help="Largest allowed absolute difference between Keras and PyTorch logits.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the PyTorch reference runs (auto: a GPU when present).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Number of seeded test images per checkpoint.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Image seed.")
+@click.option(
+    "--force", is_flag=True, help="Convert again the files an earlier run already finished."
+)
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Allow pickles that run code when loaded. Only for files you trust.",
+)
+@handles_errors
+def batch(
+    checkpoints: tuple[Path, ...],
+    out_dir: Path,
+    output_format: str,
+    atol: float,
+    device: str,
+    batch_size: int,
+    seed: int,
+    force: bool,
+    trust_checkpoint: bool,
+) -> None:
+    """Convert and verify many checkpoints; a folder means its checkpoint files.
+
+    Each output is named after its input (d1_224_84.2.pth.tar -> d1_224_84.2.h5). Each
+    file runs in its own process; a bad one is reported and the others go on. The
+    summary table is printed and written to OUT_DIR/report.json and report.md after
+    every file. A re-run skips files already converted and verified from the same
+    content (SHA-256), unless --force. Exits 0 only if every checkpoint passed.
+
+    \b
+    Example:
+      volo-convert synthesize checkpoints/
+      volo-convert batch checkpoints/ -o keras/
+      volo-convert batch d1_224_84.2.pth.tar d5_512_87.07.pth.tar -o keras/ --format keras
+    """
+    from tqdm import tqdm
+
+    from volo_convert.batch import BatchOptions, find_checkpoints, run_batch
+    from volo_convert.batch_report import render_text
+
+    options = BatchOptions(
+        output_format=output_format,
+        atol=atol,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        trust_checkpoint=trust_checkpoint,
+        force=force,
+    )
+    total = len(find_checkpoints(checkpoints))
+    with tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
+
+        def show_stage(checkpoint: Path, stage: str) -> None:
+            bar.set_description_str(checkpoint.name, refresh=False)
+            bar.set_postfix_str(stage)
+
+        def show_entry(entry: Any) -> None:
+            bar.write(f"{entry.file}: {entry.status}", file=sys.stderr)
+            bar.update(1)
+
+        report = run_batch(checkpoints, out_dir, options, on_stage=show_stage, on_entry=show_entry)
+    click.echo(render_text(report), nl=False)
+    if not report.passed:
+        failed = sum(not entry.ok for entry in report.entries)
+        click.echo(
+            f"Error: {failed} of {total} checkpoints failed; see {out_dir / 'report.md'}",
+            err=True,
+        )
+        sys.exit(EXIT_PARITY_FAILED)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--only",
+    "names",
+    multiple=True,
+    help="Write only this release file name (repeatable); all eleven by default.",
+)
+@click.option(
+    "--corrupt",
+    multiple=True,
+    help="Cut this file to half its length afterwards (repeatable), to see a failure.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Weight seed.")
+@click.option("--overwrite", is_flag=True, help="Rewrite files that exist.")
+@handles_errors
+def synthesize(
+    out_dir: Path, names: tuple[str, ...], corrupt: tuple[str, ...], seed: int, overwrite: bool
+) -> None:
+    """Write synthetic checkpoints under the eleven release names, for offline runs.
+
+    Weights are random but realistic, in the release format (a bare state dict), so
+    the whole batch can run without downloads. Files that exist are kept unless
+    --overwrite. All eleven take about 6.5 GB.
+
+    \b
+    Example:
+      volo-convert synthesize checkpoints/ --corrupt d3_224_85.4.pth.tar
+      volo-convert synthesize checkpoints/ --only d1_224_84.2.pth.tar
+    """
+    from volo_convert.synthetic import corrupt_checkpoint, write_release_checkpoints
+    from volo_convert.variants import RELEASE_CHECKPOINTS
+
+    for name in (*names, *corrupt):
+        if name not in RELEASE_CHECKPOINTS:
+            raise InputError(
+                f"unknown release checkpoint {name!r}, expected one of "
+                f"{', '.join(RELEASE_CHECKPOINTS)}"
+            )
+    wanted = list(names) if names else None
+    paths = write_release_checkpoints(
+        out_dir,
+        wanted,
+        seed=seed,
+        overwrite=overwrite,
+        on_file=lambda path: click.echo(f"writing {path}", err=True),
+    )
+    for name in corrupt:
+        corrupt_checkpoint(out_dir / name)
+        click.echo(f"corrupted {out_dir / name} on purpose", err=True)
+    click.echo(f"{len(paths)} checkpoints in {out_dir}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="volo-convert")

@@ -16,6 +16,7 @@ from volo_convert.diagnosis import Diagnosis, diagnose
 from volo_convert.errors import ConversionError
 from volo_convert.keras_model import build_volo, model_head
 from volo_convert.mapping import weight_mappings
+from volo_convert.memory import MappedCheckpoint
 from volo_convert.porting import port_weights
 from volo_convert.resolution import resize_pos_embed
 from volo_convert.runtimes import (
@@ -284,11 +285,19 @@ def convert(
     started = time.perf_counter()
     _notify(on_stage, "loading")
     checkpoint = load_checkpoint(checkpoint_path, options)
+    # Hand back each mapped tensor's pages once read, so the weights are held once, in Keras.
+    mapped = MappedCheckpoint(checkpoint_path)
+    mapped.release_all(checkpoint.state_dict.values())
     _notify(on_stage, "building")
     model = build_volo(checkpoint.config, checkpoint.image_size, head)
     _notify(on_stage, "porting")
     try:
-        port_weights(model, checkpoint.state_dict, weight_mappings(checkpoint.config, head))
+        port_weights(
+            model,
+            checkpoint.state_dict,
+            weight_mappings(checkpoint.config, head),
+            on_tensor=lambda torch_key: mapped.release(checkpoint.state_dict[torch_key]),
+        )
     except ConversionError as error:
         raise ConversionError(f"{checkpoint_path}: {error}") from None
     result = ConversionResult(

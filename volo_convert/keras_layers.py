@@ -33,25 +33,40 @@ def _unfold_taps(x: Any, out_h: int, out_w: int) -> list[Any]:
     return taps
 
 
-def _fold_pair(even_first: Any, odd: Any, even_last: Any, axis: int) -> Any:
-    """Interleaves the three stride-2 taps of one axis back onto a padded grid.
+def _add_next_window(last_tap: Any, first_tap: Any, axis: int) -> Any:
+    """`last_tap` of window i plus `first_tap` of window i+1 along `axis` (1 or 2).
 
-    Tap 0 lands on even position 2i, tap 1 on odd 2i+1 and tap 2 on even 2i+2, so the
-    even positions sum taps 0 and 2 shifted by one (col2im's overlap), and the padded
-    axis has length 2n+2.
+    With kernel 3, stride 2 and padding 1, output position 2i+1 is covered twice: by
+    kernel position 2 of window i and kernel position 0 of window i+1; col2im sums them.
     """
-    rank = len(even_first.shape)
-    pad_after = [(0, 0)] * rank
-    pad_after[axis] = (0, 1)
-    pad_before = [(0, 0)] * rank
-    pad_before[axis] = (1, 0)
-    even = ops.pad(even_first, pad_after) + ops.pad(even_last, pad_before)  # n+1 along axis
-    odd = ops.pad(odd, pad_after)  # n+1 along axis
-    interleaved = ops.stack([even, odd], axis=axis + 1)  # ..., n+1, 2, ...
-    shape = list(even.shape)
-    shape[0] = -1
-    shape[axis] = 2 * shape[axis]
-    return ops.reshape(interleaved, shape)  # ..., 2n+2, ...
+    following = first_tap[:, 1:] if axis == 1 else first_tap[:, :, 1:]
+    padding = [(0, 0)] * 4
+    padding[axis] = (0, 1)  # the last window has no next one
+    return last_tap + ops.pad(following, padding)
+
+
+def _fold_taps(taps: list[Any]) -> Any:
+    """col2im of 3x3, stride-2, padding-1 windows: 9 taps B, h, w, C -> B, 2h, 2w, C.
+
+    Each output parity class gathers its taps directly: even positions 2i take kernel
+    position 1 of window i, odd ones the overlap sum of `_add_next_window`. The four
+    parity grids are interleaved by stacks and reshapes (rank 5 at most).
+    """
+    _, out_h, out_w, channels = taps[0].shape
+    even_even = taps[4]  # kernel (1, 1)
+    even_odd = _add_next_window(taps[5], taps[3], axis=2)  # kernel (1, 2) + next (1, 0)
+    odd_even = _add_next_window(taps[7], taps[1], axis=1)  # kernel (2, 1) + next (0, 1)
+    odd_odd = _add_next_window(
+        _add_next_window(taps[8], taps[6], axis=2),
+        _add_next_window(taps[2], taps[0], axis=2),
+        axis=1,
+    )
+    even_rows = ops.reshape(
+        ops.stack([even_even, even_odd], axis=3), (-1, out_h, 2 * out_w, channels)
+    )  # B, h, W, C
+    odd_rows = ops.reshape(ops.stack([odd_even, odd_odd], axis=3), (-1, out_h, 2 * out_w, channels))
+    rows = ops.stack([even_rows, odd_rows], axis=2)  # B, h, 2, W, C
+    return ops.reshape(rows, (-1, 2 * out_h, 2 * out_w, channels))  # B, H, W, C
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -90,13 +105,7 @@ class OutlookAggregation(keras.layers.Layer):
         weighted = ops.transpose(weighted, (0, 1, 3, 2, 4))  # B, N, k*k, heads, C/heads
         weighted = ops.reshape(weighted, (-1, out_h, out_w, KERNEL_AREA, channels))
 
-        taps = [weighted[:, :, :, tap] for tap in range(KERNEL_AREA)]  # each B, h, w, C
-        kernel_rows = [
-            _fold_pair(*taps[row * OUTLOOK_KERNEL : (row + 1) * OUTLOOK_KERNEL], axis=2)
-            for row in range(OUTLOOK_KERNEL)
-        ]  # each B, h, W+2, C
-        folded = _fold_pair(*kernel_rows, axis=1)  # B, H+2, W+2, C
-        return folded[:, 1 : height + 1, 1 : width + 1]
+        return _fold_taps([weighted[:, :, :, tap] for tap in range(KERNEL_AREA)])
 
     def compute_output_shape(self, input_shape: list[tuple[Any, ...]]) -> tuple[Any, ...]:
         return input_shape[0]

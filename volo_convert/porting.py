@@ -61,7 +61,7 @@ def port_weights(
     model: keras.Model,
     state_dict: Mapping[str, torch.Tensor],
     mappings: list[WeightMapping],
-    on_tensor: Callable[[], None] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
 ) -> int:
     """Fills every variable of `model` from `state_dict`.
 
@@ -69,7 +69,7 @@ def port_weights(
         model: a freshly built Keras VOLO.
         state_dict: torch tensor name -> float32 tensor.
         mappings: the expanded mapping tables.
-        on_tensor: called after each tensor is ported (progress reporting).
+        on_tensor: called with each torch key once its tensor is ported.
 
     Returns:
         The number of parameters ported.
@@ -88,11 +88,11 @@ def port_weights(
                 f"{mapping.keras_path} expects {tuple(variable.shape)}"
             )
         else:
-            ported.append((variable, array))
+            ported.append((variable, array, mapping.torch_key))
     if shape_errors:
         raise ConversionError("; ".join(shape_errors[:MAX_LISTED]))
-    for variable, array in ported:
+    for variable, array, torch_key in ported:
         variable.assign(array)
         if on_tensor is not None:
-            on_tensor()
+            on_tensor(torch_key)
     return sum(int(np.prod(variable.shape)) for variable in variables.values())

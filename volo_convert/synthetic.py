@@ -8,12 +8,13 @@ the attention projections are scaled up until the softmaxes are peaked.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from volo_convert.torch_reference import Volo
-from volo_convert.variants import VoloConfig
+from volo_convert.variants import RELEASE_CHECKPOINTS, VARIANTS, VoloConfig
 
 # Gains on 1/sqrt(fan_in): large on attention logits (peaked softmax), small on the
 # residual branches' last layers (the residual stream stays in a float32-friendly range).
@@ -77,3 +78,49 @@ def write_checkpoint(path: str | Path, config: VoloConfig, image_size: int, seed
     path = Path(path)
     torch.save(make_state_dict(config, image_size, seed), path)
     return path
+
+
+def write_release_checkpoints(
+    folder: str | Path,
+    names: list[str] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    on_file: Callable[[Path], None] | None = None,
+) -> list[Path]:
+    """Writes synthetic checkpoints under the release file names, for offline batch runs.
+
+    Args:
+        folder: where the files go (created).
+        names: release file names (keys of RELEASE_CHECKPOINTS); all eleven when None.
+        seed: the first file's seed; each further file gets the next one.
+        overwrite: rewrite files that exist; otherwise they are kept as they are.
+        on_file: called with each path before it is written.
+
+    Returns:
+        The paths of the requested files.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(RELEASE_CHECKPOINTS) if names is None else names
+    paths = []
+    for index, name in enumerate(names):
+        if name not in RELEASE_CHECKPOINTS:
+            raise ValueError(
+                f"unknown release checkpoint {name!r}, expected one of "
+                f"{', '.join(RELEASE_CHECKPOINTS)}"
+            )
+        path = folder / name
+        if overwrite or not path.exists():
+            if on_file is not None:
+                on_file(path)
+            variant, image_size = RELEASE_CHECKPOINTS[name]
+            write_checkpoint(path, VARIANTS[variant], image_size, seed=seed + index)
+        paths.append(path)
+    return paths
+
+
+def corrupt_checkpoint(path: str | Path) -> None:
+    """Cuts a file to half its length, as an interrupted download would leave it."""
+    path = Path(path)
+    with path.open("r+b") as stream:
+        stream.truncate(path.stat().st_size // 2)

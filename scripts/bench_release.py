@@ -1,0 +1,73 @@
+"""The whole release: synthetic checkpoints for all eleven names, batch-converted and verified.
+
+Writes the checkpoints if missing (`volo-convert synthesize`, about 6.5 GB), runs
+`volo-convert batch` on them in a fresh output folder (`--force`), then prints the
+per-checkpoint conversion and verification cost from its report.json, and the totals.
+
+    python scripts/bench_release.py --checkpoints /tmp/release --out /tmp/release-keras
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+MEGABYTE = 1024 * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoints", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    cli = [sys.executable, "-m", "volo_convert"]
+
+    subprocess.run([*cli, "synthesize", str(args.checkpoints)], check=True)
+    started = time.perf_counter()
+    batch_args = ["batch", str(args.checkpoints), "-o", str(args.out), "--device", args.device]
+    batch = subprocess.Popen([*cli, *batch_args, "--force"])
+    _, status, _ = os.wait4(batch.pid, 0)
+    wall_seconds = time.perf_counter() - started
+    report = json.loads((args.out / "report.json").read_text())
+
+    print()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores (shared), load average "
+        f"{os.getloadavg()[0]:.2f}; default threads; python {platform.python_version()}, "
+        f"torch {version('torch')}, tensorflow {version('tensorflow')}, keras {version('keras')}"
+    )
+    print()
+    print(
+        "| checkpoint | parameters | convert s | verify s | peak RSS MB | max abs diff | status |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in report["checkpoints"]:
+        peak = row["peak_rss_bytes"]
+        print(
+            f"| {row['file']} | {row['parameters'] or 0:,} | {row['convert_seconds'] or 0:.1f} | "
+            f"{row['verify_seconds'] or 0:.1f} | {(peak or 0) / MEGABYTE:,.0f} | "
+            f"{row['max_abs_diff'] or 0:.3g} | "
+            f"{row['status']} |"
+        )
+    summary = report["summary"]
+    print()
+    print(
+        f"batch exit code {os.waitstatus_to_exitcode(status)}; total wall time "
+        f"{wall_seconds / 60:.1f} min; largest per-file peak RSS "
+        f"{summary['largest_peak_rss_bytes'] / MEGABYTE:,.0f} MB; batch driver peak RSS "
+        f"{summary['driver_peak_rss_bytes'] / MEGABYTE:,.0f} MB; worst max abs diff "
+        f"{summary['worst_max_abs_diff']:.3g}"
+    )
+
+
+if __name__ == "__main__":
+    main()
