@@ -314,14 +314,14 @@ def convert(
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("keras_file", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @checkpoint_options
 @verification_options
-@head_option(None, "The head KERAS_FILE must end in (default: whichever it ends in).")
+@head_option(None, "The head MODEL must end in (default: whichever it ends in).")
 @handles_errors
 def verify(
-    keras_file: Path,
+    model_file: Path,
     checkpoint: Path,
     variant: str | None,
     image_size: int | None,
@@ -363,7 +363,7 @@ def verify(
         explain=explain,
     )
     _check_report_path(report)
-    result = verify_file(keras_file, checkpoint, options, on_stage=_stage_printer())
+    result = verify_file(model_file, checkpoint, options, on_stage=_stage_printer())
     _finish(result, report)
 
 

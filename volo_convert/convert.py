@@ -256,15 +256,17 @@ def convert(
     options: ConvertOptions = ConvertOptions(),
     on_stage: StageCallback | None = None,
 ) -> ConversionResult:
-    """Converts one checkpoint to a Keras file and, unless told not to, verifies it.
+    """Converts one checkpoint to a model file and, unless told not to, verifies it.
 
-    The file is written beside `output_path` under a temporary name, reloaded and
-    verified from disk, and only then moved into place. A failed verification leaves
-    no file at `output_path` and returns a result whose `passed` is False.
+    The file (or SavedModel folder) is written beside `output_path` under a temporary
+    name, reloaded and verified from disk in its format's runtime, and only then moved
+    into place. A failed verification leaves nothing at `output_path` and returns a
+    result whose `passed` is False (with a per-stage diagnosis).
 
     Args:
         checkpoint_path: the PyTorch checkpoint.
-        output_path: where the Keras file goes; its extension picks the format.
+        output_path: where the model goes; its extension picks the format (`.h5`,
+            `.keras`, `.tflite`, none for a SavedModel folder) unless the options name one.
         options: see `ConvertOptions`.
         on_stage: called with each stage's name as it starts.
     """

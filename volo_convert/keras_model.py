@@ -7,6 +7,7 @@ Names follow `stem_*`, `stack{stage}_block{index}_*`, `downsample`, `pos_embed`,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import keras
@@ -37,15 +38,22 @@ NORM_EPS = 1e-5
 STEM_STRIDE = 2
 
 
+# Porting fills every kernel, so they start as zeros: drawing random values for d5's 300M
+# weights would take about 4 s of a 10 s build, and as long again on every reload.
+KERNEL_INITIALIZER = "zeros"
+_dense = functools.partial(layers.Dense, kernel_initializer=KERNEL_INITIALIZER)
+_conv2d = functools.partial(layers.Conv2D, kernel_initializer=KERNEL_INITIALIZER)
+
+
 def _layer_norm(name: str) -> layers.LayerNormalization:
     return layers.LayerNormalization(epsilon=NORM_EPS, name=name)
 
 
 def _mlp(x: Any, dim: int, mlp_ratio: int, prefix: str) -> Any:
     """Dense -> exact GELU -> Dense, named `{prefix}_mlp_*`."""
-    x = layers.Dense(dim * mlp_ratio, name=f"{prefix}_mlp_dense_1")(x)
+    x = _dense(dim * mlp_ratio, name=f"{prefix}_mlp_dense_1")(x)
     x = layers.Activation(keras.activations.gelu, name=f"{prefix}_mlp_gelu")(x)
-    return layers.Dense(dim, name=f"{prefix}_mlp_dense_2")(x)
+    return _dense(dim, name=f"{prefix}_mlp_dense_2")(x)
 
 
 def _stem(images: Any, hidden_dim: int, embed_dim: int) -> Any:
@@ -53,25 +61,25 @@ def _stem(images: Any, hidden_dim: int, embed_dim: int) -> Any:
     x = images
     for index, (kernel_size, stride) in enumerate(((7, STEM_STRIDE), (3, 1), (3, 1)), start=1):
         x = layers.ZeroPadding2D(kernel_size // 2, name=f"stem_pad{index}")(x)
-        x = layers.Conv2D(
+        x = _conv2d(
             hidden_dim, kernel_size, strides=stride, use_bias=False, name=f"stem_conv{index}"
         )(x)
         x = layers.BatchNormalization(epsilon=NORM_EPS, name=f"stem_bn{index}")(x)
         x = layers.ReLU(name=f"stem_relu{index}")(x)
     patch_stride = PATCH_SIZE // STEM_STRIDE
-    return layers.Conv2D(embed_dim, patch_stride, strides=patch_stride, name="stem_proj")(x)
+    return _conv2d(embed_dim, patch_stride, strides=patch_stride, name="stem_proj")(x)
 
 
 def _outlooker(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
     """Outlooker block on B, H, W, C."""
     normed = _layer_norm(f"{prefix}_norm1")(x)
-    values = layers.Dense(dim, use_bias=False, name=f"{prefix}_attn_v")(normed)
+    values = _dense(dim, use_bias=False, name=f"{prefix}_attn_v")(normed)
     pooled = layers.AveragePooling2D(2, strides=2, name=f"{prefix}_attn_pool")(normed)
-    attn_logits = layers.Dense(OUTLOOK_KERNEL**4 * num_heads, name=f"{prefix}_attn_attn")(
+    attn_logits = _dense(OUTLOOK_KERNEL**4 * num_heads, name=f"{prefix}_attn_attn")(
         pooled
     )  # B, H/2, W/2, heads*k^4
     attn = OutlookAggregation(num_heads, name=f"{prefix}_attn_outlook")([values, attn_logits])
-    attn = layers.Dense(dim, name=f"{prefix}_attn_proj")(attn)
+    attn = _dense(dim, name=f"{prefix}_attn_proj")(attn)
     x = layers.Add(name=f"{prefix}_add_1")([x, attn])
     mlp = _mlp(_layer_norm(f"{prefix}_norm2")(x), dim, mlp_ratio, prefix)
     return layers.Add(name=f"{prefix}_add_2")([x, mlp])
@@ -79,11 +87,11 @@ def _outlooker(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) ->
 
 def _transformer(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
     """Transformer block on B, H, W, C."""
-    qkv = layers.Dense(3 * dim, use_bias=False, name=f"{prefix}_attn_qkv")(
+    qkv = _dense(3 * dim, use_bias=False, name=f"{prefix}_attn_qkv")(
         _layer_norm(f"{prefix}_norm1")(x)
     )
     attn = MultiHeadSelfAttention(num_heads, name=f"{prefix}_attn_mhsa")(qkv)
-    attn = layers.Dense(dim, name=f"{prefix}_attn_proj")(attn)
+    attn = _dense(dim, name=f"{prefix}_attn_proj")(attn)
     x = layers.Add(name=f"{prefix}_add_1")([x, attn])
     mlp = _mlp(_layer_norm(f"{prefix}_norm2")(x), dim, mlp_ratio, prefix)
     return layers.Add(name=f"{prefix}_add_2")([x, mlp])
@@ -92,12 +100,12 @@ def _transformer(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) 
 def _class_block(tokens: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
     """Class-attention block on B, 1+N, C: only the class token (index 0) is updated."""
     normed = _layer_norm(f"{prefix}_norm1")(tokens)
-    kv = layers.Dense(2 * dim, use_bias=False, name=f"{prefix}_attn_kv")(normed)
-    query = layers.Dense(dim, use_bias=False, name=f"{prefix}_attn_q")(
+    kv = _dense(2 * dim, use_bias=False, name=f"{prefix}_attn_kv")(normed)
+    query = _dense(dim, use_bias=False, name=f"{prefix}_attn_q")(
         TokenSlice(0, 1, name=f"{prefix}_attn_cls")(normed)
     )
     attn = ClassAttention(num_heads, name=f"{prefix}_attn_class")([query, kv])
-    attn = layers.Dense(dim, name=f"{prefix}_attn_proj")(attn)
+    attn = _dense(dim, name=f"{prefix}_attn_proj")(attn)
     cls_token = TokenSlice(0, 1, name=f"{prefix}_cls")(tokens)
     cls_token = layers.Add(name=f"{prefix}_add_1")([cls_token, attn])
     mlp = _mlp(_layer_norm(f"{prefix}_norm2")(cls_token), dim, mlp_ratio, prefix)
@@ -111,10 +119,10 @@ def _head(tokens: Any, config: VoloConfig, head: str) -> Any:
     cls_token = TokenSlice(0, 1, name="head_cls")(tokens)  # B, 1, C
     if head == "features":
         return layers.Reshape((config.embed_dims[-1],), name="features")(cls_token)  # B, C
-    cls_logits = layers.Dense(config.num_classes, name="head")(cls_token)  # B, 1, K
+    cls_logits = _dense(config.num_classes, name="head")(cls_token)  # B, 1, K
     if head == "cls":
         return layers.Reshape((config.num_classes,), name="logits")(cls_logits)  # B, K
-    patch_logits = layers.Dense(config.num_classes, name="aux_head")(
+    patch_logits = _dense(config.num_classes, name="aux_head")(
         TokenSlice(1, None, name="aux_head_patches")(tokens)
     )  # B, N, K
     return TokenLabelingLogits(name="logits")([cls_logits, patch_logits])
@@ -171,7 +179,7 @@ def build_volo(config: VoloConfig, image_size: int, head: str = DEFAULT_HEAD) ->
     x = _stem(images, config.stem_hidden_dim, dims[0])  # B, S/8, S/8, C1
     for block in range(config.layers[0]):
         x = _outlooker(x, dims[0], heads[0], mlp_ratio, f"stack0_block{block}")
-    x = layers.Conv2D(dims[1], 2, strides=2, name="downsample")(x)  # B, S/16, S/16, C2
+    x = _conv2d(dims[1], 2, strides=2, name="downsample")(x)  # B, S/16, S/16, C2
     x = PositionEmbedding(name="pos_embed")(x)
     for stage in (1, 2, 3):
         for block in range(config.layers[stage]):
