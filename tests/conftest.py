@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny architectures for fast model tests, small real checkpoints for the CLI."""
+"""Shared fixtures and helpers: tiny architectures for fast model tests, small real
+checkpoints and an in-process runner for the CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
 
+from volo_convert.cli import cli
 from volo_convert.synthetic import make_state_dict, write_checkpoint
 from volo_convert.variants import VARIANTS, VoloConfig
 
@@ -36,3 +39,16 @@ def d1_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic release-format d1 checkpoint at 32px (real widths, 107 MB)."""
     folder = tmp_path_factory.mktemp("checkpoints")
     return write_checkpoint(folder / "d1_32.pth.tar", VARIANTS["d1"], SMALL_IMAGE_SIZE, seed=5)
+
+
+def run(*args: object) -> Result:
+    """Runs `volo-convert ARGS` in-process through click's CliRunner."""
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def error_line(result: Result) -> str:
+    """The single `Error:` line of a failed run; there must be no traceback."""
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]

@@ -12,22 +12,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import SMALL_IMAGE_SIZE
+from conftest import SMALL_IMAGE_SIZE, run
 
 from volo_convert.batch import BatchEntry, BatchReport, find_checkpoints, output_stem
 from volo_convert.batch_report import render_markdown, render_text
-from volo_convert.cli import cli
 from volo_convert.errors import ConversionError
 from volo_convert.synthetic import corrupt_checkpoint, write_checkpoint, write_release_checkpoints
 from volo_convert.variants import VARIANTS
 
 GOOD = "d1_32_good.pth.tar"
 CORRUPT = "d1_32_corrupt.pth"
-
-
-def run(*args: object) -> object:
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def sha256_of(path: Path) -> str:

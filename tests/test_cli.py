@@ -8,24 +8,12 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import error_line, run
 
 from volo_convert import __version__, mapping
 from volo_convert.cli import cli
 from volo_convert.saving import load_model
 from volo_convert.verification import sample_images
-
-
-def run(*args: str) -> object:
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
-
-
-def error_line(result: object) -> str:
-    """The single `Error:` line of a failed run; there must be no traceback."""
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def leftovers(folder: Path) -> list[str]:

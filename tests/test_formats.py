@@ -11,11 +11,9 @@ import keras
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, run
 
 from volo_convert import convert as convert_module
-from volo_convert.cli import cli
 from volo_convert.errors import ConversionError
 from volo_convert.keras_model import build_volo
 from volo_convert.mapping import weight_mappings
@@ -58,10 +56,6 @@ for image in images:
     tflite_logits.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0])
 np.savez(out_file, saved_model=saved_model_logits, tflite=np.stack(tflite_logits))
 """
-
-
-def run(*args: object) -> object:
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import keras
 import pytest
-from click.testing import CliRunner
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, run
 
-from volo_convert.cli import cli
 from volo_convert.errors import ConversionError
 from volo_convert.keras_model import build_volo, model_head
 from volo_convert.mapping import weight_mappings
@@ -21,10 +19,6 @@ from volo_convert.verification import check_parity
 
 TINY_IMAGE_SIZE = 64
 OUTPUT_WIDTH = {"full": TINY_CONFIG.num_classes, "cls": TINY_CONFIG.num_classes, "features": 32}
-
-
-def run(*args: object) -> object:
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 @pytest.mark.parametrize("head", HEADS)

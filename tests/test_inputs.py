@@ -14,12 +14,11 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from conftest import error_line, run
 from safetensors.torch import save_file
 
 from volo_convert import convert as convert_module
 from volo_convert.checkpoint import load_state_dict
-from volo_convert.cli import cli
 from volo_convert.errors import ConversionError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -42,17 +41,6 @@ def out_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "out"
     folder.mkdir()
     return folder
-
-
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
-
-
-def error_line(result: Result) -> str:
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def with_change(state_dict: dict, change: Callable[[dict], None]) -> dict:

@@ -10,11 +10,9 @@ import pytest
 import tensorflow as tf
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, run
 
 from volo_convert.checkpoint import load_state_dict
-from volo_convert.cli import cli
 from volo_convert.keras_model import build_volo
 from volo_convert.mapping import weight_mappings
 from volo_convert.porting import port_weights
@@ -24,10 +22,6 @@ from volo_convert.verification import check_parity
 
 TINY_SOURCE_SIZE = 64  # the tiny state dict's size: a 4x4 pos_embed grid
 TINY_TARGET_SIZE = 96  # 6x6
-
-
-def run(*args: object) -> object:
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def torch_bicubic(pos_embed: torch.Tensor, grid: int) -> np.ndarray:
