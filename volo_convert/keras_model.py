@@ -26,17 +26,15 @@ from volo_convert.keras_layers import (
 from volo_convert.variants import (
     DEFAULT_HEAD,
     HEAD_OUTPUTS,
+    NORM_EPS,
     NUM_CLASS_BLOCKS,
     OUTLOOK_KERNEL,
     PATCH_SIZE,
+    STEM_STRIDE,
     VoloConfig,
     check_head,
     check_image_size,
 )
-
-NORM_EPS = 1e-5
-STEM_STRIDE = 2
-
 
 # Porting fills every kernel, so they start as zeros: drawing random values for d5's 300M
 # weights would take about 4 s of a 10 s build, and as long again on every reload.

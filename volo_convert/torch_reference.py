@@ -15,17 +15,17 @@ from torch import nn
 from volo_convert.variants import (
     DEFAULT_HEAD,
     HEAD_OUTPUTS,
+    NORM_EPS,
     NUM_CLASS_BLOCKS,
     OUTLOOK_KERNEL,
     PATCH_SIZE,
+    STEM_STRIDE,
     VoloConfig,
     check_head,
 )
 
-LAYER_NORM_EPS = 1e-5
 OUTLOOK_PADDING = 1
 OUTLOOK_STRIDE = 2
-STEM_STRIDE = 2
 
 
 class Mlp(nn.Module):
@@ -88,9 +88,9 @@ class Outlooker(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.attn = OutlookAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.mlp = Mlp(dim, dim * mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,9 +124,9 @@ class Transformer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.mlp = Mlp(dim, dim * mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,9 +161,9 @@ class ClassBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.attn = ClassAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.mlp = Mlp(dim, dim * mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,13 +179,13 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(
             nn.Conv2d(3, hidden_dim, 7, stride=STEM_STRIDE, padding=3, bias=False),
-            nn.BatchNorm2d(hidden_dim),
+            nn.BatchNorm2d(hidden_dim, eps=NORM_EPS),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(hidden_dim),
+            nn.BatchNorm2d(hidden_dim, eps=NORM_EPS),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(hidden_dim),
+            nn.BatchNorm2d(hidden_dim, eps=NORM_EPS),
             nn.ReLU(inplace=True),
         )
         patch_stride = PATCH_SIZE // STEM_STRIDE
@@ -236,7 +236,7 @@ class Volo(nn.Module):
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[-1]))
         self.aux_head = nn.Linear(dims[-1], config.num_classes)
-        self.norm = nn.LayerNorm(dims[-1], eps=LAYER_NORM_EPS)
+        self.norm = nn.LayerNorm(dims[-1], eps=NORM_EPS)
         self.head = nn.Linear(dims[-1], config.num_classes)
 
     def stage_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

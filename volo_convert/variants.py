@@ -10,6 +10,8 @@ from typing import Any
 from volo_convert.errors import ConversionError
 
 PATCH_SIZE = 8
+STEM_STRIDE = 2  # the stem's first conv; the patch projection does the remaining 4
+NORM_EPS = 1e-5  # LayerNorm and BatchNorm, as in torch
 POS_EMBED_STRIDE = 16  # patch 8, then the 2x2 downsample
 OUTLOOK_KERNEL = 3
 NUM_CLASS_BLOCKS = 2
