@@ -35,7 +35,7 @@ from volo_convert.saving import (
     save_model,
     staged_output,
 )
-from volo_convert.tflite import FLOAT16_ATOL, TFLITE_DTYPES
+from volo_convert.tflite import FLOAT16_ATOL, check_tflite_dtype
 from volo_convert.variants import (
     DEFAULT_HEAD,
     VoloConfig,
@@ -128,10 +128,7 @@ def _notify(on_stage: StageCallback | None, stage: str) -> None:
 
 
 def _check_tflite_dtype(fmt: str, tflite_dtype: str) -> None:
-    if tflite_dtype not in TFLITE_DTYPES:
-        raise ConversionError(
-            f"unknown TFLite dtype {tflite_dtype!r}, expected one of {', '.join(TFLITE_DTYPES)}"
-        )
+    check_tflite_dtype(tflite_dtype)
     if tflite_dtype != "float32" and fmt != "tflite":
         raise ConversionError(f"--tflite-dtype {tflite_dtype} applies to .tflite outputs only")
 

@@ -29,6 +29,14 @@ def _schema() -> Any:
     return schema_py_generated
 
 
+def check_tflite_dtype(dtype: str) -> None:
+    """Raises a ConversionError unless `dtype` is one of TFLITE_DTYPES."""
+    if dtype not in TFLITE_DTYPES:
+        raise ConversionError(
+            f"unknown TFLite dtype {dtype!r}, expected one of {', '.join(TFLITE_DTYPES)}"
+        )
+
+
 def convert_to_tflite(model: keras.Model, dtype: str = "float32") -> bytes:
     """Converts a Keras VOLO to a TFLite flatbuffer that uses builtin ops only.
 
@@ -41,10 +49,7 @@ def convert_to_tflite(model: keras.Model, dtype: str = "float32") -> bytes:
     """
     import tensorflow as tf
 
-    if dtype not in TFLITE_DTYPES:
-        raise ConversionError(
-            f"unknown TFLite dtype {dtype!r}, expected one of {', '.join(TFLITE_DTYPES)}"
-        )
+    check_tflite_dtype(dtype)
     with tempfile.TemporaryDirectory(prefix="volo-tflite-") as folder:
         export_saved_model(model, Path(folder), batch_size=TFLITE_BATCH_SIZE)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
