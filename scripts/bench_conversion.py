@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
+
+from volo_convert.environment import environment_line
 
 FLOOR_PROGRAM = """
 import sys
@@ -53,12 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, load average "
-        f"{os.getloadavg()[0]:.2f}; python {platform.python_version()}, torch "
-        f"{version('torch')}, tensorflow {version('tensorflow')}, keras {version('keras')}, "
-        f"h5py {version('h5py')}; median of {args.runs} alternating runs"
-    )
+    print(f"environment: {environment_line()}; median of {args.runs} alternating runs")
     print()
     print(
         "| checkpoint | size MB | floor s | convert s | time vs floor | floor peak MB "

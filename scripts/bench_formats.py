@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,22 +48,23 @@ def size_bytes(path: Path) -> int:
 def write_inputs(checkpoint: Path, workdir: Path, batch_size: int) -> None:
     """Saves the verification images and the PyTorch reference logits for them."""
     import numpy as np
-    import torch
 
-    from volo_convert.convert import ConvertOptions, load_checkpoint
-    from volo_convert.verification import build_reference, reference_logits, sample_images
+    from volo_convert.checks.reference import run_reference
+    from volo_convert.options import ConvertOptions
+    from volo_convert.pipeline import load_checkpoint
 
     loaded = load_checkpoint(checkpoint, ConvertOptions())
-    images = sample_images(batch_size, loaded.image_size, seed=0)
-    cpu = torch.device("cpu")
-    reference = build_reference(loaded.config, loaded.image_size, loaded.state_dict, cpu)
-    np.save(workdir / "images.npy", images)
-    np.save(workdir / "reference.npy", reference_logits(reference, images, cpu))
+    reference = run_reference(
+        loaded.config, loaded.image_size, loaded.state_dict, device="cpu", batch_size=batch_size
+    )
+    np.save(workdir / "images.npy", reference.images)
+    np.save(workdir / "reference.npy", reference.outputs)
 
 
 def convert_all(checkpoint: Path, workdir: Path) -> None:
     """Writes every format that is not there yet (unverified: the parity is measured later)."""
-    from volo_convert.convert import ConvertOptions, convert
+    from volo_convert.options import ConvertOptions
+    from volo_convert.pipeline import convert
 
     for _, name, fmt, dtype, _ in ROWS:
         if not (workdir / name).exists():
@@ -81,8 +81,8 @@ def measure(path: Path, workdir: Path, runs: int, threads: int) -> dict[str, flo
     torch.set_num_threads(threads)
     import keras
 
-    from volo_convert.runtimes import TFLiteRunner, artifact_format, load_artifact
-    from volo_convert.saving import TENSORFLOW_FORMATS
+    from volo_convert.formats import TENSORFLOW_FORMATS, artifact_format, load_artifact
+    from volo_convert.formats.tflite import TFLiteRunner
 
     fmt = artifact_format(path)
     if keras.backend.backend() == "tensorflow" or fmt in TENSORFLOW_FORMATS:
@@ -120,31 +120,13 @@ def measure_in_subprocess(
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def versions() -> str:
-    import keras
-    import tensorflow as tf
-    import torch
-
-    found = [
-        f"torch {torch.__version__}",
-        f"tensorflow {tf.__version__}",
-        f"keras {keras.__version__}",
-    ]
-    try:
-        import jax
-
-        found.append(f"jax {jax.__version__}")
-    except ImportError:
-        pass
-    return ", ".join(found)
-
-
 def markdown(rows: list[tuple[str, int, dict[str, float]]], args: argparse.Namespace) -> str:
+    from volo_convert.environment import environment_line
+
     lines = [
         f"Checkpoint `{args.checkpoint.name}`, batch 1, {args.threads} threads, median of "
         f"{args.runs} runs; max abs diff over {args.batch_size} seeded images.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
-        f"{platform.python_version()}; {versions()}.",
+        f"Environment: {environment_line()}.",
         "",
         "| format | file size | load time | inference time | max abs diff vs PyTorch |",
         "|---|---|---|---|---|",

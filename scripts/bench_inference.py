@@ -23,12 +23,14 @@ import numpy as np
 import tensorflow as tf
 import torch
 
-from volo_convert.keras_model import build_volo
-from volo_convert.mapping import weight_mappings
-from volo_convert.porting import port_weights
+from volo_convert.architecture.keras_model import build_volo
+from volo_convert.architecture.variants import VARIANTS
+from volo_convert.checks.images import sample_images
+from volo_convert.checks.reference import build_reference
+from volo_convert.environment import environment_line
 from volo_convert.synthetic import make_state_dict
-from volo_convert.variants import VARIANTS
-from volo_convert.verification import build_reference, sample_images
+from volo_convert.weights.mapping import weight_mappings
+from volo_convert.weights.porting import port_weights
 
 
 def cpu_name() -> str:
@@ -101,10 +103,7 @@ def main() -> None:
         f"machine: {cpu_name()}, {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.2f}; threads {args.threads} (TF intra-op, torch)"
     )
-    print(
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, "
-        f"tensorflow {tf.__version__}, keras {keras.__version__}"
-    )
+    print(f"environment: {environment_line()}")
     print(f"VOLO {args.variant} at {args.image_size}px, median of {args.rounds} alternating rounds")
     print()
     print("| batch | path | median s/batch | images/s | time vs PyTorch |")

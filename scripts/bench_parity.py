@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 from pathlib import Path
 
@@ -21,15 +20,14 @@ import keras
 import numpy as np
 import torch
 
-from volo_convert.convert import ConvertOptions, convert, load_checkpoint
-from volo_convert.saving import load_model
+from volo_convert.architecture.variants import VARIANTS
+from volo_convert.checks.images import sample_images
+from volo_convert.checks.parity import model_outputs
+from volo_convert.checks.reference import build_reference
+from volo_convert.environment import environment_line
+from volo_convert.options import ConvertOptions
+from volo_convert.pipeline import convert, load_checkpoint
 from volo_convert.synthetic import write_checkpoint
-from volo_convert.variants import VARIANTS
-from volo_convert.verification import (
-    build_reference,
-    keras_logits,
-    sample_images,
-)
 
 
 def float64_distances(
@@ -43,7 +41,7 @@ def float64_distances(
     with torch.inference_mode():
         torch32 = reference(batch).numpy()
         truth = reference.double()(batch.double()).numpy()
-    keras32 = keras_logits(load_model(keras_file), images)
+    keras32 = model_outputs(keras.models.load_model(keras_file), images)
     keras.backend.clear_session()
     return float(np.abs(keras32 - truth).max()), float(np.abs(torch32 - truth).max())
 
@@ -57,8 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared); torch "
-        f"{torch.__version__}, keras {keras.__version__} ({keras.backend.backend()}); "
+        f"Environment: {environment_line()}; "
         f"{args.batch_size} seeded images at {args.image_size}px, reference on CPU.\n"
     )
     print(

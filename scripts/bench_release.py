@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
+
+from volo_convert.environment import environment_line
 
 MEGABYTE = 1024 * 1024
 
@@ -40,11 +40,7 @@ def main() -> None:
     report = json.loads((args.out / "report.json").read_text())
 
     print()
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores (shared), load average "
-        f"{os.getloadavg()[0]:.2f}; default threads; python {platform.python_version()}, "
-        f"torch {version('torch')}, tensorflow {version('tensorflow')}, keras {version('keras')}"
-    )
+    print(f"environment: {environment_line()}; default threads")
     print()
     print(
         "| checkpoint | parameters | convert s | verify s | peak RSS MB | max abs diff | status |"

@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
+from volo_convert.architecture.variants import VARIANTS, VoloConfig
 from volo_convert.cli import cli
 from volo_convert.synthetic import make_state_dict, write_checkpoint
-from volo_convert.variants import VARIANTS, VoloConfig
 
 # Two outlookers and one block per transformer stage, every width small: fast yet complete.
 TINY_CONFIG = VoloConfig(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import error_line, run
 
-from volo_convert import __version__, mapping
+from volo_convert import __version__
+from volo_convert.checks.images import sample_images
 from volo_convert.cli import cli
-from volo_convert.saving import load_model
-from volo_convert.verification import sample_images
+from volo_convert.weights import mapping
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -34,7 +35,7 @@ def test_convert_writes_verified_file_and_report(
     assert report["parity"]["max_abs_diff"] <= 2e-5
     assert report["parity"]["top1_agreement"] == 1.0
     assert leftovers(tmp_path) == sorted([output.name, "r.json"])
-    reloaded = load_model(output)
+    reloaded = keras.models.load_model(output, compile=False)
     images = sample_images(1, 32, seed=4)
     assert np.isfinite(keras.ops.convert_to_numpy(reloaded.predict_on_batch(images))).all()
 
@@ -48,8 +49,8 @@ def test_convert_subcommand_and_module_entry_agree(d1_checkpoint: Path, tmp_path
 def test_verify_command_passes_then_fails_on_wrong_checkpoint(
     d1_checkpoint: Path, tmp_path: Path
 ) -> None:
+    from volo_convert.architecture.variants import VARIANTS
     from volo_convert.synthetic import write_checkpoint
-    from volo_convert.variants import VARIANTS
 
     converted = tmp_path / "d1.keras"
     assert run(d1_checkpoint, "-o", converted, "--no-verify").exit_code == 0
@@ -76,7 +77,9 @@ def test_wrong_mapping_transform_fails_and_writes_nothing(
             table.source,
             table.scope,
             tuple(
-                {**row, "transform": "identity"} if row["keras"].endswith("attn_v/kernel") else row
+                dataclasses.replace(row, transform="identity")
+                if row.keras.endswith("attn_v/kernel")
+                else row
                 for row in table.rows
             ),
         )
@@ -127,11 +130,11 @@ def test_not_volo_checkpoint_is_refused(tmp_path: Path) -> None:
     )
 
 
-def test_every_command_has_help_with_example() -> None:
-    for name in ["", *cli.commands]:
-        result = run(*([name] if name else []), "-h")
-        assert result.exit_code == 0, name
-        assert "Example:" in result.output, name
+@pytest.mark.parametrize("command", ["", *cli.commands])
+def test_every_command_has_help_with_example(command: str) -> None:
+    result = run(*([command] if command else []), "-h")
+    assert result.exit_code == 0, command
+    assert "Example:" in result.output, command
 
 
 def test_version() -> None:

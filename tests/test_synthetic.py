@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from volo_convert.architecture.torch_reference import Volo
+from volo_convert.architecture.variants import VARIANTS
+from volo_convert.checks.images import sample_images
 from volo_convert.synthetic import make_state_dict
-from volo_convert.torch_reference import Volo
-from volo_convert.variants import VARIANTS
-from volo_convert.verification import sample_images
 
 
 def test_weights_are_away_from_default_init() -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from volo_convert.torch_reference import Volo
-from volo_convert.variants import RELEASE_CHECKPOINTS, VARIANTS, VoloConfig
+from volo_convert.architecture.torch_reference import Volo
+from volo_convert.architecture.variants import RELEASE_CHECKPOINTS, VARIANTS, VoloConfig
+from volo_convert.errors import ConversionError
 
 # Gains on 1/sqrt(fan_in): large on attention logits (peaked softmax), small on the
 # residual branches' last layers (the residual stream stays in a float32-friendly range).
@@ -80,6 +81,14 @@ def write_checkpoint(path: str | Path, config: VoloConfig, image_size: int, seed
     return path
 
 
+def check_release_name(name: str) -> None:
+    """Raises a ConversionError unless `name` is one of the eleven release file names."""
+    if name not in RELEASE_CHECKPOINTS:
+        raise ConversionError(
+            f"unknown release checkpoint {name!r}, expected one of {', '.join(RELEASE_CHECKPOINTS)}"
+        )
+
+
 def write_release_checkpoints(
     folder: str | Path,
     names: list[str] | None = None,
@@ -103,12 +112,9 @@ def write_release_checkpoints(
     folder.mkdir(parents=True, exist_ok=True)
     names = list(RELEASE_CHECKPOINTS) if names is None else names
     paths = []
+    for name in names:
+        check_release_name(name)
     for index, name in enumerate(names):
-        if name not in RELEASE_CHECKPOINTS:
-            raise ValueError(
-                f"unknown release checkpoint {name!r}, expected one of "
-                f"{', '.join(RELEASE_CHECKPOINTS)}"
-            )
         path = folder / name
         if overwrite or not path.exists():
             if on_file is not None:

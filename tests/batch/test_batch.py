@@ -1,0 +1,163 @@
+"""Batch conversion through the CLI: the report, resume, --force and a bad file among good ones.
+
+Every conversion runs in a spawned process (about 10 s of imports each), so the tests
+share one batch run and convert as few files as they can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import SMALL_IMAGE_SIZE, run
+
+from volo_convert.architecture.variants import VARIANTS
+from volo_convert.batch.report import BatchEntry, BatchReport, render_markdown, render_text
+from volo_convert.batch.runner import find_checkpoints, output_stem
+from volo_convert.errors import ConversionError
+from volo_convert.synthetic import corrupt_checkpoint, write_checkpoint, write_release_checkpoints
+
+GOOD = "d1_32_good.pth.tar"
+CORRUPT = "d1_32_corrupt.pth"
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_report(out_dir: Path) -> dict[str, dict]:
+    """File name -> report row."""
+    document = json.loads((out_dir / "report.json").read_text())
+    return {row["file"]: row for row in document["checkpoints"]}
+
+
+@pytest.fixture(scope="module")
+def first_batch(d1_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """One good and one truncated checkpoint in a folder, batch-converted once."""
+    folder = tmp_path_factory.mktemp("batch_in")
+    shutil.copy(d1_checkpoint, folder / GOOD)
+    shutil.copy(d1_checkpoint, folder / CORRUPT)
+    corrupt_checkpoint(folder / CORRUPT)
+    out_dir = tmp_path_factory.mktemp("batch_out") / "keras"
+    result = run("batch", folder, "-o", out_dir, "--device", "cpu")
+    return folder, out_dir, result
+
+
+def test_bad_file_is_reported_and_the_others_are_converted(first_batch: tuple) -> None:
+    _, out_dir, result = first_batch
+    assert result.exit_code == 1, result.output
+    assert "Error: 1 of 2 checkpoints failed" in result.output
+    assert "Traceback" not in result.output
+    rows = read_report(out_dir)
+    assert rows[GOOD]["status"] == "passed"
+    assert rows[CORRUPT]["status"] == "error"
+    assert rows[CORRUPT]["reason"].endswith(f"{CORRUPT}: the checkpoint is truncated or corrupt")
+    assert "\n" not in rows[CORRUPT]["reason"]
+    assert sorted(path.name for path in out_dir.iterdir()) == [
+        "d1_32_good.h5",
+        "report.json",
+        "report.md",
+    ]
+
+
+def test_report_holds_every_figure(first_batch: tuple) -> None:
+    folder, out_dir, result = first_batch
+    document = json.loads((out_dir / "report.json").read_text())
+    good = read_report(out_dir)[GOOD]
+    assert good["output"] == "d1_32_good.h5"
+    assert (good["variant"], good["image_size"], good["parameters"]) == ("d1", 32, 26_558_696)
+    assert 0 < good["max_abs_diff"] <= 2e-5 and 0 < good["max_rel_diff"] < good["max_abs_diff"]
+    assert good["top1_agreement"] == 1.0
+    assert good["convert_seconds"] > 0 and good["verify_seconds"] > 0
+    assert good["peak_rss_bytes"] > 100 * 2**20
+    assert good["sha256"] == sha256_of(folder / GOOD)
+    assert document["summary"]["checkpoints"] == 2 and document["summary"]["failed"] == 1
+    assert document["summary"]["worst_max_abs_diff"] == good["max_abs_diff"]
+    assert document["environment"]["torch"]
+    markdown = (out_dir / "report.md").read_text()
+    assert "| file | variant | size | parameters | max abs diff |" in markdown
+    assert "| d1_32_good.pth.tar | d1 | 32 | 26,558,696 |" in markdown
+    assert "| passed |" in markdown and "| error |" in markdown
+    assert "d1_32_good.pth.tar" in result.output and "2 checkpoints: 1 converted" in result.output
+
+
+def test_rerun_skips_finished_files_and_retries_failed_ones(first_batch: tuple) -> None:
+    folder, out_dir, _ = first_batch
+    converted = out_dir / "d1_32_good.h5"
+    written = converted.stat().st_mtime_ns
+    result = run("batch", folder, "-o", out_dir, "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    rows = read_report(out_dir)
+    assert rows[GOOD]["status"] == "skipped"
+    assert rows[GOOD]["max_abs_diff"] is not None  # the earlier figures are kept
+    assert rows[CORRUPT]["status"] == "error"
+    assert converted.stat().st_mtime_ns == written
+    assert "1 skipped (already done)" in result.output
+
+
+def test_force_or_changed_content_converts_again(first_batch: tuple, tmp_path: Path) -> None:
+    folder, out_dir, _ = first_batch
+    good_only = tmp_path / GOOD
+    shutil.copy(folder / GOOD, good_only)
+    result = run("batch", good_only, "-o", out_dir, "--device", "cpu", "--force")
+    assert result.exit_code == 0, result.output
+    assert read_report(out_dir)[GOOD]["status"] == "passed"
+
+    write_checkpoint(good_only, VARIANTS["d1"], SMALL_IMAGE_SIZE, seed=8)
+    result = run("batch", good_only, "-o", out_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    row = read_report(out_dir)[GOOD]
+    assert row["status"] == "passed"
+    assert row["sha256"] == sha256_of(good_only) != sha256_of(folder / GOOD)
+
+
+def test_find_checkpoints_expands_folders_and_refuses_clashes(tmp_path: Path) -> None:
+    for name in ("a.pth.tar", "b.safetensors", "c.pth", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [path.name for path in find_checkpoints([tmp_path])] == [
+        "a.pth.tar",
+        "b.safetensors",
+        "c.pth",
+    ]
+    (tmp_path / "a.pth").write_bytes(b"x")
+    with pytest.raises(ConversionError, match="same output: a"):
+        find_checkpoints([tmp_path])
+    with pytest.raises(ConversionError, match="no such file or folder"):
+        find_checkpoints([tmp_path / "missing.pth"])
+    assert output_stem(Path("d1_224_84.2.pth.tar")) == "d1_224_84.2"
+
+
+def test_empty_folder_is_a_usage_error(tmp_path: Path) -> None:
+    result = run("batch", tmp_path, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert f"Error: {tmp_path}: no checkpoints in this folder" in result.output
+
+
+def test_tables_render_failures_with_their_reason() -> None:
+    report = BatchReport(
+        entries=[
+            BatchEntry(file="x.pth", output="x.h5", sha256=None, status="error", reason="bad | zip")
+        ]
+    )
+    assert "| x.pth | - | - | - | - | - | - | - | - | - | error | bad \\| zip |" in (
+        render_markdown(report)
+    )
+    assert render_text(report).splitlines()[1].endswith("error   bad | zip")
+    report.entries[0].reason = "x" * 500
+    assert render_text(report).splitlines()[1].endswith("x" * 157 + "...")
+    assert "x" * 500 in render_markdown(report)
+
+
+def test_synthesize_writes_release_names_and_corrupts_on_request(tmp_path: Path) -> None:
+    name = "d1_224_84.2.pth.tar"
+    result = run("synthesize", tmp_path, "--only", name, "--corrupt", name)
+    assert result.exit_code == 0, result.output
+    assert f"corrupted {tmp_path / name} on purpose" in result.output
+    assert 40e6 < (tmp_path / name).stat().st_size < 60e6  # half of d1_224's 107 MB
+    assert write_release_checkpoints(tmp_path, [name]) == [tmp_path / name]  # kept as it is
+    result = run("synthesize", tmp_path, "--only", "d9_224.pth.tar")
+    assert result.exit_code == 2
+    assert "unknown release checkpoint 'd9_224.pth.tar'" in result.output

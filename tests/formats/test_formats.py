@@ -1,0 +1,276 @@
+"""Deployment formats: SavedModel folders and TFLite files, written, reloaded and verified."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import TINY_CONFIG, run
+
+from volo_convert import pipeline
+from volo_convert.architecture.keras_model import build_volo
+from volo_convert.checks.reference import ReferenceRun, run_reference
+from volo_convert.errors import ConversionError
+from volo_convert.formats import artifact_format, output_format, save_model
+from volo_convert.formats.savedmodel import SavedModelRunner
+from volo_convert.formats.staging import check_output_path, move_into_place, staged_output
+from volo_convert.formats.tflite import (
+    TFLiteRunner,
+    check_builtin_ops,
+    convert_to_tflite,
+    operator_names,
+    weight_dtype,
+)
+from volo_convert.options import FLOAT16_ATOL
+from volo_convert.weights.mapping import weight_mappings
+from volo_convert.weights.porting import port_weights
+
+TINY_SIZE = 64  # the size of conftest's tiny_state_dict
+FLOAT32_ATOL = 5e-5  # float32 noise at small sizes, as in test_parity.py
+
+# Loads the artifacts with TensorFlow alone: importing volo_convert would fail.
+STANDALONE_SCRIPT = """
+import sys
+sys.modules["volo_convert"] = None
+import numpy as np, tensorflow as tf
+folder, tflite_file, images_file, out_file = sys.argv[1:]
+images = np.load(images_file)
+serve = tf.saved_model.load(folder).signatures["serving_default"]
+saved_model_logits = serve(images=tf.constant(images))["logits"].numpy()
+interpreter = tf.lite.Interpreter(model_path=tflite_file)
+interpreter.allocate_tensors()
+tflite_logits = []
+for image in images:
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image[None])
+    interpreter.invoke()
+    tflite_logits.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0])
+np.savez(out_file, saved_model=saved_model_logits, tflite=np.stack(tflite_logits))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_state_dict: dict) -> keras.Model:
+    model = build_volo(TINY_CONFIG, TINY_SIZE)
+    port_weights(model, tiny_state_dict, weight_mappings(TINY_CONFIG))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_state_dict: dict) -> ReferenceRun:
+    return run_reference(TINY_CONFIG, TINY_SIZE, tiny_state_dict, device="cpu", seed=7)
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tiny_run: ReferenceRun) -> np.ndarray:
+    return tiny_run.images
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_run: ReferenceRun) -> np.ndarray:
+    return tiny_run.outputs
+
+
+@pytest.fixture(scope="module")
+def tiny_tflite(tiny_model: keras.Model) -> dict[str, bytes]:
+    return {dtype: convert_to_tflite(tiny_model, dtype) for dtype in ("float32", "float16")}
+
+
+@pytest.mark.parametrize(
+    ("path", "requested", "expected"),
+    [
+        ("d1.h5", None, "h5"),
+        ("d1.keras", None, "keras"),
+        ("d1.tflite", None, "tflite"),
+        ("d1_savedmodel", None, "savedmodel"),
+        ("out/d1.v2/", None, "savedmodel"),
+        ("d1.h5", "tflite", "tflite"),
+    ],
+)
+def test_output_format_from_path_or_request(path: str, requested: str, expected: str) -> None:
+    assert output_format(path, requested) == expected
+
+
+def test_tflite_float32_uses_builtin_ops_only_and_matches(
+    tiny_tflite: dict[str, bytes], tmp_path: Path, tiny_images: np.ndarray, tiny_reference
+) -> None:
+    content = tiny_tflite["float32"]
+    names = operator_names(content)
+    assert not [name for name in names if name.startswith("custom:")], names
+    assert "GELU" in names  # exact GELU is one builtin, not a Flex Erf
+    assert not {"EXTRACT_IMAGE_PATCHES", "DEQUANTIZE"} & set(names)
+    assert weight_dtype(content) == "float32"
+    path = tmp_path / "tiny.tflite"
+    path.write_bytes(content)
+    runner = TFLiteRunner(path)
+    assert runner.input_shape == (None, TINY_SIZE, TINY_SIZE, 3)
+    assert np.abs(runner.predict_on_batch(tiny_images) - tiny_reference).max() <= FLOAT32_ATOL
+
+
+def test_tflite_float16_halves_the_file_within_its_tolerance(
+    tiny_tflite: dict[str, bytes], tmp_path: Path, tiny_images: np.ndarray, tiny_reference
+) -> None:
+    content = tiny_tflite["float16"]
+    assert weight_dtype(content) == "float16"
+    assert "DEQUANTIZE" in operator_names(content)
+    check_builtin_ops(content)
+    assert len(content) < 0.75 * len(tiny_tflite["float32"])
+    path = tmp_path / "tiny16.tflite"
+    path.write_bytes(content)
+    logits = TFLiteRunner(path).predict_on_batch(tiny_images)
+    assert np.abs(logits - tiny_reference).max() <= FLOAT16_ATOL
+    assert (logits.argmax(-1) == tiny_reference.argmax(-1)).all()
+
+
+def test_check_builtin_ops_refuses_flex_ops() -> None:
+    """A bare erf (what an unfused exact GELU would need) is a Flex op in TFLite."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((4,), tf.float32)])
+    def needs_flex(values: tf.Tensor) -> tf.Tensor:
+        return tf.math.erf(values)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [needs_flex.get_concrete_function()], needs_flex
+    )
+    converter.target_spec.supported_ops = [
+        tf.lite.OpsSet.TFLITE_BUILTINS,
+        tf.lite.OpsSet.SELECT_TF_OPS,
+    ]
+    with pytest.raises(ConversionError, match=r"outside the builtin set: custom:FlexErf"):
+        check_builtin_ops(converter.convert())
+
+
+def test_savedmodel_and_tflite_run_without_volo_convert(
+    tiny_model: keras.Model,
+    tiny_tflite: dict[str, bytes],
+    tmp_path: Path,
+    tiny_images: np.ndarray,
+    tiny_reference,
+) -> None:
+    folder = tmp_path / "tiny_savedmodel"
+    folder.mkdir()
+    save_model(tiny_model, folder, "savedmodel")
+    assert artifact_format(folder) == "savedmodel"
+    runner = SavedModelRunner(folder)
+    assert runner.input_shape == (None, TINY_SIZE, TINY_SIZE, 3)
+    assert np.abs(runner.predict_on_batch(tiny_images) - tiny_reference).max() <= FLOAT32_ATOL
+
+    tflite_file = tmp_path / "tiny.tflite"
+    tflite_file.write_bytes(tiny_tflite["float32"])
+    np.save(tmp_path / "images.npy", tiny_images)
+    outside = [tmp_path / "images.npy", tmp_path / "logits.npz"]
+    subprocess.run(
+        [sys.executable, "-I", "-c", STANDALONE_SCRIPT, folder, tflite_file, *outside],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    standalone = np.load(tmp_path / "logits.npz")
+    for name in ("saved_model", "tflite"):
+        assert np.abs(standalone[name] - tiny_reference).max() <= FLOAT32_ATOL, name
+
+
+def test_staged_folder_leaves_nothing_when_the_block_fails(tmp_path: Path) -> None:
+    with (
+        pytest.raises(RuntimeError),
+        staged_output(tmp_path / "d1_savedmodel", folder=True) as temp,
+    ):
+        (temp / "variables").mkdir()
+        (temp / "saved_model.pb").write_bytes(b"partial")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_move_into_place_replaces_a_savedmodel_folder(tmp_path: Path) -> None:
+    output = tmp_path / "d1_savedmodel"
+    output.mkdir()
+    (output / "saved_model.pb").write_bytes(b"old")
+    (output / "stale.txt").write_text("old")
+    check_output_path(output, overwrite=True, folder=True)
+    with staged_output(output, folder=True) as temp:
+        (temp / "saved_model.pb").write_bytes(b"new")
+        move_into_place(temp, output)
+    assert [path.name for path in tmp_path.iterdir()] == ["d1_savedmodel"]
+    assert [path.name for path in output.iterdir()] == ["saved_model.pb"]
+    assert (output / "saved_model.pb").read_bytes() == b"new"
+
+
+def test_a_folder_that_is_no_savedmodel_is_never_replaced(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"")
+    with pytest.raises(ConversionError, match="holds no SavedModel; not replacing it"):
+        check_output_path(tmp_path / "photos", overwrite=True, folder=True)
+
+
+def test_cli_savedmodel_round_trip(d1_checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "d1_savedmodel"
+    result = run(
+        d1_checkpoint, "-o", f"{output}/", "--device", "cpu", "--report", tmp_path / "r.json"
+    )
+    assert result.exit_code == 0, result.output
+    assert "model in TensorFlow (tf.saved_model.load)" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "passed" and report["output_format"] == "savedmodel"
+    assert report["parity"]["max_abs_diff"] <= FLOAT32_ATOL
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["d1_savedmodel", "r.json"]
+    stored = sum(path.stat().st_size for path in output.rglob("*") if path.is_file())
+    assert stored < 1.1 * 4 * 26_558_696  # every float32 weight once (keras#23553 stores two)
+
+    result = run("verify", output, d1_checkpoint, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "26,558,696 parameters" in result.output
+
+
+def test_cli_tflite_float16_uses_its_own_tolerance(d1_checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "d1_fp16.tflite"
+    result = run(
+        d1_checkpoint, "-o", output, "--tflite-dtype", "float16", "--device", "cpu",
+        "--report", tmp_path / "r.json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"(atol {FLOAT16_ATOL:g})" in result.output
+    assert "model in the TFLite interpreter" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["output_format"] == "tflite"
+    assert report["parity"]["atol"] == FLOAT16_ATOL
+    assert FLOAT32_ATOL < report["parity"]["max_abs_diff"] <= FLOAT16_ATOL
+    assert report["parity"]["top1_agreement"] == 1.0
+    content = output.read_bytes()
+    check_builtin_ops(content)
+    assert weight_dtype(content) == "float16"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["d1_fp16.tflite", "r.json"]
+
+    result = run("verify", output, d1_checkpoint, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert f"(atol {FLOAT16_ATOL:g})" in result.output
+    result = run("verify", output, d1_checkpoint, "--device", "cpu", "--atol", "1e-4")
+    assert result.exit_code == 1
+
+
+def test_failed_savedmodel_write_leaves_nothing(
+    d1_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fails_halfway(model: keras.Model, path: Path, fmt: str, tflite_dtype: str) -> None:
+        (path / "saved_model.pb").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "save_model", fails_halfway)
+    output = tmp_path / "d1_savedmodel"
+    result = run(d1_checkpoint, "-o", output, "--device", "cpu")
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == (
+        f"Error: {output}: could not write the SavedModel folder (No space left on device)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tflite_dtype_needs_a_tflite_output(d1_checkpoint: Path, tmp_path: Path) -> None:
+    result = run(d1_checkpoint, "-o", tmp_path / "d1.h5", "--tflite-dtype", "float16")
+    assert result.exit_code == 2
+    assert "Error: --tflite-dtype float16 applies to .tflite outputs only" in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,62 @@
+"""The options are checked once, when built: every choice, bound and combination."""
+
+from __future__ import annotations
+
+import pytest
+
+from volo_convert.errors import ConversionError
+from volo_convert.options import (
+    DEFAULT_ATOL,
+    FLOAT16_ATOL,
+    BatchOptions,
+    ConvertOptions,
+    Status,
+    default_atol,
+)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"image_size": 100}, "image size must be a positive multiple of 16, got 100"),
+        ({"image_size": 0}, "image size must be a positive multiple of 16, got 0"),
+        ({"output_format": "onnx"}, "unknown format 'onnx', expected one of h5, keras"),
+        ({"tflite_dtype": "int4"}, "unknown TFLite dtype 'int4', expected one of float32"),
+        ({"device": "tpu"}, "unknown device 'tpu', expected one of auto, cpu, cuda"),
+        ({"head": "logits"}, "unknown head 'logits', expected one of full, cls, features"),
+        ({"atol": 0.0}, "atol must be a positive number, got 0.0"),
+        ({"atol": float("nan")}, "atol must be a positive number, got nan"),
+        ({"batch_size": 0}, "batch size must be at least 1, got 0"),
+        (
+            {"explain": True, "verify": False},
+            "--explain compares with PyTorch, so it needs verification",
+        ),
+    ],
+)
+def test_bad_options_are_refused_when_built(fields: dict, message: str) -> None:
+    with pytest.raises(ConversionError) as raised:
+        ConvertOptions(**fields)
+    assert str(raised.value).startswith(message)
+
+
+def test_defaults_are_valid_and_name_the_conversion_head() -> None:
+    options = ConvertOptions()
+    assert options.output_head == "full"
+    assert ConvertOptions(head="features").output_head == "features"
+    assert (default_atol("float32"), default_atol("float16")) == (DEFAULT_ATOL, FLOAT16_ATOL)
+
+
+def test_batch_writes_keras_files_only() -> None:
+    assert BatchOptions().convert.output_format == "h5"
+    with pytest.raises(ConversionError, match="unknown batch format 'tflite'"):
+        BatchOptions(ConvertOptions(output_format="tflite"))
+
+
+def test_statuses_read_as_the_reports_spell_them() -> None:
+    assert [str(status) for status in Status] == [
+        "passed",
+        "failed",
+        "unverified",
+        "skipped",
+        "error",
+    ]

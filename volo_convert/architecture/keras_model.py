@@ -1,0 +1,188 @@
+"""Keras 3 VOLO: a flat functional graph whose layer names the mapping tables target.
+
+Names follow `stem_*`, `stack{stage}_block{index}_*`, `downsample`, `pos_embed`,
+`cls_token`, `classifier{index}_*`, `norm`, `head`, `aux_head`; the output layer is
+`logits` (heads `full` and `cls`) or `features` (head `features`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import keras
+from keras import layers
+
+from volo_convert.architecture.keras_layers import (
+    ClassAttention,
+    ClassToken,
+    MultiHeadSelfAttention,
+    OutlookAggregation,
+    PositionEmbedding,
+    TokenLabelingLogits,
+    TokenSlice,
+)
+from volo_convert.architecture.variants import (
+    HEAD_OUTPUTS,
+    NORM_EPS,
+    NUM_CLASS_BLOCKS,
+    OUTLOOK_KERNEL,
+    PATCH_SIZE,
+    STEM_STRIDE,
+    VoloConfig,
+)
+from volo_convert.errors import ConversionError
+from volo_convert.options import DEFAULT_HEAD, HEADS, check_choice, check_image_size
+
+# Porting fills every kernel, so they start as zeros: drawing random values for d5's 300M
+# weights would take about 4 s of a 10 s build, and as long again on every reload.
+KERNEL_INITIALIZER = "zeros"
+_dense = functools.partial(layers.Dense, kernel_initializer=KERNEL_INITIALIZER)
+_conv2d = functools.partial(layers.Conv2D, kernel_initializer=KERNEL_INITIALIZER)
+
+
+def _layer_norm(name: str) -> layers.LayerNormalization:
+    return layers.LayerNormalization(epsilon=NORM_EPS, name=name)
+
+
+def _mlp(x: Any, dim: int, mlp_ratio: int, prefix: str) -> Any:
+    """Dense -> exact GELU -> Dense, named `{prefix}_mlp_*`."""
+    x = _dense(dim * mlp_ratio, name=f"{prefix}_mlp_dense_1")(x)
+    x = layers.Activation(keras.activations.gelu, name=f"{prefix}_mlp_gelu")(x)
+    return _dense(dim, name=f"{prefix}_mlp_dense_2")(x)
+
+
+def _stem(images: Any, hidden_dim: int, embed_dim: int) -> Any:
+    """Conv7x7/2 -> 2x conv3x3, each with BN and ReLU, then the 4x4/4 patch projection."""
+    x = images
+    for index, (kernel_size, stride) in enumerate(((7, STEM_STRIDE), (3, 1), (3, 1)), start=1):
+        x = layers.ZeroPadding2D(kernel_size // 2, name=f"stem_pad{index}")(x)
+        x = _conv2d(
+            hidden_dim, kernel_size, strides=stride, use_bias=False, name=f"stem_conv{index}"
+        )(x)
+        x = layers.BatchNormalization(epsilon=NORM_EPS, name=f"stem_bn{index}")(x)
+        x = layers.ReLU(name=f"stem_relu{index}")(x)
+    patch_stride = PATCH_SIZE // STEM_STRIDE
+    return _conv2d(embed_dim, patch_stride, strides=patch_stride, name="stem_proj")(x)
+
+
+def _outlooker(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
+    """Outlooker block on B, H, W, C."""
+    normed = _layer_norm(f"{prefix}_norm1")(x)
+    values = _dense(dim, use_bias=False, name=f"{prefix}_attn_v")(normed)
+    pooled = layers.AveragePooling2D(2, strides=2, name=f"{prefix}_attn_pool")(normed)
+    attn_logits = _dense(OUTLOOK_KERNEL**4 * num_heads, name=f"{prefix}_attn_attn")(
+        pooled
+    )  # B, H/2, W/2, heads*k^4
+    attn = OutlookAggregation(num_heads, name=f"{prefix}_attn_outlook")([values, attn_logits])
+    attn = _dense(dim, name=f"{prefix}_attn_proj")(attn)
+    x = layers.Add(name=f"{prefix}_add_1")([x, attn])
+    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(x), dim, mlp_ratio, prefix)
+    return layers.Add(name=f"{prefix}_add_2")([x, mlp])
+
+
+def _transformer(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
+    """Transformer block on B, H, W, C."""
+    qkv = _dense(3 * dim, use_bias=False, name=f"{prefix}_attn_qkv")(
+        _layer_norm(f"{prefix}_norm1")(x)
+    )
+    attn = MultiHeadSelfAttention(num_heads, name=f"{prefix}_attn_mhsa")(qkv)
+    attn = _dense(dim, name=f"{prefix}_attn_proj")(attn)
+    x = layers.Add(name=f"{prefix}_add_1")([x, attn])
+    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(x), dim, mlp_ratio, prefix)
+    return layers.Add(name=f"{prefix}_add_2")([x, mlp])
+
+
+def _class_block(tokens: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
+    """Class-attention block on B, 1+N, C: only the class token (index 0) is updated."""
+    normed = _layer_norm(f"{prefix}_norm1")(tokens)
+    kv = _dense(2 * dim, use_bias=False, name=f"{prefix}_attn_kv")(normed)
+    query = _dense(dim, use_bias=False, name=f"{prefix}_attn_q")(
+        TokenSlice(0, 1, name=f"{prefix}_attn_cls")(normed)
+    )
+    attn = ClassAttention(num_heads, name=f"{prefix}_attn_class")([query, kv])
+    attn = _dense(dim, name=f"{prefix}_attn_proj")(attn)
+    cls_token = TokenSlice(0, 1, name=f"{prefix}_cls")(tokens)
+    cls_token = layers.Add(name=f"{prefix}_add_1")([cls_token, attn])
+    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(cls_token), dim, mlp_ratio, prefix)
+    cls_token = layers.Add(name=f"{prefix}_add_2")([cls_token, mlp])
+    patch_tokens = TokenSlice(1, None, name=f"{prefix}_patches")(tokens)
+    return layers.Concatenate(axis=1, name=f"{prefix}_merge")([cls_token, patch_tokens])
+
+
+def _head(tokens: Any, config: VoloConfig, head: str) -> Any:
+    """The model's output on the normalised B, 1+N, C tokens, for one of HEADS."""
+    cls_token = TokenSlice(0, 1, name="head_cls")(tokens)  # B, 1, C
+    if head == "features":
+        return layers.Reshape((config.embed_dims[-1],), name="features")(cls_token)  # B, C
+    cls_logits = _dense(config.num_classes, name="head")(cls_token)  # B, 1, K
+    if head == "cls":
+        return layers.Reshape((config.num_classes,), name="logits")(cls_logits)  # B, K
+    patch_logits = _dense(config.num_classes, name="aux_head")(
+        TokenSlice(1, None, name="aux_head_patches")(tokens)
+    )  # B, N, K
+    return TokenLabelingLogits(name="logits")([cls_logits, patch_logits])
+
+
+def model_head(model: keras.Model) -> str:
+    """The head a built or reloaded Keras VOLO ends in, read from its layer names."""
+    layer_names = {layer.name for layer in model.layers}
+    if "aux_head" in layer_names:
+        return "full"
+    if "head" in layer_names:
+        return "cls"
+    if "features" in layer_names:
+        return "features"
+    raise ConversionError(
+        f"{model.name}: not a Keras VOLO from volo-convert (it has no head, aux_head or "
+        "features layer)"
+    )
+
+
+def stage_output_layers(config: VoloConfig, head: str = DEFAULT_HEAD) -> dict[str, str]:
+    """Stage name -> name of the Keras layer whose output ends that stage.
+
+    Stage names match `torch_reference.Volo.stage_outputs` for the same head.
+    """
+    names = {"stem": "stem_proj"}
+    for stage, num_blocks in enumerate(config.layers):
+        names[f"stack{stage}"] = f"stack{stage}_block{num_blocks - 1}_add_2"
+        if stage == 0:
+            names["downsample"] = "pos_embed"
+    for index in range(NUM_CLASS_BLOCKS):
+        names[f"classifier{index}"] = f"classifier{index}_merge"
+    names["norm"] = "norm"
+    names[HEAD_OUTPUTS[head]] = HEAD_OUTPUTS[head]
+    return names
+
+
+def build_volo(config: VoloConfig, image_size: int, head: str = DEFAULT_HEAD) -> keras.Model:
+    """Builds the Keras VOLO classifier.
+
+    Args:
+        config: the architecture (a `VARIANTS` entry, or a tiny test configuration).
+        image_size: input side S, a multiple of 16.
+        head: `full` (published logits), `cls` (class head only) or `features`.
+
+    Returns:
+        A model mapping B, S, S, 3 normalised float32 images to B, num_classes logits,
+        or to B, C normalised class-token features for head `features`.
+    """
+    check_image_size(image_size)
+    check_choice("head", head, HEADS)
+    dims, heads, mlp_ratio = config.embed_dims, config.num_heads, config.mlp_ratio
+    images = keras.Input((image_size, image_size, 3), name="images")
+    x = _stem(images, config.stem_hidden_dim, dims[0])  # B, S/8, S/8, C1
+    for block in range(config.layers[0]):
+        x = _outlooker(x, dims[0], heads[0], mlp_ratio, f"stack0_block{block}")
+    x = _conv2d(dims[1], 2, strides=2, name="downsample")(x)  # B, S/16, S/16, C2
+    x = PositionEmbedding(name="pos_embed")(x)
+    for stage in (1, 2, 3):
+        for block in range(config.layers[stage]):
+            x = _transformer(x, dims[stage], heads[stage], mlp_ratio, f"stack{stage}_block{block}")
+    tokens = ClassToken(name="cls_token")(x)  # B, 1+N, C
+    for index in range(NUM_CLASS_BLOCKS):
+        tokens = _class_block(tokens, dims[-1], heads[-1], mlp_ratio, f"classifier{index}")
+    tokens = _layer_norm("norm")(tokens)
+    outputs = _head(tokens, config, head)
+    return keras.Model(images, outputs, name=f"volo_{config.name}_{image_size}")

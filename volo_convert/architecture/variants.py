@@ -1,0 +1,130 @@
+"""VOLO hyper-parameters: the variant table and detection from checkpoint tensor shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+
+from volo_convert.errors import ConversionError
+from volo_convert.options import IMAGE_SIZE_MULTIPLE
+
+PATCH_SIZE = 8
+STEM_STRIDE = 2  # the stem's first conv; the patch projection does the remaining 4
+NORM_EPS = 1e-5  # LayerNorm and BatchNorm, as in torch
+POS_EMBED_STRIDE = IMAGE_SIZE_MULTIPLE  # patch 8, then the 2x2 downsample
+OUTLOOK_KERNEL = 3
+NUM_CLASS_BLOCKS = 2
+DEFAULT_NUM_CLASSES = 1000
+# The name of the last stage for each of HEADS: logits, or the class-token features.
+HEAD_OUTPUTS = {"full": "logits", "cls": "logits", "features": "features"}
+
+
+@dataclasses.dataclass(frozen=True)
+class VoloConfig:
+    """Architecture hyper-parameters of one VOLO model (image size is kept apart)."""
+
+    name: str
+    layers: tuple[int, int, int, int]
+    embed_dims: tuple[int, int, int, int]
+    num_heads: tuple[int, int, int, int]
+    mlp_ratio: int
+    stem_hidden_dim: int
+    num_classes: int = DEFAULT_NUM_CLASSES
+
+    def with_num_classes(self, num_classes: int) -> VoloConfig:
+        """Returns a copy with another classifier size (fine-tuned checkpoints)."""
+        return dataclasses.replace(self, num_classes=num_classes)
+
+
+VARIANTS: dict[str, VoloConfig] = {
+    "d1": VoloConfig("d1", (4, 4, 8, 2), (192, 384, 384, 384), (6, 12, 12, 12), 3, 64),
+    "d2": VoloConfig("d2", (6, 4, 10, 4), (256, 512, 512, 512), (8, 16, 16, 16), 3, 64),
+    "d3": VoloConfig("d3", (8, 8, 16, 4), (256, 512, 512, 512), (8, 16, 16, 16), 3, 64),
+    "d4": VoloConfig("d4", (8, 8, 16, 4), (384, 768, 768, 768), (12, 16, 16, 16), 3, 64),
+    "d5": VoloConfig("d5", (12, 12, 20, 4), (384, 768, 768, 768), (12, 16, 16, 16), 4, 128),
+}
+
+# The eleven release files: (variant, image size) by file name.
+RELEASE_CHECKPOINTS: dict[str, tuple[str, int]] = {
+    "d1_224_84.2.pth.tar": ("d1", 224),
+    "d1_384_85.2.pth.tar": ("d1", 384),
+    "d2_224_85.2.pth.tar": ("d2", 224),
+    "d2_384_86.0.pth.tar": ("d2", 384),
+    "d3_224_85.4.pth.tar": ("d3", 224),
+    "d3_448_86.3.pth.tar": ("d3", 448),
+    "d4_224_85.7.pth.tar": ("d4", 224),
+    "d4_448_86.79.pth.tar": ("d4", 448),
+    "d5_224_86.10.pth.tar": ("d5", 224),
+    "d5_448_87.0.pth.tar": ("d5", 448),
+    "d5_512_87.07.pth.tar": ("d5", 512),
+}
+
+# Tensors that every VOLO checkpoint holds; their absence means "not VOLO".
+_SIGNATURE_KEYS = (
+    "patch_embed.conv.0.weight",
+    "patch_embed.proj.weight",
+    "pos_embed",
+    "cls_token",
+    "network.0.0.attn.attn.weight",
+    "head.weight",
+)
+_NETWORK_BLOCK = re.compile(r"^network\.(\d+)\.(\d+)\.")
+
+
+def get_variant(name: str) -> VoloConfig:
+    """Looks a variant up by name (`d1` or `volo_d1`)."""
+    key = name.lower().removeprefix("volo_")
+    if key not in VARIANTS:
+        raise ConversionError(f"unknown variant {name!r}: expected one of {', '.join(VARIANTS)}")
+    return VARIANTS[key]
+
+
+def _count_blocks(shapes: Mapping[str, tuple[int, ...]], network_index: int) -> int:
+    """Counts the blocks of `network.{network_index}` from the tensor names."""
+    blocks = {
+        int(match.group(2))
+        for key in shapes
+        if (match := _NETWORK_BLOCK.match(key)) and int(match.group(1)) == network_index
+    }
+    return max(blocks) + 1 if blocks else 0
+
+
+def detect_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[VoloConfig, int]:
+    """Finds the variant and image size of a checkpoint from its tensor shapes.
+
+    Args:
+        shapes: torch tensor name -> shape, for the whole checkpoint.
+
+    Returns:
+        The matching `VoloConfig` (with the checkpoint's class count) and the image size.
+    """
+    missing = [key for key in _SIGNATURE_KEYS if key not in shapes]
+    if len(missing) == len(_SIGNATURE_KEYS):
+        found = ", ".join(list(shapes)[:3]) + (", ..." if len(shapes) > 3 else "")
+        raise ConversionError(
+            f"not a VOLO checkpoint: expected tensors such as {', '.join(_SIGNATURE_KEYS[:3])}, "
+            f"found {found}"
+        )
+    if missing:
+        raise ConversionError(f"VOLO checkpoint with tensors missing: {', '.join(missing)}")
+    pos_embed_shape = shapes["pos_embed"]
+    if len(pos_embed_shape) != 4 or pos_embed_shape[1] != pos_embed_shape[2]:
+        raise ConversionError(
+            f"pos_embed has shape {tuple(pos_embed_shape)}, expected (1, S/16, S/16, C)"
+        )
+    layers = tuple(_count_blocks(shapes, index) for index in (0, 2, 3, 4))
+    embed_dims = (shapes["patch_embed.proj.weight"][0],) + (pos_embed_shape[-1],) * 3
+    stem_hidden_dim = shapes["patch_embed.conv.0.weight"][0]
+    mlp_hidden = shapes.get("network.0.0.mlp.fc1.weight", (0,))[0]
+    mlp_ratio = mlp_hidden // embed_dims[0] if embed_dims[0] else 0
+    found = (layers, embed_dims, mlp_ratio, stem_hidden_dim)
+    for config in VARIANTS.values():
+        if (config.layers, config.embed_dims, config.mlp_ratio, config.stem_hidden_dim) == found:
+            num_classes = shapes["head.weight"][0]
+            return config.with_num_classes(num_classes), pos_embed_shape[1] * POS_EMBED_STRIDE
+    raise ConversionError(
+        f"VOLO checkpoint of unknown layout (layers {layers}, embed dims {embed_dims}, "
+        f"mlp ratio {mlp_ratio}, stem dim {stem_hidden_dim}): it matches none of "
+        f"{', '.join(VARIANTS)}"
+    )

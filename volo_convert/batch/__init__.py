@@ -1,0 +1,1 @@
+"""Batch conversion: many checkpoints, one process each, and the resumable report."""

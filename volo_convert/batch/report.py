@@ -1,0 +1,170 @@
+"""The batch report: its rows, and one table as text for the terminal, Markdown and JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+from volo_convert.environment import environment
+from volo_convert.formats.staging import write_text
+from volo_convert.options import Status
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+COLUMNS = (
+    "file",
+    "variant",
+    "size",
+    "parameters",
+    "max abs diff",
+    "max rel diff",
+    "top-1",
+    "convert s",
+    "verify s",
+    "peak MB",
+    "status",
+    "reason",
+)
+MEGABYTE = 1024 * 1024
+TERMINAL_REASON_CHARS = 160  # report.md and report.json keep the whole reason
+
+
+@dataclasses.dataclass
+class BatchEntry:
+    """One row of the batch report."""
+
+    file: str
+    output: str
+    sha256: str | None
+    status: str
+    variant: str | None = None
+    image_size: int | None = None
+    parameters: int | None = None
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+    top1_agreement: float | None = None
+    convert_seconds: float | None = None
+    verify_seconds: float | None = None
+    peak_rss_bytes: int | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True for a file converted and verified, now or by an earlier run."""
+        return self.status in (Status.PASSED, Status.SKIPPED)
+
+
+@dataclasses.dataclass
+class BatchReport:
+    """The whole batch: one entry per checkpoint, and the totals."""
+
+    entries: list[BatchEntry]
+    wall_seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(entry.ok for entry in self.entries)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, wall time, the worst parity figure and the largest per-file peak RSS."""
+        diffs = [entry.max_abs_diff for entry in self.entries if entry.max_abs_diff is not None]
+        peaks = [entry.peak_rss_bytes for entry in self.entries if entry.peak_rss_bytes]
+        return {
+            "checkpoints": len(self.entries),
+            "converted": sum(entry.status == Status.PASSED for entry in self.entries),
+            "skipped": sum(entry.status == Status.SKIPPED for entry in self.entries),
+            "failed": sum(not entry.ok for entry in self.entries),
+            "wall_seconds": round(self.wall_seconds, 1),
+            "worst_max_abs_diff": max(diffs, default=None),
+            "largest_peak_rss_bytes": max(peaks, default=None),
+            "driver_peak_rss_bytes": own_peak_rss_bytes(),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary(),
+            "checkpoints": [dataclasses.asdict(entry) for entry in self.entries],
+        }
+
+
+def own_peak_rss_bytes() -> int:
+    """This process's peak resident memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def entry_cells(entry: BatchEntry) -> list[str]:
+    """The report row of one entry, one string per column of COLUMNS."""
+    return [
+        entry.file,
+        entry.variant or "-",
+        "-" if entry.image_size is None else str(entry.image_size),
+        _figure(entry.parameters, ","),
+        _figure(entry.max_abs_diff, ".3g"),
+        _figure(entry.max_rel_diff, ".3g"),
+        _figure(entry.top1_agreement, ".0%"),
+        _figure(entry.convert_seconds, ".1f"),
+        _figure(entry.verify_seconds, ".1f"),
+        _figure(None if entry.peak_rss_bytes is None else entry.peak_rss_bytes / MEGABYTE, ",.0f"),
+        entry.status,
+        entry.reason or "",
+    ]
+
+
+def summary_line(report: BatchReport) -> str:
+    """One line: counts, wall time, worst difference, largest per-file peak RSS."""
+    summary = report.summary()
+    worst = summary["worst_max_abs_diff"]
+    peak = summary["largest_peak_rss_bytes"]
+    return (
+        f"{summary['checkpoints']} checkpoints: {summary['converted']} converted, "
+        f"{summary['skipped']} skipped (already done), {summary['failed']} failed; "
+        f"{summary['wall_seconds']:.0f}s; worst max abs diff {_figure(worst, '.3g')}; "
+        f"largest peak RSS {_figure(None if peak is None else peak / MEGABYTE, ',.0f')} MB"
+    )
+
+
+def render_markdown(report: BatchReport) -> str:
+    """The report as a Markdown document: the summary line, then the table."""
+    lines = [
+        "# Batch conversion report",
+        "",
+        summary_line(report),
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for entry in report.entries:
+        cells = [cell.replace("|", "\\|") for cell in entry_cells(entry)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_text(report: BatchReport) -> str:
+    """The report as an aligned plain-text table; long reasons are cut short."""
+    rows = [list(COLUMNS), *(entry_cells(entry) for entry in report.entries)]
+    for row in rows:
+        if len(row[-1]) > TERMINAL_REASON_CHARS:
+            row[-1] = row[-1][: TERMINAL_REASON_CHARS - 3] + "..."
+    widths = [max(len(row[index]) for row in rows) for index in range(len(COLUMNS) - 1)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + "  "
+        + row[-1]
+        for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines) + "\n" + summary_line(report) + "\n"
+
+
+def write_batch_report(out_dir: Path, report: BatchReport) -> None:
+    """Writes `report.json` and `report.md` into `out_dir`, each atomically."""
+    document: dict[str, Any] = {**report.to_dict(), "environment": environment()}
+    write_text(out_dir / REPORT_JSON, json.dumps(document, indent=2) + "\n")
+    write_text(out_dir / REPORT_MD, render_markdown(report))

@@ -1,0 +1,1 @@
+"""The proof: verification images, one reference run, parity figures, per-stage diagnosis."""

@@ -1,0 +1,123 @@
+"""The PyTorch side of every check: one run of the reference, keeping every stage's output."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import keras
+import numpy as np
+import torch
+
+from volo_convert.architecture.torch_reference import Volo
+from volo_convert.architecture.variants import HEAD_OUTPUTS, VoloConfig
+from volo_convert.checks.images import sample_images
+from volo_convert.errors import ConversionError
+from volo_convert.options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_HEAD,
+    DEFAULT_SEED,
+    DEVICES,
+    check_choice,
+)
+from volo_convert.weights.porting import IGNORED_SUFFIX
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceRun:
+    """The reference's output at every stage, in network order, on one batch of images.
+
+    `images` are B, S, S, 3 and normalised; `device` is where the reference ran. The
+    last stage is the model's output: `logits`, or `features` for head `features`.
+    """
+
+    images: np.ndarray
+    stage_outputs: dict[str, np.ndarray]
+    head: str
+    device: str
+
+    @property
+    def outputs(self) -> np.ndarray:
+        """The final output: B, K logits, or B, C features."""
+        return self.stage_outputs[HEAD_OUTPUTS[self.head]]
+
+
+def resolve_device(device: str) -> torch.device:
+    """Maps `auto|cpu|cuda` to a torch device, refusing CUDA where there is none."""
+    check_choice("device", device, DEVICES)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConversionError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
+    return torch.device(device)
+
+
+def use_exact_float32() -> None:
+    """Turns off TF32 matmuls, which would loosen GPU results to about 1e-3."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+
+
+def build_reference(
+    config: VoloConfig,
+    image_size: int,
+    state_dict: Mapping[str, torch.Tensor],
+    device: torch.device,
+    head: str = DEFAULT_HEAD,
+) -> Volo:
+    """The PyTorch reference in eval mode with the checkpoint's weights, on `device`.
+
+    The weights are shared with `state_dict`, not copied; only BatchNorm's
+    `num_batches_tracked` counters, unused in eval, may be absent.
+    """
+    with torch.device("meta"):
+        reference = Volo(config, image_size, head)
+    missing, unexpected = reference.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [key for key in missing if not key.endswith(IGNORED_SUFFIX)]
+    if missing or unexpected:
+        raise ConversionError(
+            f"the checkpoint does not fit a VOLO {config.name} at {image_size}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return reference.to(device).eval()
+
+
+def reference_stage_outputs(
+    reference: Volo, images: np.ndarray, device: torch.device
+) -> dict[str, np.ndarray]:
+    """Runs the reference on B, S, S, 3 images; returns each stage's output, in order."""
+    with torch.inference_mode():
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)  # B, 3, S, S
+        outputs = reference.stage_outputs(batch)
+    return {stage: values.float().cpu().numpy() for stage, values in outputs.items()}
+
+
+def run_reference(
+    config: VoloConfig,
+    image_size: int,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    head: str = DEFAULT_HEAD,
+    device: torch.device | str = DEVICES[0],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = DEFAULT_SEED,
+) -> ReferenceRun:
+    """Builds the reference from `state_dict` and runs it once on the seeded images.
+
+    Args:
+        config, image_size: the architecture.
+        state_dict: the checkpoint's tensors (after any pos_embed resize).
+        head: the head the reference ends in.
+        device: where it runs: a torch device, or `auto`, `cpu` or `cuda`.
+        batch_size, seed: the image batch.
+    """
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    use_exact_float32()
+    images = sample_images(batch_size, image_size, seed)
+    reference = build_reference(config, image_size, state_dict, torch_device, head)
+    stage_outputs = reference_stage_outputs(reference, images, torch_device)
+    return ReferenceRun(images, stage_outputs, head, torch_device.type)

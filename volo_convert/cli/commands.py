@@ -1,0 +1,323 @@
+"""The `volo-convert` commands: parse, build the options, call the library, print.
+
+Exit codes: 0 parity passed (or not checked), 1 parity failed, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from volo_convert import __version__
+from volo_convert.cli.parameters import (
+    CONTEXT_SETTINGS,
+    EXPLAIN,
+    REPORT,
+    TRUST_CHECKPOINT,
+    DefaultCommandGroup,
+    InputError,
+    checkpoint_options,
+    handles_errors,
+    head_option,
+    verification_options,
+)
+from volo_convert.options import (
+    DEFAULT_HEAD,
+    DEFAULT_SEED,
+    EXIT_PARITY_FAILED,
+    FORMATS,
+    KERAS_FORMATS,
+    TFLITE_DTYPES,
+    BatchOptions,
+    ConvertOptions,
+)
+
+DEMO_CHECKPOINT = "d1_224_84.2.pth.tar"
+DEMO_OUTPUT = "d1_224.h5"
+
+
+def _check_report_path(path: Path | None) -> None:
+    """Fails before any work if the report could not be written afterwards."""
+    if path is not None and not path.parent.is_dir():
+        raise InputError(f"{path}: the report folder {path.parent} does not exist")
+
+
+def _finish(result: Any, report: Path | None) -> None:
+    """Prints the result, writes the report, and exits 1 if parity failed."""
+    from volo_convert.results import write_report
+
+    click.echo(result.summary())
+    if report is not None:
+        write_report(report, result)
+        click.echo(f"report written to {report}")
+    if not result.passed:
+        message = result.failure_reason
+        if result.convert_seconds is not None:
+            message += f"; nothing was written at {result.output}"
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(EXIT_PARITY_FAILED)
+
+
+def _stage_printer() -> Callable[[str], None]:
+    """Prints each pipeline stage to stderr as it starts."""
+    return lambda stage: click.echo(f"[{stage}]", err=True)
+
+
+@click.group(cls=DefaultCommandGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "--version", prog_name="volo-convert")
+def cli() -> None:
+    """Convert PyTorch VOLO checkpoints to Keras 3 models with the same logits.
+
+    \b
+    Example:
+      volo-convert d1_224_84.2.pth.tar -o d1.h5
+      volo-convert verify d1.h5 d1_224_84.2.pth.tar --report parity.json
+    """
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The file to write: .h5, .keras or .tflite, or a folder (no extension) for a SavedModel.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(FORMATS),
+    help="The output format, instead of the one OUTPUT's extension names.",
+)
+@click.option(
+    "--tflite-dtype",
+    type=click.Choice(TFLITE_DTYPES),
+    default=TFLITE_DTYPES[0],
+    show_default=True,
+    help="Weight precision of a .tflite output.",
+)
+@checkpoint_options
+@verification_options
+@REPORT
+@EXPLAIN
+@click.option(
+    "--no-verify", "verify", flag_value=False, default=True, help="Skip the parity check."
+)
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@head_option(
+    DEFAULT_HEAD,
+    "full: the published logits (class head + 0.5 x max of the aux head); cls: the class "
+    "head alone; features: no head, the normalised class token (B, C) for transfer learning.",
+)
+@handles_errors
+def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) -> None:
+    """Convert a VOLO checkpoint to Keras, then verify it against PyTorch.
+
+    Variant and image size are read from the tensors. The output is written under a
+    temporary name, reloaded in its own runtime (Keras, TensorFlow's SavedModel loader or
+    the TFLite interpreter) and moved to OUTPUT only once it is complete and verified.
+    TFLite files take one image at a time and use builtin ops only.
+
+    \b
+    Example:
+      volo-convert d1_224_84.2.pth.tar -o d1.h5
+      volo-convert d5_512_87.07.pth.tar -o d5.keras --device cuda --report d5.json
+      volo-convert d1_224_84.2.pth.tar -o d1_feat.h5 --head features --image-size 256
+      volo-convert d1_224_84.2.pth.tar -o d1_savedmodel/
+      volo-convert d1_224_84.2.pth.tar -o d1_fp16.tflite --tflite-dtype float16
+    """
+    from volo_convert.pipeline import convert as run_convert
+
+    options = ConvertOptions(**fields)
+    _check_report_path(report)
+    _finish(run_convert(checkpoint, output, options, on_stage=_stage_printer()), report)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@checkpoint_options
+@verification_options
+@REPORT
+@EXPLAIN
+@head_option(None, "The head MODEL must end in (default: whichever it ends in).")
+@handles_errors
+def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: Any) -> None:
+    """Check an existing model against its PyTorch checkpoint (for CI).
+
+    MODEL is a .h5 or .keras file (run under the Keras backend KERAS_BACKEND names), a
+    SavedModel folder or a .tflite file. Exits 0 when the logits agree within --atol, 1
+    when they do not.
+
+    \b
+    Example:
+      volo-convert verify d1.h5 d1_224_84.2.pth.tar --atol 1e-4 --report parity.json
+      volo-convert verify d1.h5 d1_224_84.2.pth.tar --explain
+      KERAS_BACKEND=torch volo-convert verify d1.keras d1_224_84.2.pth.tar
+      volo-convert verify d1_fp16.tflite d1_224_84.2.pth.tar
+    """
+    from volo_convert.pipeline import verify_file
+
+    options = ConvertOptions(**fields)
+    _check_report_path(report)
+    _finish(verify_file(model_file, checkpoint, options, on_stage=_stage_printer()), report)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("volo-demo"),
+    show_default=True,
+    help="Folder for the synthetic checkpoint and the converted model.",
+)
+@verification_options
+@REPORT
+@EXPLAIN
+@handles_errors
+def demo(workdir: Path, report: Path | None, **fields: Any) -> None:
+    """Run the whole job on a synthetic d1_224 checkpoint in the release format.
+
+    Writes WORKDIR/d1_224_84.2.pth.tar (realistic random weights), converts it to
+    WORKDIR/d1_224.h5 and verifies it.
+
+    \b
+    Example:
+      volo-convert demo --workdir /tmp/volo-demo
+    """
+    from volo_convert.pipeline import convert as run_convert
+    from volo_convert.synthetic import write_release_checkpoints
+
+    options = ConvertOptions(overwrite=True, **fields)
+    click.echo(f"writing synthetic checkpoint {workdir / DEMO_CHECKPOINT}", err=True)
+    (checkpoint,) = write_release_checkpoints(workdir, [DEMO_CHECKPOINT], overwrite=True)
+    result = run_convert(checkpoint, workdir / DEMO_OUTPUT, options, on_stage=_stage_printer())
+    _finish(result, report)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output-dir",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the Keras files and report.json / report.md (created if missing).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(KERAS_FORMATS),
+    default=KERAS_FORMATS[0],
+    show_default=True,
+    help="Format of every output file.",
+)
+@verification_options
+@TRUST_CHECKPOINT
+@click.option(
+    "--force", is_flag=True, help="Convert again the files an earlier run already finished."
+)
+@handles_errors
+def batch(checkpoints: tuple[Path, ...], out_dir: Path, force: bool, **fields: Any) -> None:
+    """Convert and verify many checkpoints; a folder means its checkpoint files.
+
+    Each output is named after its input (d1_224_84.2.pth.tar -> d1_224_84.2.h5). Each
+    file runs in its own process; a bad one is reported and the others go on. The
+    summary table is printed and written to OUT_DIR/report.json and report.md after
+    every file. A re-run skips files already converted and verified from the same
+    content (SHA-256), unless --force. Exits 0 only if every checkpoint passed.
+
+    \b
+    Example:
+      volo-convert synthesize checkpoints/
+      volo-convert batch checkpoints/ -o keras/
+      volo-convert batch d1_224_84.2.pth.tar d5_512_87.07.pth.tar -o keras/ --format keras
+    """
+    from tqdm import tqdm
+
+    from volo_convert.batch.report import REPORT_MD, render_text
+    from volo_convert.batch.runner import find_checkpoints, run_batch
+
+    options = BatchOptions(ConvertOptions(overwrite=True, **fields), force=force)
+    found = find_checkpoints(checkpoints)
+    with tqdm(total=len(found), unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
+
+        def show_stage(checkpoint: Path, stage: str) -> None:
+            bar.set_description_str(checkpoint.name, refresh=False)
+            bar.set_postfix_str(stage)
+
+        def show_entry(entry: Any) -> None:
+            bar.write(f"{entry.file}: {entry.status}", file=sys.stderr)
+            bar.update(1)
+
+        report = run_batch(found, out_dir, options, on_stage=show_stage, on_entry=show_entry)
+    click.echo(render_text(report), nl=False)
+    if not report.passed:
+        failed = sum(not entry.ok for entry in report.entries)
+        click.echo(
+            f"Error: {failed} of {len(found)} checkpoints failed; see {out_dir / REPORT_MD}",
+            err=True,
+        )
+        sys.exit(EXIT_PARITY_FAILED)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--only",
+    "names",
+    multiple=True,
+    help="Write only this release file name (repeatable); all eleven by default.",
+)
+@click.option(
+    "--corrupt",
+    multiple=True,
+    help="Cut this file to half its length afterwards (repeatable), to see a failure.",
+)
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Weight seed.")
+@click.option("--overwrite", is_flag=True, help="Rewrite files that exist.")
+@handles_errors
+def synthesize(
+    out_dir: Path, names: tuple[str, ...], corrupt: tuple[str, ...], seed: int, overwrite: bool
+) -> None:
+    """Write synthetic checkpoints under the eleven release names, for offline runs.
+
+    Weights are random but realistic, in the release format (a bare state dict), so
+    the whole batch can run without downloads. Files that exist are kept unless
+    --overwrite. All eleven take about 6.5 GB.
+
+    \b
+    Example:
+      volo-convert synthesize checkpoints/ --corrupt d3_224_85.4.pth.tar
+      volo-convert synthesize checkpoints/ --only d1_224_84.2.pth.tar
+    """
+    from volo_convert.synthetic import (
+        check_release_name,
+        corrupt_checkpoint,
+        write_release_checkpoints,
+    )
+
+    for name in corrupt:
+        check_release_name(name)
+    paths = write_release_checkpoints(
+        out_dir,
+        list(names) if names else None,
+        seed=seed,
+        overwrite=overwrite,
+        on_file=lambda path: click.echo(f"writing {path}", err=True),
+    )
+    for name in corrupt:
+        corrupt_checkpoint(out_dir / name)
+        click.echo(f"corrupted {out_dir / name} on purpose", err=True)
+    click.echo(f"{len(paths)} checkpoints in {out_dir}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="volo-convert")

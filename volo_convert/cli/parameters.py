@@ -1,0 +1,151 @@
+"""The command line's parameters: every click option once, grouped as the commands share them.
+
+Each option's parameter is named after its ConvertOptions field, so a command builds its
+options with ConvertOptions(**fields) and the options object checks them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from volo_convert.architecture.variants import VARIANTS
+from volo_convert.errors import ConversionError
+from volo_convert.options import (
+    DEFAULT_ATOL,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SEED,
+    DEVICES,
+    EXIT_BAD_INPUT,
+    FLOAT16_ATOL,
+    HEADS,
+)
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class InputError(click.ClickException):
+    """A user mistake: printed as one line, exit code 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class DefaultCommandGroup(click.Group):
+    """A group that runs `convert` when the first argument names no command."""
+
+    default_command = "convert"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turns library errors into one-line messages; `--debug` shows the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ConversionError as error:
+            if debug:
+                raise
+            raise InputError(str(error)) from None
+        except (click.ClickException, click.exceptions.Exit, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            if debug:
+                raise
+            raise click.ClickException(
+                f"internal error: {type(error).__name__}: {error} (rerun with --debug for the "
+                "traceback, and please report it)"
+            ) from None
+
+    return click.option(
+        "--debug", is_flag=True, help="Show the full traceback on errors (for bug reports)."
+    )(wrapper)
+
+
+def option_group(*options: Decorator) -> Decorator:
+    """One decorator applying several click options, listed in `--help` in this order."""
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+ATOL = click.option(
+    "--atol",
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="Largest allowed absolute difference between the converted and PyTorch logits.  "
+    f"[default: {DEFAULT_ATOL:g}; {FLOAT16_ATOL:g} for float16 TFLite]",
+)
+DEVICE = click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default=DEVICES[0],
+    show_default=True,
+    help="Where the PyTorch reference runs (auto: a GPU when present).",
+)
+BATCH_SIZE = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="Number of seeded test images.",
+)
+SEED = click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Image seed.")
+EXPLAIN = click.option(
+    "--explain",
+    is_flag=True,
+    help="Compare every stage with PyTorch and name the first one out of tolerance "
+    "(done anyway when parity fails).",
+)
+VARIANT = click.option(
+    "--variant",
+    type=click.Choice(list(VARIANTS)),
+    help="Override the variant detected from the tensor shapes.",
+)
+IMAGE_SIZE = click.option(
+    "--image-size",
+    type=int,
+    help="Input size in pixels (a multiple of 16); pos_embed is resized if it differs.",
+)
+EMA = click.option("--ema", is_flag=True, help="Use the checkpoint's state_dict_ema.")
+TRUST_CHECKPOINT = click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Allow pickles that run code when loaded. Only for files you trust.",
+)
+REPORT = click.option(
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the figures as JSON to this file.",
+)
+
+verification_options = option_group(ATOL, DEVICE, BATCH_SIZE, SEED)
+checkpoint_options = option_group(VARIANT, IMAGE_SIZE, EMA, TRUST_CHECKPOINT)
+
+
+def head_option(default: str | None, help_text: str) -> Decorator:
+    """The `--head` option: which output the Keras model ends in."""
+    return click.option(
+        "--head",
+        type=click.Choice(HEADS),
+        default=default,
+        show_default=default is not None,
+        help=help_text,
+    )

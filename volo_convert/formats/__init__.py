@@ -1,0 +1,120 @@
+"""Output formats behind one interface: which format a path names, writing, loading, runtime.
+
+Keras files run under the current Keras backend; SavedModel folders and TFLite files run
+with TensorFlow's own loader and the TFLite interpreter, without this package's layers.
+Every loaded model has `input_shape`, `output_shape` and `predict_on_batch`, like a Keras
+model, and a `weight_dtype`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import keras
+import numpy as np
+
+from volo_convert.errors import ConversionError
+from volo_convert.formats import keras_file, savedmodel, tflite
+from volo_convert.options import FORMATS, SAVEDMODEL, TFLITE_DTYPES, check_choice
+
+FORMAT_SUFFIXES = {".h5": "h5", ".keras": "keras", ".tflite": "tflite"}
+TENSORFLOW_FORMATS = (SAVEDMODEL, "tflite")
+
+
+class Predictor(Protocol):
+    """What verification needs of a model: its shapes and a batch forward pass."""
+
+    input_shape: tuple[int | None, ...]
+    output_shape: tuple[int | None, ...]
+
+    def predict_on_batch(self, images: np.ndarray) -> Any: ...
+
+
+def output_format(path: str | Path, requested: str | None = None) -> str:
+    """The format to write: `requested`, else the one the path names.
+
+    A path without extension, or ending in a slash, names a SavedModel folder.
+    """
+    if requested is not None:
+        check_choice("format", requested, FORMATS)
+        return requested
+    if str(path).endswith(("/", os.sep)) or not Path(path).suffix:
+        return SAVEDMODEL
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMAT_SUFFIXES:
+        raise ConversionError(
+            f"{path}: unknown output extension {suffix!r}, expected one of "
+            f"{', '.join(FORMAT_SUFFIXES)}, or none for a SavedModel folder"
+        )
+    return FORMAT_SUFFIXES[suffix]
+
+
+def artifact_format(path: str | Path) -> str:
+    """The format of an existing model file or folder."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "saved_model.pb").is_file():
+            raise ConversionError(f"{path}: a folder without saved_model.pb is not a SavedModel")
+        return SAVEDMODEL
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file")
+    fmt = output_format(path)
+    if fmt == SAVEDMODEL:
+        raise ConversionError(f"{path}: a file without extension; a SavedModel is a folder")
+    return fmt
+
+
+def check_backend(fmt: str) -> None:
+    """Refuses to write a TensorFlow format under another Keras backend."""
+    backend = keras.backend.backend()
+    if fmt in TENSORFLOW_FORMATS and backend != "tensorflow":
+        raise ConversionError(
+            f"{fmt} files are written with the TensorFlow backend, but KERAS_BACKEND is "
+            f"{backend}; rerun with KERAS_BACKEND=tensorflow"
+        )
+
+
+def save_model(
+    model: keras.Model, path: Path, fmt: str, tflite_dtype: str = TFLITE_DTYPES[0]
+) -> None:
+    """Writes `model` to `path` in format `fmt` (`tflite_dtype` for TFLite files).
+
+    The caller has checked the backend (`check_backend`) before doing any work.
+    """
+    if fmt == SAVEDMODEL:
+        savedmodel.export_saved_model(model, path)
+    elif fmt == "tflite":
+        path.write_bytes(tflite.convert_to_tflite(model, tflite_dtype))
+    else:
+        keras_file.save(model, path, fmt)
+
+
+def load_artifact(path: str | Path, fmt: str | None = None) -> Predictor:
+    """Loads a model file or folder for inference in its format's runtime.
+
+    Args:
+        path: a `.h5` or `.keras` file, a SavedModel folder or a `.tflite` file.
+        fmt: its format; read from the path when not given.
+    """
+    fmt = fmt or artifact_format(path)
+    if fmt == SAVEDMODEL:
+        return savedmodel.SavedModelRunner(path)
+    if fmt == "tflite":
+        return tflite.TFLiteRunner(path)
+    return keras_file.load(path)
+
+
+def weight_dtype(model: Predictor) -> str:
+    """The precision a loaded model stores its weights in: float16 TFLite, else float32."""
+    return getattr(model, "weight_dtype", "float32")
+
+
+def runtime_name(fmt: str) -> str:
+    """Where a model of format `fmt` runs, as reports and the CLI name it."""
+    if fmt == SAVEDMODEL:
+        return "TensorFlow (tf.saved_model.load)"
+    if fmt == "tflite":
+        return "the TFLite interpreter"
+    return f"Keras ({keras.backend.backend()} backend)"

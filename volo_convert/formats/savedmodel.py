@@ -1,0 +1,67 @@
+"""TensorFlow SavedModel folders: written from the Keras graph, run with TensorFlow alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from volo_convert.errors import ConversionError, first_line
+
+SERVING_SIGNATURE = "serving_default"
+
+
+def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = None) -> None:
+    """Writes a SavedModel whose `serving_default` signature maps `images` to `logits`.
+
+    `model.export` would store every weight twice (keras-team/keras#23553), so the module
+    saved here tracks the very TensorFlow variables that the traced forward pass captures.
+
+    Args:
+        model: the Keras model (TensorFlow backend).
+        path: the folder to write.
+        batch_size: a fixed batch size, or None for any.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((batch_size, *model.input_shape[1:]), tf.float32, name="images")
+    module = tf.Module()
+    module.model_variables = [weight.value for weight in model.weights]  # the tf.Variables
+    module.serve = tf.function(
+        lambda images: {"logits": model(images, training=False)}, input_signature=[spec]
+    )
+    signatures = {"serving_default": module.serve.get_concrete_function()}
+    tf.saved_model.save(module, str(path), signatures=signatures)
+
+
+class SavedModelRunner:
+    """A SavedModel's serving signature, loaded with `tf.saved_model.load` alone."""
+
+    def __init__(self, path: str | Path) -> None:
+        import tensorflow as tf
+
+        try:
+            self._loaded = tf.saved_model.load(str(path))
+            self._function = self._loaded.signatures[SERVING_SIGNATURE]
+        except (OSError, KeyError, ValueError) as error:
+            raise ConversionError(
+                f"{path}: not a loadable SavedModel ({first_line(error)})"
+            ) from None
+        inputs = self._function.structured_input_signature[1]
+        outputs = self._function.structured_outputs
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ConversionError(f"{path}: expected one input and one output in its signature")
+        (self._input_name, input_spec), (self._output_name, output_spec) = (
+            next(iter(inputs.items())),
+            next(iter(outputs.items())),
+        )
+        self.input_shape = tuple(input_spec.shape)  # None, S, S, 3
+        self.output_shape = tuple(output_spec.shape)  # None, K
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        """B, S, S, 3 images -> B, K logits."""
+        import tensorflow as tf
+
+        outputs = self._function(**{self._input_name: tf.constant(images)})
+        return outputs[self._output_name].numpy()

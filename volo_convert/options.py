@@ -1,0 +1,132 @@
+"""What a conversion, a verification or a batch can be told: choices, defaults, validation.
+
+Torch-free and Keras-free, so the CLI can build and check the options before importing
+either. Each option's choices and default live here once; the click options, the library
+and the reports read them from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from volo_convert.errors import ConversionError
+
+EXIT_PASSED = 0
+EXIT_PARITY_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+# What the model ends in: the published logits (class head plus half the max over the aux
+# head), the class head alone, or the normalised class token (transfer-learning features).
+HEADS = ("full", "cls", "features")
+DEFAULT_HEAD = "full"
+DEVICES = ("auto", "cpu", "cuda")
+SAVEDMODEL = "savedmodel"  # a folder: an output path without extension, or ending in "/"
+FORMATS = ("h5", "keras", SAVEDMODEL, "tflite")
+KERAS_FORMATS = ("h5", "keras")  # what a batch writes: one file per checkpoint
+TFLITE_DTYPES = ("float32", "float16")
+# VOLO's pos_embed grid is the image at stride 16 (patch 8, then a 2x2 downsample).
+IMAGE_SIZE_MULTIPLE = 16
+
+DEFAULT_ATOL = 1e-4
+# float16 weights carry 11 significant bits: they moved the logits of d1 and d2 by up to
+# 1.5e-2 (README, float16 tolerance), so such files get about three times that by default.
+FLOAT16_ATOL = 5e-2
+DEFAULT_BATCH_SIZE = 2
+DEFAULT_SEED = 0
+
+
+class Status(enum.StrEnum):
+    """The outcome of one conversion or verification, as reports spell it."""
+
+    PASSED = "passed"
+    FAILED = "failed"  # parity failed
+    UNVERIFIED = "unverified"  # --no-verify
+    SKIPPED = "skipped"  # a batch found it done by an earlier run
+    ERROR = "error"  # a batch file that could not be converted
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raises a ConversionError unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ConversionError(f"unknown {name} {value!r}, expected one of {', '.join(choices)}")
+
+
+def check_image_size(image_size: int) -> None:
+    """Raises a ConversionError unless `image_size` is a positive multiple of 16."""
+    if image_size <= 0 or image_size % IMAGE_SIZE_MULTIPLE:
+        raise ConversionError(
+            f"image size must be a positive multiple of {IMAGE_SIZE_MULTIPLE}, got {image_size}"
+        )
+
+
+def default_atol(weight_dtype: str) -> float:
+    """The tolerance when none is given: looser for float16 weights."""
+    return FLOAT16_ATOL if weight_dtype == "float16" else DEFAULT_ATOL
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+    """Everything a conversion or verification can be told; checked once, when built.
+
+    `head` None means `full` for a conversion and, for a verification, the head the model
+    ends in. `atol` None means DEFAULT_ATOL, or FLOAT16_ATOL for float16 weights.
+    `explain` adds the per-stage diagnosis, which a failed parity check adds anyway.
+    """
+
+    variant: str | None = None
+    image_size: int | None = None
+    output_format: str | None = None
+    tflite_dtype: str = TFLITE_DTYPES[0]
+    atol: float | None = None
+    device: str = DEVICES[0]
+    verify: bool = True
+    batch_size: int = DEFAULT_BATCH_SIZE
+    seed: int = DEFAULT_SEED
+    ema: bool = False
+    trust_checkpoint: bool = False
+    overwrite: bool = False
+    head: str | None = None
+    explain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None:
+            check_image_size(self.image_size)
+        if self.output_format is not None:
+            check_choice("format", self.output_format, FORMATS)
+        check_choice("TFLite dtype", self.tflite_dtype, TFLITE_DTYPES)
+        check_choice("device", self.device, DEVICES)
+        if self.head is not None:
+            check_choice("head", self.head, HEADS)
+        if self.atol is not None and not self.atol > 0:
+            raise ConversionError(f"atol must be a positive number, got {self.atol}")
+        if self.batch_size < 1:
+            raise ConversionError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.explain and not self.verify:
+            raise ConversionError("--explain compares with PyTorch, so it needs verification")
+
+    @property
+    def output_head(self) -> str:
+        """The head a conversion writes."""
+        return self.head or DEFAULT_HEAD
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchOptions:
+    """How every checkpoint of a batch is converted: one set of ConvertOptions for all.
+
+    Each file's output replaces an earlier run's (it is verified before it does), so
+    `convert.overwrite` is implied; `force` converts again files found done.
+    """
+
+    convert: ConvertOptions = dataclasses.field(
+        default_factory=lambda: ConvertOptions(output_format=KERAS_FORMATS[0], overwrite=True)
+    )
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("batch format", self.convert.output_format or "", KERAS_FORMATS)
+
+
+DEFAULT_CONVERT_OPTIONS = ConvertOptions()
+DEFAULT_BATCH_OPTIONS = BatchOptions()

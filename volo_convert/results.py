@@ -1,0 +1,98 @@
+"""What a conversion or verification found: the result, its one-line verdict, its report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from volo_convert.checks.diagnosis import Diagnosis, format_diagnosis
+from volo_convert.checks.parity import ParityResult
+from volo_convert.environment import environment
+from volo_convert.formats.staging import write_text
+from volo_convert.options import DEFAULT_HEAD, Status
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    """What a conversion or a verification found, as written to reports."""
+
+    checkpoint: str
+    output: str
+    variant: str
+    image_size: int
+    num_classes: int
+    parameters: int
+    head: str = DEFAULT_HEAD
+    convert_seconds: float | None = None
+    verify_seconds: float | None = None
+    parity: ParityResult | None = None
+    diagnosis: Diagnosis | None = None
+    output_format: str | None = None
+    runtime: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """True unless verification ran and failed."""
+        return self.parity is None or self.parity.passed
+
+    @property
+    def status(self) -> Status:
+        if self.parity is None:
+            return Status.UNVERIFIED
+        return Status.PASSED if self.passed else Status.FAILED
+
+    @property
+    def failure_reason(self) -> str | None:
+        """One line saying why parity failed, and where first; None if it did not."""
+        if self.passed or self.parity is None:
+            return None
+        reason = (
+            f"parity failed: max abs diff {self.parity.max_abs_diff:.3g} exceeds "
+            f"atol {self.parity.atol:g}"
+        )
+        if self.diagnosis is not None and self.diagnosis.first_failing_stage:
+            reason += f"; first stage out of tolerance: {self.diagnosis.first_failing_stage}"
+        return reason
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data, with its status and failure reason."""
+        return {
+            **dataclasses.asdict(self),
+            "status": str(self.status),
+            "reason": self.failure_reason,
+        }
+
+    def summary(self) -> str:
+        """The figures as the CLI prints them: the model, timings, parity, diagnosis."""
+        lines = [
+            f"{self.checkpoint} -> {self.output}: VOLO {self.variant} at {self.image_size}px, "
+            f"{self.num_classes} classes, {self.parameters:,} parameters, {self.head} head"
+        ]
+        if self.convert_seconds is not None:
+            lines.append(f"converted in {self.convert_seconds:.1f}s")
+        if self.parity is None:
+            lines.append("not verified (--no-verify)")
+            return "\n".join(lines)
+        parity = self.parity
+        lines.append(f"max abs diff    {parity.max_abs_diff:.3g}  (atol {parity.atol:g})")
+        lines.append(f"max rel diff    {parity.max_rel_diff:.3g}")
+        if parity.top1_agreement is not None:
+            lines.append(
+                f"top-1 agreement {parity.top1_agreement:.0%}  ({parity.batch_size} images)"
+            )
+        lines.append(
+            f"verified in {self.verify_seconds:.1f}s, reference on {parity.device}, "
+            f"model in {self.runtime}"
+        )
+        if self.diagnosis is not None:
+            lines.append(format_diagnosis(self.diagnosis))
+        lines.append("PASS" if parity.passed else "FAIL")
+        return "\n".join(lines)
+
+
+def write_report(path: str | Path, result: ConversionResult) -> None:
+    """Writes `result` and the environment as pretty-printed JSON, atomically."""
+    document = {**result.to_dict(), "environment": environment()}
+    write_text(path, json.dumps(document, indent=2) + "\n")

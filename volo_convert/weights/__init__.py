@@ -1,0 +1,1 @@
+"""The weights: reading checkpoints, the mapping tables, porting them into Keras."""
