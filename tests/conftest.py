@@ -3,7 +3,9 @@ checkpoints and an in-process runner for the CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -52,3 +54,23 @@ def error_line(result: Result) -> str:
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, result.output
     return errors[0]
+
+
+def snapshot(*folders: Path) -> dict[str, str]:
+    """Every entry under `folders` -> what it is: a file's SHA-256, a link's target, a kind.
+
+    Taken before and after a run, equal snapshots mean nothing was added, removed or
+    changed; FIFOs and devices are named, never opened.
+    """
+    entries = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                kind = f"link to {os.readlink(path)}"
+            elif stat.S_ISREG(mode):
+                kind = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                kind = "folder" if stat.S_ISDIR(mode) else f"special {stat.S_IFMT(mode)}"
+            entries[str(path)] = kind
+    return entries

@@ -7,14 +7,20 @@ output folder; accepted forms are converted and verified.
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
+import subprocess
+import sys
+import types
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import pytest
 import torch
-from conftest import error_line, run
+from conftest import error_line, run, snapshot
 from safetensors.torch import save_file
 
 from volo_convert import pipeline
@@ -29,6 +35,13 @@ class TrainingArguments:
 
     def __init__(self) -> None:
         self.lr = 1e-3
+
+
+class RunsACommand:
+    """What a malicious checkpoint holds: unpickling it would call os.system."""
+
+    def __reduce__(self) -> tuple:
+        return (os.system, ("echo pwned",))
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +193,208 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         ["--device", "cuda"],
         "--device cuda was asked for, but PyTorch sees no CUDA GPU here",
     ),
+    "report-is-input": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--report", "{input}", "--overwrite"],
+        "{input}: is the input {input}; refusing to replace it",
+    ),
+    "report-exists": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--report", "{out}/keep.h5"],
+        "{out}/keep.h5: already exists; pass --overwrite to replace it",
+    ),
+    "report-is-output": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["-o", "{out}/d1.h5", "--report", "{out}/d1.h5"],
+        "{out}/d1.h5: is also the model output; name another file",
+    ),
+    "report-folder-missing": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--report", "{out}/no/such/r.json"],
+        "{out}/no/such/r.json: the output folder {out}/no/such does not exist",
+    ),
+    "output-is-input": (
+        lambda folder, sd: _save(folder / "ckpt.h5", sd),
+        ["-o", "{input}", "--overwrite"],
+        "{input}: is the input {input}; refusing to replace it",
+    ),
+    "output-hard-link": (
+        lambda folder, sd: _linked(_save(folder / "d1.pth.tar", sd), folder / "d1.h5", hard=True),
+        ["-o", "{in}/d1.h5", "--overwrite"],
+        "{in}/d1.h5: is the input {input}; refusing to replace it",
+    ),
+    "output-through-dotdot": (
+        lambda folder, sd: _save(folder / "ckpt.h5", sd),
+        ["-o", "{out}/../in/ckpt.h5", "--overwrite"],
+        "{out}/../in/ckpt.h5: is the input {input}; refusing to replace it",
+    ),
+    "output-symlink": (
+        lambda folder, sd: _linked(_save(folder / "d1.pth.tar", sd), folder / "d1.h5"),
+        ["-o", "{in}/d1.h5", "--overwrite"],
+        "{in}/d1.h5: is a symbolic link (to {input}); volo-convert writes only to real "
+        "paths, so name the target itself",
+    ),
+    "savedmodel-symlink": (
+        lambda folder, sd: _with_savedmodel_link(_save(folder / "d1.pth.tar", sd)),
+        ["-o", "{in}/link_savedmodel", "--overwrite"],
+        "{in}/link_savedmodel: is a symbolic link (to {in}/real_savedmodel); volo-convert "
+        "writes only to real paths, so name the target itself",
+    ),
+    "output-fifo": (
+        lambda folder, sd: _with_fifo(_save(folder / "d1.pth.tar", sd), folder / "pipe.h5"),
+        ["-o", "{in}/pipe.h5", "--overwrite"],
+        "{in}/pipe.h5: is a FIFO (named pipe), not a regular file; not replacing it",
+    ),
+    "output-name-too-long": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["-o", "{out}/" + "x" * 300 + ".h5"],
+        "{out}/" + "x" * 300 + ".h5: the name is 303 bytes, more than the 255 this file "
+        "system allows",
+    ),
+    "format-mismatch": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--format", "h5", "-o", "{out}/model.tflite"],
+        "{out}/model.tflite: --format h5 does not match the extension .tflite, which names a "
+        "tflite file",
+    ),
+    "checkpoint-fifo": (
+        lambda folder, sd: _with_fifo(folder, folder / "d1.pth.tar"),
+        [],
+        "{input}: is a FIFO (named pipe), expected a checkpoint file; refusing to read it",
+    ),
+    "checkpoint-device": (
+        lambda folder, sd: Path("/dev/zero"),
+        [],
+        "{input}: is a character device, expected a checkpoint file; refusing to read it",
+    ),
+    "duplicate-names": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar",
+            with_change(sd, lambda c: c.update({"module.head.weight": c["head.weight"]})),
+        ),
+        [],
+        "{input}: two tensors name the same weight: 'head.weight' and 'module.head.weight'",
+    ),
+    "complex-tensor": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar",
+            with_change(sd, lambda c: c.update({"norm.weight": c["norm.weight"].cfloat()})),
+        ),
+        [],
+        "{input}: norm.weight is complex (torch.complex64)",
+    ),
+    "sparse-tensor": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar",
+            with_change(sd, lambda c: c.update({"head.weight": c["head.weight"].to_sparse()})),
+        ),
+        [],
+        "{input}: head.weight is not dense (layout torch.sparse_coo)",
+    ),
+    "meta-tensor": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar",
+            with_change(sd, lambda c: c.update({"norm.bias": torch.empty(384, device="meta")})),
+        ),
+        [],
+        "{input}: norm.bias holds no data (a meta tensor)",
+    ),
+    "quantized-tensor": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar",
+            with_change(
+                sd,
+                lambda c: c.update(
+                    {"head.bias": torch.quantize_per_tensor(c["head.bias"], 0.1, 0, torch.qint8)}
+                ),
+            ),
+        ),
+        [],
+        "{input}: head.bias is quantized (torch.qint8)",
+    ),
+    "integer-weights": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar",
+            with_change(sd, lambda c: c.update({"head.weight": c["head.weight"].long()})),
+        ),
+        [],
+        "{input}: head.weight has dtype torch.int64, expected floating-point weights",
+    ),
+    "scalar-for-matrix": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar",
+            with_change(sd, lambda c: c.update({"head.weight": torch.tensor(1.0)})),
+        ),
+        [],
+        "{input}: head.weight has shape (), expected 2 dimensions",
+    ),
+    "scalar-for-kernel": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar",
+            with_change(sd, lambda c: c.update({"patch_embed.conv.3.weight": torch.tensor(1.0)})),
+        ),
+        [],
+        "{input}: patch_embed.conv.3.weight has shape (), which conv_kernel cannot take, but "
+        "stem_conv2/kernel expects (3, 3, 64, 64)",
+    ),
+    "code-pickle-system": (
+        lambda folder, sd: _save(folder / "evil.pth", {"state_dict": sd, "x": RunsACommand()}),
+        [],
+        "{input}: refusing to unpickle, the file needs posix.system, which could run code when "
+        "loaded; if you trust its source, pass --trust-checkpoint",
+    ),
+    "newline-in-name": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar",
+            with_change(sd, lambda c: c.update({"evil\nError: forged": torch.ones(1)})),
+        ),
+        [],
+        "{input}: checkpoint tensors no mapping uses: evil\\nError: forged",
+    ),
+    "seed-out-of-range": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--seed", str(2**64)],
+        "Invalid value for '--seed': 18446744073709551616 is not in the range "
+        "0<=x<=18446744073709551615.",
+    ),
+    "batch-size-out-of-range": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--batch-size", "1000000000"],
+        "Invalid value for '--batch-size': 1000000000 is not in the range 1<=x<=4096.",
+    ),
+    "image-size-too-large": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--image-size", str(2**40)],
+        "image size must be at most 4096, got 1099511627776",
+    ),
+    "atol-nan": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--atol", "nan"],
+        "atol must be a positive, finite number, got nan",
+    ),
 }
+
+
+def _linked(target: Path, link: Path, hard: bool = False) -> Path:
+    """Makes `link` a hard or symbolic link to `target`; returns `target`."""
+    if hard:
+        os.link(target, link)
+    else:
+        link.symlink_to(target)
+    return target
+
+
+def _with_fifo(result: Path, fifo: Path) -> Path:
+    os.mkfifo(fifo)
+    return fifo if result == fifo.parent else result
+
+
+def _with_savedmodel_link(checkpoint: Path) -> Path:
+    real = checkpoint.parent / "real_savedmodel"
+    real.mkdir()
+    (real / "saved_model.pb").write_bytes(b"an older SavedModel")
+    (checkpoint.parent / "link_savedmodel").symlink_to(real)
+    return checkpoint
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
@@ -209,14 +423,15 @@ def test_bad_input_gets_one_line_and_exit_2(
     inputs.mkdir()
     checkpoint = write_input(inputs, release_state_dict)
     (out_dir / "keep.h5").write_bytes(b"user data")
-    args = [arg.format(out=out_dir) for arg in extra_args]
+    before = snapshot(inputs, out_dir)
+    places = {"input": checkpoint, "in": inputs, "out": out_dir}
+    args = [arg.format(**places) for arg in extra_args]
     if "-o" not in args:
         args += ["-o", str(out_dir / "d1.h5")]
     result = run(checkpoint, *args)
     assert result.exit_code == 2, result.output
-    assert error_line(result) == "Error: " + message.format(input=checkpoint, out=out_dir)
-    assert sorted(path.name for path in out_dir.iterdir()) == ["keep.h5"]
-    assert (out_dir / "keep.h5").read_bytes() == b"user data"
+    assert error_line(result) == "Error: " + message.format(**places)
+    assert snapshot(inputs, out_dir) == before
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -403,3 +618,167 @@ def test_first_line_and_path_prefix_keep_messages_to_one_line(tmp_path: Path) ->
     with pytest.raises(ConversionError) as raised, about(tmp_path / "d1.pth"):
         raise ConversionError("not a VOLO checkpoint")
     assert str(raised.value) == f"{tmp_path / 'd1.pth'}: not a VOLO checkpoint"
+
+
+def _flip_byte_inside_largest_record(checkpoint: Path) -> str:
+    """Damages one byte of tensor data, as a bad download would; returns the record name."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    with checkpoint.open("r+b") as stream:
+        stream.seek(record.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", stream.read(4))
+        data_start = record.header_offset + 30 + name_length + extra_length
+        stream.seek(data_start + record.file_size // 2)
+        byte = stream.read(1)
+        stream.seek(-1, os.SEEK_CUR)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+    return record.filename
+
+
+def test_zip_record_whose_crc_fails_is_named(
+    release_state_dict: dict, tmp_path: Path, out_dir: Path
+) -> None:
+    checkpoint = _save(tmp_path / "d1.pth.tar", release_state_dict)
+    record = _flip_byte_inside_largest_record(checkpoint)
+    result = run(checkpoint, "-o", out_dir / "d1.h5")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: {checkpoint}: the checkpoint is corrupt: record {record!r} does not match the "
+        "CRC-32 stored for it (a damaged or incomplete download?)"
+    )
+    assert list(out_dir.iterdir()) == []
+
+
+def test_longest_legal_output_name_is_written(d1_checkpoint: Path, out_dir: Path) -> None:
+    """The staged file's name is short, so any name the file system takes works."""
+    output = out_dir / ("x" * 252 + ".h5")
+    result = run(d1_checkpoint, "-o", output, "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert [path.name for path in out_dir.iterdir()] == [output.name]
+
+
+def test_empty_keras_zip_is_not_a_model(d1_checkpoint: Path, out_dir: Path) -> None:
+    model = out_dir / "empty.keras"
+    zipfile.ZipFile(model, "w").close()
+    before = snapshot(out_dir)
+    result = run("verify", model, d1_checkpoint)
+    assert result.exit_code == 2
+    assert error_line(result).startswith(f"Error: {model}: not a loadable Keras model (")
+    assert snapshot(out_dir) == before
+
+
+def test_unknown_keras_backend_is_a_usage_error(d1_checkpoint: Path, out_dir: Path) -> None:
+    env = {**os.environ, "KERAS_BACKEND": "theano", "PYTHONPATH": str(README.parent)}
+    completed = subprocess.run(
+        [sys.executable, "-m", "volo_convert", d1_checkpoint, "-o", out_dir / "d1.h5"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    assert completed.stderr.splitlines()[-1] == (
+        "Error: Keras cannot start: Unable to import backend : theano (check KERAS_BACKEND)"
+    )
+    assert list(out_dir.iterdir()) == []
+
+
+def test_batch_output_folder_that_cannot_be_made(d1_checkpoint: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_bytes(b"not a folder")
+    result = run("batch", d1_checkpoint, "-o", blocker / "out")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: {blocker / 'out'}: cannot create the output folder (Not a directory)"
+    )
+    assert blocker.read_bytes() == b"not a folder"
+
+
+def test_full_disk_while_writing_a_savedmodel(
+    d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tensorflow as tf
+
+    def disk_full(module: object, path: str, signatures: object) -> None:
+        Path(path, "saved_model.pb").write_bytes(b"half")
+        raise tf.errors.ResourceExhaustedError(None, None, f"{path}/variables: No space left")
+
+    monkeypatch.setattr(tf.saved_model, "save", disk_full)
+    output = out_dir / "d1_savedmodel"
+    result = run(d1_checkpoint, "-o", output, "--no-verify")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: {output}: could not write the SavedModel folder ({output}/variables: "
+        "No space left)"
+    )
+    assert list(out_dir.iterdir()) == []
+
+
+def test_hdf5_disk_full_message_is_one_line_naming_the_output(
+    d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def hdf5_failure(group: h5py.Group, *args: object, **kwargs: object) -> None:
+        raise OSError(
+            f"Unable to synchronously create dataset (file write failed: filename = "
+            f"'{group.file.filename}', errno = 28)\nsecond line of HDF5's error stack"
+        )
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", hdf5_failure)
+    output = out_dir / "d1.h5"
+    result = run(d1_checkpoint, "-o", output, "--no-verify")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: {output}: could not write the h5 file (No space left on device)"
+    )
+    assert list(out_dir.iterdir()) == []
+
+
+def test_failed_tflite_conversion_names_the_output(
+    d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tensorflow as tf
+
+    class RefusingConverter:
+        target_spec = types.SimpleNamespace()
+
+        def convert(self) -> bytes:
+            raise RuntimeError("could not legalize op 'tf.Erf'\nwith more detail")
+
+    monkeypatch.setattr(
+        tf.lite.TFLiteConverter, "from_saved_model", lambda folder: RefusingConverter()
+    )
+    output = out_dir / "d1.tflite"
+    result = run(d1_checkpoint, "-o", output, "--no-verify")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: {output}: TFLite conversion with builtin ops only failed: RuntimeError "
+        "could not legalize op 'tf.Erf'"
+    )
+    assert list(out_dir.iterdir()) == []
+
+
+def test_a_bug_exits_3_not_1(
+    d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("an unexpected state")
+
+    monkeypatch.setattr(pipeline, "build_volo", broken)
+    result = run(d1_checkpoint, "-o", out_dir / "d1.h5")
+    assert result.exit_code == 3
+    assert error_line(result) == (
+        "Error: internal error: RuntimeError: an unexpected state (rerun with --debug for the "
+        "traceback, and please report it)"
+    )
+    assert list(out_dir.iterdir()) == []
+
+
+def test_verification_batch_beyond_the_machine_memory_is_refused(
+    d1_checkpoint: Path, out_dir: Path
+) -> None:
+    result = run(d1_checkpoint, "-o", out_dir / "d1.h5", "--image-size", "4096")
+    assert result.exit_code == 2
+    assert re.fullmatch(
+        r"Error: verifying 2 images at 4096px needs about [\d,.]+ GB, but this machine has "
+        r"[\d,.]+ GB available; use a smaller --batch-size or --image-size",
+        error_line(result),
+    )
+    assert list(out_dir.iterdir()) == []

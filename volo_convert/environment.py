@@ -11,6 +11,8 @@ import keras
 from volo_convert import __version__
 
 REPORTED_PACKAGES = ("torch", "tensorflow", "keras", "jax", "h5py")
+GIGABYTE = 1024**3
+MEMINFO = "/proc/meminfo"
 
 
 def environment() -> dict[str, str]:
@@ -37,3 +39,15 @@ def environment_line() -> str:
         f"{packages}; python {versions['python']}, Keras backend {versions['keras_backend']}; "
         f"{versions['machine']}, 1-minute load average {os.getloadavg()[0]:.2f}"
     )
+
+
+def available_memory_bytes() -> int:
+    """Memory the machine can give without swapping: MemAvailable, else all physical memory."""
+    try:
+        with open(MEMINFO, encoding="ascii") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

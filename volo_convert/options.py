@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 from volo_convert.errors import ConversionError
 
 EXIT_PASSED = 0
 EXIT_PARITY_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL_ERROR = 3  # a bug in volo-convert; a signal exits with 128 + its number
+EXIT_CODES_HELP = (
+    "Exit codes: 0 passed, 1 parity failed, 2 bad input or usage, 3 a bug in volo-convert "
+    "(please report it), 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."
+)
 
 # What the model ends in: the published logits (class head plus half the max over the aux
 # head), the class head alone, or the normalised class token (transfer-learning features).
@@ -34,6 +40,11 @@ DEFAULT_ATOL = 1e-4
 FLOAT16_ATOL = 5e-2
 DEFAULT_BATCH_SIZE = 2
 DEFAULT_SEED = 0
+# Static bounds, checked by click before any work; the memory a verification batch needs is
+# then checked against the machine's available memory once the image size is known.
+MAX_SEED = 2**64 - 1  # torch.Generator's seed is an unsigned 64-bit integer
+MAX_BATCH_SIZE = 4096
+MAX_IMAGE_SIZE = 4096  # 8x the largest release size (512)
 
 
 class Status(enum.StrEnum):
@@ -53,11 +64,13 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def check_image_size(image_size: int) -> None:
-    """Raises a ConversionError unless `image_size` is a positive multiple of 16."""
+    """Raises a ConversionError unless `image_size` is a positive multiple of 16 in bounds."""
     if image_size <= 0 or image_size % IMAGE_SIZE_MULTIPLE:
         raise ConversionError(
             f"image size must be a positive multiple of {IMAGE_SIZE_MULTIPLE}, got {image_size}"
         )
+    if image_size > MAX_IMAGE_SIZE:
+        raise ConversionError(f"image size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
 
 
 def default_atol(weight_dtype: str) -> float:
@@ -98,10 +111,14 @@ class ConvertOptions:
         check_choice("device", self.device, DEVICES)
         if self.head is not None:
             check_choice("head", self.head, HEADS)
-        if self.atol is not None and not self.atol > 0:
-            raise ConversionError(f"atol must be a positive number, got {self.atol}")
-        if self.batch_size < 1:
-            raise ConversionError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.atol is not None and not (math.isfinite(self.atol) and self.atol > 0):
+            raise ConversionError(f"atol must be a positive, finite number, got {self.atol}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ConversionError(
+                f"batch size must be between 1 and {MAX_BATCH_SIZE}, got {self.batch_size}"
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConversionError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
         if self.explain and not self.verify:
             raise ConversionError("--explain compares with PyTorch, so it needs verification")
 

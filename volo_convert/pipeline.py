@@ -14,9 +14,15 @@ from volo_convert.architecture.keras_model import build_volo, model_head
 from volo_convert.architecture.variants import VoloConfig, detect_config, get_variant
 from volo_convert.checks.diagnosis import diagnose
 from volo_convert.checks.parity import check_parity
-from volo_convert.checks.reference import resolve_device, run_reference
-from volo_convert.errors import ConversionError, about
+from volo_convert.checks.reference import (
+    reference_memory_bytes,
+    resolve_device,
+    run_reference,
+)
+from volo_convert.environment import GIGABYTE, available_memory_bytes
+from volo_convert.errors import ConversionError, about, os_error_reason
 from volo_convert.formats import (
+    STAGING_SUFFIXES,
     Predictor,
     artifact_format,
     check_backend,
@@ -26,7 +32,6 @@ from volo_convert.formats import (
     save_model,
     weight_dtype,
 )
-from volo_convert.formats.staging import check_output_path, move_into_place, staged_output
 from volo_convert.options import (
     DEFAULT_CONVERT_OPTIONS,
     DEFAULT_HEAD,
@@ -35,7 +40,9 @@ from volo_convert.options import (
     ConvertOptions,
     default_atol,
 )
-from volo_convert.results import ConversionResult
+from volo_convert.paths import check_input, check_output_path, move_into_place, staged_output
+from volo_convert.results import ConversionResult, write_report
+from volo_convert.signals import pause_if_asked
 from volo_convert.weights.checkpoint import check_finite, load_state_dict, tensor_shapes
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.memory import MappedCheckpoint
@@ -68,6 +75,7 @@ class LoadedCheckpoint:
 def _notify(on_stage: StageCallback | None, stage: str) -> None:
     if on_stage is not None:
         on_stage(stage)
+    pause_if_asked(stage)
 
 
 def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoint:
@@ -157,14 +165,46 @@ def _build_and_port(
 def _save(
     model: keras.Model, temp_path: Path, output_path: Path, fmt: str, tflite_dtype: str
 ) -> None:
-    """Writes the staged file, naming the user's path if the disk refuses."""
+    """Writes the staged file; a failure names the user's path, never the temporary one."""
     try:
-        save_model(model, temp_path, fmt, tflite_dtype)
+        with about(output_path):
+            save_model(model, temp_path, fmt, tflite_dtype)
     except OSError as error:
         what = "SavedModel folder" if fmt == SAVEDMODEL else f"{fmt} file"
+        reason = os_error_reason(error).replace(str(temp_path), str(output_path))
+        raise ConversionError(f"{output_path}: could not write the {what} ({reason})") from None
+
+
+def _check_outputs(
+    output_path: Path | None,
+    report_path: Path | None,
+    inputs: list[Path],
+    options: ConvertOptions,
+    fmt: str | None = None,
+) -> None:
+    """The output policy for the model file and the report, before any work."""
+    if output_path is not None:
+        check_output_path(output_path, options.overwrite, folder=fmt == SAVEDMODEL, inputs=inputs)
+    if report_path is not None:
+        others = [] if output_path is None else [output_path]
+        check_output_path(report_path, options.overwrite, inputs=inputs, others=others)
+
+
+def _check_memory(checkpoint: LoadedCheckpoint, options: ConvertOptions) -> None:
+    """Refuses a verification batch the machine's available memory cannot hold."""
+    needed = reference_memory_bytes(checkpoint.config, checkpoint.image_size, options.batch_size)
+    available = available_memory_bytes()
+    if needed > available:
         raise ConversionError(
-            f"{output_path}: could not write the {what} ({error.strerror or error})"
-        ) from None
+            f"verifying {options.batch_size} images at {checkpoint.image_size}px needs about "
+            f"{needed / GIGABYTE:,.1f} GB, but this machine has {available / GIGABYTE:,.1f} GB "
+            "available; use a smaller --batch-size or --image-size"
+        )
+
+
+def _write_report(report_path: Path | None, result: ConversionResult) -> None:
+    if report_path is not None:
+        write_report(report_path, result)
 
 
 def convert(
@@ -172,6 +212,7 @@ def convert(
     output_path: str | Path,
     options: ConvertOptions = DEFAULT_CONVERT_OPTIONS,
     on_stage: StageCallback | None = None,
+    report_path: str | Path | None = None,
 ) -> ConversionResult:
     """Converts one checkpoint to a model file and, unless told not to, verifies it.
 
@@ -186,20 +227,25 @@ def convert(
             `.keras`, `.tflite`, none for a SavedModel folder) unless the options name one.
         options: see `ConvertOptions`.
         on_stage: called with each stage's name as it starts.
+        report_path: where to write the figures as JSON (an output like the model).
     """
     output_path = Path(output_path)
+    report_path = None if report_path is None else Path(report_path)
     fmt = output_format(output_path, options.output_format)
     if options.tflite_dtype != TFLITE_DTYPES[0] and fmt != "tflite":
         raise ConversionError(
             f"--tflite-dtype {options.tflite_dtype} applies to .tflite outputs only"
         )
     check_backend(fmt)
-    check_output_path(output_path, options.overwrite, folder=fmt == SAVEDMODEL)
+    checkpoint_path = check_input(checkpoint_path)
+    _check_outputs(output_path, report_path, [checkpoint_path], options, fmt)
     device = resolve_device(options.device) if options.verify else None
 
     started = time.perf_counter()
     _notify(on_stage, "loading")
     checkpoint = load_checkpoint(checkpoint_path, options)
+    if device is not None:
+        _check_memory(checkpoint, options)
     model = _build_and_port(checkpoint_path, checkpoint, options.output_head, on_stage)
     result = ConversionResult(
         checkpoint=str(checkpoint_path),
@@ -212,7 +258,8 @@ def convert(
         output_format=fmt,
         runtime=runtime_name(fmt) if options.verify else None,
     )
-    with staged_output(output_path, folder=fmt == SAVEDMODEL) as temp_path:
+    staging_suffix = STAGING_SUFFIXES.get(fmt, "")
+    with staged_output(output_path, folder=fmt == SAVEDMODEL, suffix=staging_suffix) as temp_path:
         _notify(on_stage, "saving")
         _save(model, temp_path, output_path, fmt, options.tflite_dtype)
         del model
@@ -225,6 +272,7 @@ def convert(
                     f"{output_path}: appeared while converting; pass --overwrite to replace it"
                 )
             move_into_place(temp_path, output_path)
+    _write_report(report_path, result)
     return result
 
 
@@ -252,6 +300,7 @@ def verify_file(
     checkpoint_path: str | Path,
     options: ConvertOptions = DEFAULT_CONVERT_OPTIONS,
     on_stage: StageCallback | None = None,
+    report_path: str | Path | None = None,
 ) -> ConversionResult:
     """Verifies an existing model against the checkpoint it was converted from.
 
@@ -259,9 +308,12 @@ def verify_file(
     run in its format's runtime. The image size is the model's input size (pos_embed is
     resized to it if needed); the head is the one the model ends in.
     """
+    report_path = None if report_path is None else Path(report_path)
+    fmt = artifact_format(model_path)
+    checkpoint_path = check_input(checkpoint_path)
+    _check_outputs(None, report_path, [Path(model_path), checkpoint_path], options)
     device = resolve_device(options.device)
     _notify(on_stage, "loading")
-    fmt = artifact_format(model_path)
     model = load_artifact(model_path, fmt)
     image_size = model.input_shape[1]
     if options.image_size is not None and options.image_size != image_size:
@@ -294,5 +346,7 @@ def verify_file(
         output_format=fmt,
         runtime=runtime_name(fmt),
     )
+    _check_memory(checkpoint, options)
     _verify(model, checkpoint, options, device, result, on_stage)
+    _write_report(report_path, result)
     return result

@@ -10,8 +10,8 @@ from typing import Any
 from volo_convert.checks.diagnosis import Diagnosis, format_diagnosis
 from volo_convert.checks.parity import ParityResult
 from volo_convert.environment import environment
-from volo_convert.formats.staging import write_text
 from volo_convert.options import DEFAULT_HEAD, Status
+from volo_convert.paths import write_text
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -161,3 +162,59 @@ def test_synthesize_writes_release_names_and_corrupts_on_request(tmp_path: Path)
     result = run("synthesize", tmp_path, "--only", "d9_224.pth.tar")
     assert result.exit_code == 2
     assert "unknown release checkpoint 'd9_224.pth.tar'" in result.output
+
+
+def test_non_regular_member_is_reported_and_the_others_go_on(
+    first_batch: tuple, tmp_path: Path
+) -> None:
+    folder, out_dir, _ = first_batch
+    members = tmp_path / "members"
+    members.mkdir()
+    shutil.copy(folder / GOOD, members / GOOD)
+    os.mkfifo(members / "pipe.pth")
+    result = run("batch", members, "-o", out_dir, "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    rows = read_report(out_dir)
+    assert rows[GOOD]["status"] in ("passed", "skipped")  # the others go on
+    assert rows["pipe.pth"]["status"] == "error"
+    assert rows["pipe.pth"]["reason"] == (
+        f"{members / 'pipe.pth'}: is a FIFO (named pipe), expected a checkpoint file; "
+        "refusing to read it"
+    )
+
+
+def test_output_changed_since_the_report_is_converted_again(first_batch: tuple) -> None:
+    folder, out_dir, _ = first_batch
+    converted = out_dir / "d1_32_good.h5"
+    written = converted.read_bytes()
+    assert read_report(out_dir)[GOOD]["output_files"] == {
+        converted.name: f"{len(written)}:{hashlib.sha256(written).hexdigest()}"
+    }
+    converted.write_bytes(written[:1024])  # truncated after a passing run
+    result = run("batch", folder / GOOD, "-o", out_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert read_report(out_dir)[GOOD]["status"] == "passed"
+    assert converted.stat().st_size == len(written)
+
+
+def test_damaged_report_row_means_not_done(first_batch: tuple) -> None:
+    folder, out_dir, _ = first_batch
+    report = out_dir / "report.json"
+    document = json.loads(report.read_text())
+    document["checkpoints"][0]["max_abs_diff"] = "tiny"
+    report.write_text(json.dumps(document))
+    result = run("batch", folder / GOOD, "-o", out_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert (
+        f"Warning: {report}: row 1 is unreadable (field 'max_abs_diff' holds 'tiny'); its file "
+        "counts as not done"
+    ) in result.output.splitlines()
+    assert read_report(out_dir)[GOOD]["status"] == "passed"
+
+    report.write_text("{not json")
+    result = run("batch", folder / GOOD, "-o", out_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert any(
+        line.startswith(f"Warning: {report} is unreadable (") for line in result.output.splitlines()
+    )

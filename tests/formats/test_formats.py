@@ -18,7 +18,6 @@ from volo_convert.checks.reference import ReferenceRun, run_reference
 from volo_convert.errors import ConversionError
 from volo_convert.formats import artifact_format, output_format, save_model
 from volo_convert.formats.savedmodel import SavedModelRunner
-from volo_convert.formats.staging import check_output_path, move_into_place, staged_output
 from volo_convert.formats.tflite import (
     TFLiteRunner,
     check_builtin_ops,
@@ -27,6 +26,7 @@ from volo_convert.formats.tflite import (
     weight_dtype,
 )
 from volo_convert.options import FLOAT16_ATOL
+from volo_convert.paths import check_output_path, move_into_place, staged_output
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.porting import port_weights
 

@@ -60,15 +60,18 @@ RELEASE_CHECKPOINTS: dict[str, tuple[str, int]] = {
     "d5_512_87.07.pth.tar": ("d5", 512),
 }
 
-# Tensors that every VOLO checkpoint holds; their absence means "not VOLO".
-_SIGNATURE_KEYS = (
-    "patch_embed.conv.0.weight",
-    "patch_embed.proj.weight",
-    "pos_embed",
-    "cls_token",
-    "network.0.0.attn.attn.weight",
-    "head.weight",
-)
+# Tensors that every VOLO checkpoint holds (their absence means "not VOLO"), with the
+# number of dimensions detection relies on.
+_SIGNATURE_RANKS = {
+    "patch_embed.conv.0.weight": 4,
+    "patch_embed.proj.weight": 4,
+    "pos_embed": 4,
+    "cls_token": 3,
+    "network.0.0.attn.attn.weight": 2,
+    "head.weight": 2,
+}
+_SIGNATURE_KEYS = tuple(_SIGNATURE_RANKS)
+_MLP_KEY = "network.0.0.mlp.fc1.weight"
 _NETWORK_BLOCK = re.compile(r"^network\.(\d+)\.(\d+)\.")
 
 
@@ -113,10 +116,16 @@ def detect_config(shapes: Mapping[str, tuple[int, ...]]) -> tuple[VoloConfig, in
         raise ConversionError(
             f"pos_embed has shape {tuple(pos_embed_shape)}, expected (1, S/16, S/16, C)"
         )
+    ranks = {**_SIGNATURE_RANKS, _MLP_KEY: 2} if _MLP_KEY in shapes else _SIGNATURE_RANKS
+    for key, rank in ranks.items():
+        if len(shapes[key]) != rank:
+            raise ConversionError(
+                f"{key} has shape {tuple(shapes[key])}, expected {rank} dimensions"
+            )
     layers = tuple(_count_blocks(shapes, index) for index in (0, 2, 3, 4))
     embed_dims = (shapes["patch_embed.proj.weight"][0],) + (pos_embed_shape[-1],) * 3
     stem_hidden_dim = shapes["patch_embed.conv.0.weight"][0]
-    mlp_hidden = shapes.get("network.0.0.mlp.fc1.weight", (0,))[0]
+    mlp_hidden = shapes.get(_MLP_KEY, (0,))[0]
     mlp_ratio = mlp_hidden // embed_dims[0] if embed_dims[0] else 0
     found = (layers, embed_dims, mlp_ratio, stem_hidden_dim)
     for config in VARIANTS.values():

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
+import typing
 from pathlib import Path
 from typing import Any
 
 from volo_convert.environment import environment
-from volo_convert.formats.staging import write_text
 from volo_convert.options import Status
+from volo_convert.paths import write_text
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -31,6 +32,7 @@ COLUMNS = (
 )
 MEGABYTE = 1024 * 1024
 TERMINAL_REASON_CHARS = 160  # report.md and report.json keep the whole reason
+_REQUIRED_FIELDS = ("file", "output", "sha256", "status")
 
 
 @dataclasses.dataclass
@@ -51,11 +53,38 @@ class BatchEntry:
     verify_seconds: float | None = None
     peak_rss_bytes: int | None = None
     reason: str | None = None
+    output_files: dict[str, str] | None = None  # what was written: name -> "size:sha256"
 
     @property
     def ok(self) -> bool:
         """True for a file converted and verified, now or by an earlier run."""
         return self.status in (Status.PASSED, Status.SKIPPED)
+
+    @classmethod
+    def from_row(cls, row: Any) -> BatchEntry:
+        """An entry from a report.json row; ValueError says what is wrong with a bad one."""
+        if not isinstance(row, dict):
+            raise ValueError(f"expected an object, found {type(row).__name__}")
+        hints = typing.get_type_hints(cls)
+        if unknown := sorted(set(row) - set(hints)):
+            raise ValueError(f"unknown fields {', '.join(map(str, unknown))}")
+        for name, hint in hints.items():
+            if name not in row and name in _REQUIRED_FIELDS:
+                raise ValueError(f"field {name!r} is missing")
+            value = row.get(name)
+            allowed = tuple(typing.get_origin(kind) or kind for kind in typing.get_args(hint))
+            allowed = allowed or (hint,)
+            if float in allowed:
+                allowed = (*allowed, int)
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                raise ValueError(f"field {name!r} holds {value!r}")
+        if row["status"] not in set(Status):
+            raise ValueError(f"unknown status {row['status']!r}")
+        if row.get("output_files") and not all(
+            isinstance(value, str) for value in row["output_files"].values()
+        ):
+            raise ValueError("field 'output_files' holds a value that is not text")
+        return cls(**row)
 
 
 @dataclasses.dataclass

@@ -7,34 +7,35 @@ one conversion is returned before the next starts, and the process's peak RSS is
 file's true peak. The driver never imports torch; only the workers do.
 
 After every file, `report.json` and `report.md` are rewritten in the output folder, so an
-interrupted batch resumes where it stopped: a checkpoint is skipped when its output
-exists and the report says it passed from a file with the same SHA-256.
+interrupted batch resumes where it stopped: a checkpoint is skipped when the report says
+it passed from a file with the same SHA-256 and the output still holds the very bytes
+that were written (size and SHA-256 of each file). A stop signal reaches the worker too
+(it dies with its driver even when the driver is killed outright), removes what the
+worker staged, and the report says what was done so far.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import multiprocessing
 import time
 from collections.abc import Callable, Iterable
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 from volo_convert.batch.report import (
     REPORT_JSON,
+    REPORT_MD,
     BatchEntry,
     BatchReport,
-    own_peak_rss_bytes,
     write_batch_report,
 )
-from volo_convert.errors import ConversionError, first_line
+from volo_convert.batch.worker import convert_isolated
+from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.options import DEFAULT_ATOL, DEFAULT_BATCH_OPTIONS, BatchOptions, Status
+from volo_convert.paths import check_input, check_output_path, file_sha256, fingerprint
+from volo_convert.signals import Stopped
 
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".safetensors")
-HASH_CHUNK_BYTES = 16 * 1024 * 1024
 
 BatchStageCallback = Callable[[Path, str], None]
 
@@ -43,15 +44,15 @@ def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
     """The checkpoint files named by `paths`; a folder stands for its checkpoint files.
 
     Raises a ConversionError for a path that does not exist, for a folder without
-    checkpoints, and for two checkpoints that would write the same output name.
+    checkpoints, and for two checkpoints that would write the same output name. Each
+    file is checked by the input policy when its turn comes, so one bad file (a FIFO,
+    say) is reported and the others go on.
     """
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
             inside = sorted(
-                child
-                for child in path.iterdir()
-                if child.is_file() and child.name.endswith(CHECKPOINT_SUFFIXES)
+                child for child in path.iterdir() if child.name.endswith(CHECKPOINT_SUFFIXES)
             )
             if not inside:
                 raise ConversionError(
@@ -59,7 +60,7 @@ def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
                     f"{', '.join('*' + suffix for suffix in CHECKPOINT_SUFFIXES)})"
                 )
             found += inside
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             found.append(path)
         else:
             raise ConversionError(f"{path}: no such file or folder")
@@ -79,122 +80,89 @@ def output_stem(checkpoint: Path) -> str:
     return checkpoint.stem
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's content, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+def load_previous_entries(
+    out_dir: Path, on_warning: Callable[[str], None]
+) -> dict[str, BatchEntry]:
+    """Output name -> entry of the report an earlier run left in `out_dir`.
 
-
-def load_previous_entries(out_dir: Path) -> dict[str, BatchEntry]:
-    """Output name -> entry of the report an earlier run left in `out_dir` (none if unreadable)."""
-    try:
-        document = json.loads((out_dir / REPORT_JSON).read_text(encoding="utf-8"))
-        return {row["output"]: BatchEntry(**row) for row in document["checkpoints"]}
-    except (OSError, ValueError, KeyError, TypeError):
+    A damaged or hand-edited report is no reason to stop: each row that cannot be read
+    is reported through `on_warning`, and its file counts as not done.
+    """
+    path = out_dir / REPORT_JSON
+    if not path.exists():
         return {}
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["checkpoints"]
+        if not isinstance(rows, list):
+            raise TypeError("'checkpoints' is not a list")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        on_warning(f"{path} is unreadable ({first_line(error)}); converting every file again")
+        return {}
+    entries = {}
+    for number, row in enumerate(rows, start=1):
+        try:
+            entry = BatchEntry.from_row(row)
+        except ValueError as error:
+            on_warning(f"{path}: row {number} is unreadable ({error}); its file counts as not done")
+            continue
+        entries[entry.output] = entry
+    return entries
 
 
 def _is_done(previous: BatchEntry | None, sha256: str, output: Path, atol: float) -> bool:
-    """True when an earlier run already converted and verified this very content."""
+    """True when an earlier run converted and verified this very content, and its output
+    still holds the very bytes it wrote."""
     return (
         previous is not None
         and previous.ok
         and previous.sha256 == sha256
-        and output.is_file()
         and previous.max_abs_diff is not None
         and previous.max_abs_diff <= atol
+        and bool(previous.output_files)
+        and fingerprint(output) == previous.output_files
     )
 
 
-def _convert_in_worker(
-    checkpoint: Path, output: Path, options: BatchOptions, connection: Connection
-) -> None:
-    """Runs in the spawned process: converts one file, sends stages then the outcome."""
+def _prepare_out_dir(out_dir: Path, checkpoints: list[Path]) -> None:
+    """Creates the output folder and checks that the reports can be written there."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"{out_dir}: exists and is not a folder")
     try:
-        from volo_convert.pipeline import convert
-
-        result = convert(
-            checkpoint,
-            output,
-            options.convert,
-            on_stage=lambda stage: connection.send(("stage", stage)),
-        )
-        connection.send(("result", result.to_dict(), own_peak_rss_bytes()))
-    except Exception as error:
-        reason = first_line(error)
-        if not isinstance(error, ConversionError):
-            reason = f"internal error: {type(error).__name__}: {reason}"
-        connection.send(("error", reason, own_peak_rss_bytes()))
-    finally:
-        connection.close()
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConversionError(
+            f"{out_dir}: cannot create the output folder ({error.strerror})"
+        ) from None
+    for name in (REPORT_JSON, REPORT_MD):
+        check_output_path(out_dir / name, overwrite=True, inputs=checkpoints)
 
 
-def _entry_from_result(entry: BatchEntry, result: dict[str, Any], peak_rss: int) -> BatchEntry:
-    parity = result["parity"]
-    passed = result["status"] == Status.PASSED
-    return dataclasses.replace(
-        entry,
-        status=Status.PASSED if passed else Status.FAILED,
-        variant=result["variant"],
-        image_size=result["image_size"],
-        parameters=result["parameters"],
-        max_abs_diff=parity["max_abs_diff"],
-        max_rel_diff=parity["max_rel_diff"],
-        top1_agreement=parity["top1_agreement"],
-        convert_seconds=result["convert_seconds"],
-        verify_seconds=result["verify_seconds"],
-        peak_rss_bytes=peak_rss,
-        reason=result["reason"],
-    )
-
-
-def convert_isolated(
+def _convert_one(
     checkpoint: Path,
     output: Path,
-    entry: BatchEntry,
+    previous: BatchEntry | None,
     options: BatchOptions,
-    on_stage: Callable[[str], None],
+    atol: float,
+    notify: BatchStageCallback,
 ) -> BatchEntry:
-    """Converts and verifies one checkpoint in a spawned process; returns its filled entry."""
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(
-        target=_convert_in_worker, args=(checkpoint, output, options, sender), daemon=True
-    )
-    outcome: tuple[Any, ...] | None = None
+    """The report row of one checkpoint: skipped as done, converted, or why it failed."""
+    entry = BatchEntry(file=checkpoint.name, output=output.name, sha256=None, status=Status.ERROR)
+    notify(checkpoint, "hashing")
     try:
-        process.start()
-        sender.close()  # the worker holds the only writer now, so its exit ends recv()
-        while True:
-            try:
-                message = receiver.recv()
-            except EOFError:
-                break
-            if message[0] == "stage":
-                on_stage(message[1])
-            else:
-                outcome = message
-        process.join()
-    finally:
-        if process.is_alive():
-            process.terminate()
-            process.join()
-        receiver.close()
-    if outcome is None:
+        check_input(checkpoint)
+        entry.sha256 = file_sha256(checkpoint)
+    except ConversionError as error:
+        return dataclasses.replace(entry, reason=one_line(str(error)))
+    except OSError as error:
         return dataclasses.replace(
-            entry,
-            status=Status.ERROR,
-            reason=f"the conversion process died without a result (exit code "
-            f"{process.exitcode}; a negative code is the signal, -9 often means out of memory)",
+            entry, reason=f"{checkpoint}: cannot be read ({first_line(error)})"
         )
-    if outcome[0] == "error":
-        return dataclasses.replace(
-            entry, status=Status.ERROR, reason=outcome[1], peak_rss_bytes=outcome[2]
-        )
-    return _entry_from_result(entry, outcome[1], outcome[2])
+    if _is_done(previous, entry.sha256, output, atol):
+        return dataclasses.replace(previous, file=checkpoint.name, status=Status.SKIPPED)
+    notify(checkpoint, "starting")
+    return convert_isolated(
+        checkpoint, output, entry, options, lambda stage: notify(checkpoint, stage)
+    )
 
 
 def run_batch(
@@ -203,11 +171,13 @@ def run_batch(
     options: BatchOptions = DEFAULT_BATCH_OPTIONS,
     on_stage: BatchStageCallback | None = None,
     on_entry: Callable[[BatchEntry], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> BatchReport:
-    """Converts and verifies every checkpoint of `paths` into `out_dir`.
+    """Converts and verifies every checkpoint into `out_dir`.
 
     A file that fails is recorded with its reason and the batch goes on. The report
-    files are rewritten after every checkpoint.
+    files are rewritten after every checkpoint; a stop signal stops the worker, records
+    the file in hand as stopped, writes the report and re-raises.
 
     Args:
         checkpoints: the checkpoint files, as `find_checkpoints` lists them.
@@ -215,12 +185,12 @@ def run_batch(
         options: see `BatchOptions`.
         on_stage: called with (checkpoint, stage) as each stage of each file starts.
         on_entry: called with each finished entry.
+        on_warning: called with a line about a damaged earlier report.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConversionError(f"{out_dir}: exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    previous_entries = {} if options.force else load_previous_entries(out_dir)
+    _prepare_out_dir(out_dir, checkpoints)
+    warn = on_warning or (lambda line: None)
+    previous_entries = {} if options.force else load_previous_entries(out_dir, warn)
     report = BatchReport(entries=[])
     started = time.perf_counter()
     fmt = options.convert.output_format
@@ -232,23 +202,18 @@ def run_batch(
 
     for checkpoint in checkpoints:
         output = out_dir / f"{output_stem(checkpoint)}.{fmt}"
-        notify(checkpoint, "hashing")
-        entry = BatchEntry(
-            file=checkpoint.name, output=output.name, sha256=None, status=Status.ERROR
-        )
         try:
-            entry.sha256 = file_sha256(checkpoint)
-        except OSError as error:
-            entry.reason = f"{checkpoint}: cannot be read ({first_line(error)})"
-        if entry.sha256 is not None:
-            previous = previous_entries.get(output.name)
-            if _is_done(previous, entry.sha256, output, atol):
-                entry = dataclasses.replace(previous, file=checkpoint.name, status=Status.SKIPPED)
-            else:
-                notify(checkpoint, "starting")
-                entry = convert_isolated(
-                    checkpoint, output, entry, options, lambda stage, c=checkpoint: notify(c, stage)
-                )
+            entry = _convert_one(
+                checkpoint, output, previous_entries.get(output.name), options, atol, notify
+            )
+        except Stopped as stopped:
+            reason = f"stopped by {stopped.name} before it finished"
+            report.entries.append(
+                BatchEntry(checkpoint.name, output.name, None, Status.ERROR, reason=reason)
+            )
+            report.wall_seconds = time.perf_counter() - started
+            write_batch_report(out_dir, report)
+            raise
         report.entries.append(entry)
         report.wall_seconds = time.perf_counter() - started
         write_batch_report(out_dir, report)

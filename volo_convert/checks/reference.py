@@ -10,7 +10,15 @@ import numpy as np
 import torch
 
 from volo_convert.architecture.torch_reference import Volo
-from volo_convert.architecture.variants import HEAD_OUTPUTS, VoloConfig
+from volo_convert.architecture.variants import (
+    HEAD_OUTPUTS,
+    NUM_CLASS_BLOCKS,
+    OUTLOOK_KERNEL,
+    PATCH_SIZE,
+    POS_EMBED_STRIDE,
+    STEM_STRIDE,
+    VoloConfig,
+)
 from volo_convert.checks.images import sample_images
 from volo_convert.errors import ConversionError
 from volo_convert.options import (
@@ -20,7 +28,7 @@ from volo_convert.options import (
     DEVICES,
     check_choice,
 )
-from volo_convert.weights.porting import IGNORED_SUFFIX
+from volo_convert.weights.checkpoint import COUNTER_SUFFIX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +48,37 @@ class ReferenceRun:
     def outputs(self) -> np.ndarray:
         """The final output: B, K logits, or B, C features."""
         return self.stage_outputs[HEAD_OUTPUTS[self.head]]
+
+
+FLOAT32_BYTES = 4
+# Both models hold about this many of the largest intermediate tensor at once per image
+# (input, output and a temporary of the op in flight, in each framework).
+LIVE_INTERMEDIATES = 6
+
+
+def reference_memory_bytes(config: VoloConfig, image_size: int, batch_size: int) -> int:
+    """A generous estimate of the memory a verification run needs for `batch_size` images.
+
+    Counts the stage outputs the reference run keeps plus the largest intermediate tensors
+    (the stem's first convolution, an MLP's hidden layer, an outlooker's windows, a
+    transformer's attention matrix, which grows with the square of the token count).
+    """
+    stem_side = image_size // STEM_STRIDE
+    outlook_tokens = (image_size // PATCH_SIZE) ** 2
+    tokens = (image_size // POS_EMBED_STRIDE) ** 2
+    kernel_area = OUTLOOK_KERNEL * OUTLOOK_KERNEL
+    kept = (
+        2 * outlook_tokens * config.embed_dims[0]  # stem, stack0
+        + 4 * tokens * config.embed_dims[1]  # downsample, stack1..3
+        + (NUM_CLASS_BLOCKS + 1) * (tokens + 1) * config.embed_dims[-1]  # class blocks, norm
+        + config.num_classes
+    )
+    largest = max(
+        stem_side**2 * config.stem_hidden_dim,
+        outlook_tokens * config.embed_dims[0] * max(config.mlp_ratio, kernel_area),
+        config.num_heads[1] * tokens**2,
+    )
+    return FLOAT32_BYTES * batch_size * (kept + LIVE_INTERMEDIATES * largest)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,7 +116,7 @@ def build_reference(
     with torch.device("meta"):
         reference = Volo(config, image_size, head)
     missing, unexpected = reference.load_state_dict(state_dict, strict=False, assign=True)
-    missing = [key for key in missing if not key.endswith(IGNORED_SUFFIX)]
+    missing = [key for key in missing if not key.endswith(COUNTER_SUFFIX)]
     if missing or unexpected:
         raise ConversionError(
             f"the checkpoint does not fit a VOLO {config.name} at {image_size}: "

@@ -16,18 +16,21 @@ from volo_convert import __version__
 from volo_convert.cli.parameters import (
     CONTEXT_SETTINGS,
     EXPLAIN,
+    OVERWRITE,
     REPORT,
     TRUST_CHECKPOINT,
     DefaultCommandGroup,
-    InputError,
     checkpoint_options,
     handles_errors,
     head_option,
     verification_options,
 )
+from volo_convert.errors import one_line
 from volo_convert.options import (
     DEFAULT_HEAD,
     DEFAULT_SEED,
+    EXIT_BAD_INPUT,
+    EXIT_CODES_HELP,
     EXIT_PARITY_FAILED,
     FORMATS,
     KERAS_FORMATS,
@@ -40,19 +43,10 @@ DEMO_CHECKPOINT = "d1_224_84.2.pth.tar"
 DEMO_OUTPUT = "d1_224.h5"
 
 
-def _check_report_path(path: Path | None) -> None:
-    """Fails before any work if the report could not be written afterwards."""
-    if path is not None and not path.parent.is_dir():
-        raise InputError(f"{path}: the report folder {path.parent} does not exist")
-
-
 def _finish(result: Any, report: Path | None) -> None:
-    """Prints the result, writes the report, and exits 1 if parity failed."""
-    from volo_convert.results import write_report
-
+    """Prints the result (the library wrote the report), and exits 1 if parity failed."""
     click.echo(result.summary())
     if report is not None:
-        write_report(report, result)
         click.echo(f"report written to {report}")
     if not result.passed:
         message = result.failure_reason
@@ -67,7 +61,7 @@ def _stage_printer() -> Callable[[str], None]:
     return lambda stage: click.echo(f"[{stage}]", err=True)
 
 
-@click.group(cls=DefaultCommandGroup, context_settings=CONTEXT_SETTINGS)
+@click.group(cls=DefaultCommandGroup, context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, "--version", prog_name="volo-convert")
 def cli() -> None:
     """Convert PyTorch VOLO checkpoints to Keras 3 models with the same logits.
@@ -108,7 +102,7 @@ def cli() -> None:
 @click.option(
     "--no-verify", "verify", flag_value=False, default=True, help="Skip the parity check."
 )
-@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@OVERWRITE
 @head_option(
     DEFAULT_HEAD,
     "full: the published logits (class head + 0.5 x max of the aux head); cls: the class "
@@ -134,8 +128,8 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
     from volo_convert.pipeline import convert as run_convert
 
     options = ConvertOptions(**fields)
-    _check_report_path(report)
-    _finish(run_convert(checkpoint, output, options, on_stage=_stage_printer()), report)
+    result = run_convert(checkpoint, output, options, _stage_printer(), report_path=report)
+    _finish(result, report)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -145,6 +139,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @verification_options
 @REPORT
 @EXPLAIN
+@OVERWRITE
 @head_option(None, "The head MODEL must end in (default: whichever it ends in).")
 @handles_errors
 def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: Any) -> None:
@@ -164,8 +159,8 @@ def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: An
     from volo_convert.pipeline import verify_file
 
     options = ConvertOptions(**fields)
-    _check_report_path(report)
-    _finish(verify_file(model_file, checkpoint, options, on_stage=_stage_printer()), report)
+    result = verify_file(model_file, checkpoint, options, _stage_printer(), report_path=report)
+    _finish(result, report)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -179,12 +174,14 @@ def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: An
 @verification_options
 @REPORT
 @EXPLAIN
+@OVERWRITE
 @handles_errors
 def demo(workdir: Path, report: Path | None, **fields: Any) -> None:
     """Run the whole job on a synthetic d1_224 checkpoint in the release format.
 
     Writes WORKDIR/d1_224_84.2.pth.tar (realistic random weights), converts it to
-    WORKDIR/d1_224.h5 and verifies it.
+    WORKDIR/d1_224.h5 and verifies it. Both are the demo's own files and are written
+    anew on every run; --overwrite applies to a --report file.
 
     \b
     Example:
@@ -193,10 +190,13 @@ def demo(workdir: Path, report: Path | None, **fields: Any) -> None:
     from volo_convert.pipeline import convert as run_convert
     from volo_convert.synthetic import write_release_checkpoints
 
-    options = ConvertOptions(overwrite=True, **fields)
+    options = ConvertOptions(**fields)
     click.echo(f"writing synthetic checkpoint {workdir / DEMO_CHECKPOINT}", err=True)
     (checkpoint,) = write_release_checkpoints(workdir, [DEMO_CHECKPOINT], overwrite=True)
-    result = run_convert(checkpoint, workdir / DEMO_OUTPUT, options, on_stage=_stage_printer())
+    output = workdir / DEMO_OUTPUT
+    if output.is_file() and not output.is_symlink():
+        output.unlink()  # the previous demo's model
+    result = run_convert(checkpoint, output, options, _stage_printer(), report_path=report)
     _finish(result, report)
 
 
@@ -246,7 +246,18 @@ def batch(checkpoints: tuple[Path, ...], out_dir: Path, force: bool, **fields: A
 
     options = BatchOptions(ConvertOptions(overwrite=True, **fields), force=force)
     found = find_checkpoints(checkpoints)
-    with tqdm(total=len(found), unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
+    # A live bar on a terminal only: a log gets one line per finished file. The delay keeps
+    # an up-front refusal (an unusable output folder) free of a bar.
+    progress = tqdm(
+        total=len(found),
+        unit="file",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        delay=1,
+        leave=False,
+        disable=not sys.stderr.isatty(),
+    )
+    with progress as bar:
 
         def show_stage(checkpoint: Path, stage: str) -> None:
             bar.set_description_str(checkpoint.name, refresh=False)
@@ -256,7 +267,17 @@ def batch(checkpoints: tuple[Path, ...], out_dir: Path, force: bool, **fields: A
             bar.write(f"{entry.file}: {entry.status}", file=sys.stderr)
             bar.update(1)
 
-        report = run_batch(found, out_dir, options, on_stage=show_stage, on_entry=show_entry)
+        def show_warning(line: str) -> None:
+            bar.write(f"Warning: {one_line(line)}", file=sys.stderr)
+
+        report = run_batch(
+            found,
+            out_dir,
+            options,
+            on_stage=show_stage,
+            on_entry=show_entry,
+            on_warning=show_warning,
+        )
     click.echo(render_text(report), nl=False)
     if not report.passed:
         failed = sum(not entry.ok for entry in report.entries)
@@ -320,4 +341,9 @@ def synthesize(
 
 def main() -> None:
     """Console-script entry point."""
+    import volo_convert
+
+    if volo_convert.KERAS_IMPORT_ERROR is not None:  # a bad KERAS_BACKEND, say
+        click.echo(f"Error: {one_line(volo_convert.KERAS_IMPORT_ERROR)}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     cli(prog_name="volo-convert")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,16 +16,21 @@ from typing import Any
 import click
 
 from volo_convert.architecture.variants import VARIANTS
-from volo_convert.errors import ConversionError
+from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.options import (
     DEFAULT_ATOL,
     DEFAULT_BATCH_SIZE,
     DEFAULT_SEED,
     DEVICES,
     EXIT_BAD_INPUT,
+    EXIT_INTERNAL_ERROR,
     FLOAT16_ATOL,
     HEADS,
+    MAX_BATCH_SIZE,
+    MAX_IMAGE_SIZE,
+    MAX_SEED,
 )
+from volo_convert.signals import Stopped, stop_on_signals
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
 
@@ -50,25 +56,42 @@ class DefaultCommandGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+class InternalError(click.ClickException):
+    """A bug in volo-convert: printed as one line, exit code 3."""
+
+    exit_code = EXIT_INTERNAL_ERROR
+
+
 def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turns library errors into one-line messages; `--debug` shows the traceback."""
+    """Runs a command so that every way it can end reads as one line and one exit code.
+
+    A library error (the user's mistake) exits 2; any other exception is a bug and exits
+    3; a stop signal (INT, TERM, HUP) unwinds the cleanups, prints one `Aborted:` line and
+    exits 128 + its number. `--debug` shows the traceback instead.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with stop_on_signals():
+                return command(*args, **kwargs)
+        except Stopped as stopped:
+            click.echo(f"Aborted: stopped by {stopped.name}; nothing partial was left", err=True)
+            sys.exit(stopped.exit_code)
         except ConversionError as error:
             if debug:
                 raise
-            raise InputError(str(error)) from None
-        except (click.ClickException, click.exceptions.Exit, KeyboardInterrupt):
+            raise InputError(one_line(str(error))) from None
+        except (click.ClickException, click.exceptions.Exit):
             raise
         except Exception as error:
             if debug:
                 raise
-            raise click.ClickException(
-                f"internal error: {type(error).__name__}: {error} (rerun with --debug for the "
-                "traceback, and please report it)"
+            raise InternalError(
+                one_line(
+                    f"internal error: {type(error).__name__}: {first_line(error)} (rerun with "
+                    "--debug for the traceback, and please report it)"
+                )
             ) from None
 
     return click.option(
@@ -102,12 +125,18 @@ DEVICE = click.option(
 )
 BATCH_SIZE = click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_BATCH_SIZE),
     default=DEFAULT_BATCH_SIZE,
     show_default=True,
     help="Number of seeded test images.",
 )
-SEED = click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Image seed.")
+SEED = click.option(
+    "--seed",
+    type=click.IntRange(min=0, max=MAX_SEED),
+    default=DEFAULT_SEED,
+    show_default=True,
+    help="Image seed.",
+)
 EXPLAIN = click.option(
     "--explain",
     is_flag=True,
@@ -121,8 +150,9 @@ VARIANT = click.option(
 )
 IMAGE_SIZE = click.option(
     "--image-size",
-    type=int,
-    help="Input size in pixels (a multiple of 16); pos_embed is resized if it differs.",
+    type=int,  # ConvertOptions checks it: a multiple of 16, at most MAX_IMAGE_SIZE
+    help=f"Input size in pixels (a multiple of 16, at most {MAX_IMAGE_SIZE}); pos_embed is "
+    "resized if it differs.",
 )
 EMA = click.option("--ema", is_flag=True, help="Use the checkpoint's state_dict_ema.")
 TRUST_CHECKPOINT = click.option(
@@ -132,8 +162,11 @@ TRUST_CHECKPOINT = click.option(
 )
 REPORT = click.option(
     "--report",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the figures as JSON to this file.",
+    type=click.Path(path_type=Path),
+    help="Write the figures as JSON to this file (an output: it follows --overwrite).",
+)
+OVERWRITE = click.option(
+    "--overwrite", is_flag=True, help="Replace the output files if they exist (never an input)."
 )
 
 verification_options = option_group(ATOL, DEVICE, BATCH_SIZE, SEED)

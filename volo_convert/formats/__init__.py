@@ -18,8 +18,10 @@ import numpy as np
 from volo_convert.errors import ConversionError
 from volo_convert.formats import keras_file, savedmodel, tflite
 from volo_convert.options import FORMATS, SAVEDMODEL, TFLITE_DTYPES, check_choice
+from volo_convert.paths import SAVEDMODEL_MARKER, check_input
 
 FORMAT_SUFFIXES = {".h5": "h5", ".keras": "keras", ".tflite": "tflite"}
+STAGING_SUFFIXES = {fmt: suffix for suffix, fmt in FORMAT_SUFFIXES.items()}  # Keras needs it
 TENSORFLOW_FORMATS = (SAVEDMODEL, "tflite")
 
 
@@ -35,14 +37,21 @@ class Predictor(Protocol):
 def output_format(path: str | Path, requested: str | None = None) -> str:
     """The format to write: `requested`, else the one the path names.
 
-    A path without extension, or ending in a slash, names a SavedModel folder.
+    A path without extension, or ending in a slash, names a SavedModel folder. A
+    requested format must agree with a format extension the path has.
     """
+    suffix = Path(path).suffix.lower()
     if requested is not None:
         check_choice("format", requested, FORMATS)
+        named = FORMAT_SUFFIXES.get(suffix)
+        if named is not None and named != requested:
+            raise ConversionError(
+                f"{path}: --format {requested} does not match the extension {suffix}, which "
+                f"names a {named} file"
+            )
         return requested
-    if str(path).endswith(("/", os.sep)) or not Path(path).suffix:
+    if str(path).endswith(("/", os.sep)) or not suffix:
         return SAVEDMODEL
-    suffix = Path(path).suffix.lower()
     if suffix not in FORMAT_SUFFIXES:
         raise ConversionError(
             f"{path}: unknown output extension {suffix!r}, expected one of "
@@ -52,14 +61,12 @@ def output_format(path: str | Path, requested: str | None = None) -> str:
 
 
 def artifact_format(path: str | Path) -> str:
-    """The format of an existing model file or folder."""
-    path = Path(path)
+    """The format of an existing model file or folder (checked by the input policy)."""
+    path = check_input(path, folder_ok=True, what="a model file or SavedModel folder")
     if path.is_dir():
-        if not (path / "saved_model.pb").is_file():
+        if not (path / SAVEDMODEL_MARKER).is_file():
             raise ConversionError(f"{path}: a folder without saved_model.pb is not a SavedModel")
         return SAVEDMODEL
-    if not path.exists():
-        raise ConversionError(f"{path}: no such file")
     fmt = output_format(path)
     if fmt == SAVEDMODEL:
         raise ConversionError(f"{path}: a file without extension; a SavedModel is a folder")

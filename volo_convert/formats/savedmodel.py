@@ -31,8 +31,11 @@ def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = 
     module.serve = tf.function(
         lambda images: {"logits": model(images, training=False)}, input_signature=[spec]
     )
-    signatures = {"serving_default": module.serve.get_concrete_function()}
-    tf.saved_model.save(module, str(path), signatures=signatures)
+    signatures = {SERVING_SIGNATURE: module.serve.get_concrete_function()}
+    try:
+        tf.saved_model.save(module, str(path), signatures=signatures)
+    except tf.errors.OpError as error:  # a full disk, say: reported as the OSError it is
+        raise OSError(first_line(error)) from None
 
 
 class SavedModelRunner:

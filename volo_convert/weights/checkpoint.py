@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import pickle
-import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,27 +14,117 @@ from typing import Any
 import numpy as np
 import torch
 
-from volo_convert.errors import ConversionError
+from volo_convert.errors import ConversionError, about
+from volo_convert.paths import check_input
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default zip container
 PICKLE_MAGIC = b"\x80"  # legacy torch.save: a protocol-2+ pickle
 SNIFF_BYTES = 64
 UNKNOWN_BINARY = "binary data of an unknown format"
-UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 # Harmless classes that training checkpoints hold (timm stores its `args` as a Namespace).
 SAFE_GLOBALS = [argparse.Namespace]
 CONTAINER_KEYS = ("state_dict", "model")
 EMA_KEY = "state_dict_ema"
 DATA_PARALLEL_PREFIX = "module."
+COUNTER_SUFFIX = ".num_batches_tracked"  # BatchNorm's integer counter: the one non-weight
+PICKLE_RECORD = "data.pkl"  # the pickle inside torch.save's zip container
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise ConversionError(f"{path}: no such file")
-    if path.is_dir():
-        raise ConversionError(f"{path}: is a folder, expected a checkpoint file")
+    check_input(path)
     if path.stat().st_size == 0:
         raise ConversionError(f"{path}: the file is empty")
+
+
+def _check_zip_records(path: Path) -> None:
+    """Reads every record of a zip container once, checking the CRC-32 stored for it.
+
+    torch.load does not check these, so a damaged download would load silently with
+    wrong weights, and verification, built from the same tensors, could not tell.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        raise ConversionError(f"{path}: the checkpoint is truncated or corrupt") from None
+    if damaged is not None:
+        raise ConversionError(
+            f"{path}: the checkpoint is corrupt: record {damaged!r} does not match the CRC-32 "
+            "stored for it (a damaged or incomplete download?)"
+        )
+
+
+class _Inert:
+    """Stands in for every class a dry-run unpickling meets, so no code runs."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _GlobalsRecorder(pickle.Unpickler):
+    """Walks a pickle, recording the globals it names without importing any of them."""
+
+    def __init__(self, stream: io.BytesIO) -> None:
+        super().__init__(stream)
+        self.names: list[str] = []
+
+    def find_class(self, module: str, name: str) -> type:
+        self.names.append(f"{module}.{name}")
+        return _Inert
+
+    def persistent_load(self, persistent_id: Any) -> None:
+        return None
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    if not zipfile.is_zipfile(path):
+        return path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        record = next(name for name in archive.namelist() if name.endswith(PICKLE_RECORD))
+        return archive.read(record)
+
+
+def _refused_global(path: Path) -> str | None:
+    """The first global the file names that weights-only loading refuses, if any.
+
+    Found by a dry run of the pickle with inert stand-ins, not from the wording of
+    torch's error, which changes between releases.
+    """
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed = set(_get_allowed_globals())
+    allowed |= {f"{cls.__module__}.{cls.__qualname__}" for cls in SAFE_GLOBALS}
+    try:
+        stream = io.BytesIO(_pickle_bytes(path))
+    except (OSError, StopIteration, zipfile.BadZipFile):
+        return None
+    while stream.tell() < len(stream.getbuffer()):  # a legacy file holds several pickles
+        recorder = _GlobalsRecorder(stream)
+        try:
+            recorder.load()
+            complete = True
+        except Exception:  # a damaged pickle: what was read so far still counts
+            complete = False
+        if refused := [name for name in recorder.names if name not in allowed]:
+            return refused[0]
+        if not complete:
+            break
+    return None
 
 
 def _sniff(path: Path) -> str:
@@ -60,14 +151,20 @@ def _sniff(path: Path) -> str:
 
 
 def _torch_load(path: Path, weights_only: bool) -> Any:
-    """torch.load, memory-mapped (pages come in as tensors are read; see memory.py)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-        # The legacy (pre-zip) format cannot be mapped; read it whole.
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    """torch.load, memory-mapped (pages come in as tensors are read; see memory.py).
+
+    torch's deprecation warnings about what a file holds are not the user's concern here:
+    what matters is reported as an error after loading.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            # The legacy (pre-zip) format cannot be mapped; read it whole.
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
 
 
 def _load_pickle(path: Path, trust_checkpoint: bool) -> Any:
@@ -75,10 +172,10 @@ def _load_pickle(path: Path, trust_checkpoint: bool) -> Any:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return _torch_load(path, weights_only=not trust_checkpoint)
-    except pickle.UnpicklingError as error:
-        if unsafe := UNSAFE_GLOBAL.search(str(error)):
+    except pickle.UnpicklingError:
+        if not trust_checkpoint and (refused := _refused_global(path)):
             raise ConversionError(
-                f"{path}: refusing to unpickle, the file needs {unsafe.group(1)}, which could run "
+                f"{path}: refusing to unpickle, the file needs {refused}, which could run "
                 "code when loaded; if you trust its source, pass --trust-checkpoint"
             ) from None
         raise ConversionError(f"{path}: the checkpoint is truncated or corrupt") from None
@@ -112,6 +209,25 @@ def _select_state_dict(loaded: Any, path: Path, ema: bool) -> Mapping[str, Any]:
     return loaded
 
 
+def _check_tensor(key: str, tensor: torch.Tensor) -> None:
+    """Refuses a tensor that cannot be a VOLO weight: sparse, quantized, complex, without
+    data, or integer (bar BatchNorm's counters). Cast silently, any of them would convert
+    to wrong weights that verification, built from the same tensors, could not catch."""
+    problem = None
+    if tensor.layout != torch.strided:
+        problem = f"is not dense (layout {tensor.layout})"
+    elif tensor.is_quantized:
+        problem = f"is quantized ({tensor.dtype})"
+    elif tensor.device.type == "meta":
+        problem = "holds no data (a meta tensor)"
+    elif tensor.is_complex():
+        problem = f"is complex ({tensor.dtype})"
+    elif not tensor.is_floating_point() and not key.endswith(COUNTER_SUFFIX):
+        problem = f"has dtype {tensor.dtype}, expected floating-point weights"
+    if problem:
+        raise ConversionError(f"{key} {problem}")
+
+
 def load_state_dict(
     path: str | Path, *, ema: bool = False, trust_checkpoint: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -133,6 +249,8 @@ def load_state_dict(
     if container == "safetensors":
         loaded: Any = _load_safetensors(path)
     elif container == "torch":
+        if zipfile.is_zipfile(path):
+            _check_zip_records(path)
         loaded = _load_pickle(path, trust_checkpoint)
     else:
         raise ConversionError(
@@ -140,6 +258,7 @@ def load_state_dict(
         )
     raw_state_dict = _select_state_dict(loaded, path, ema)
     state_dict = {}
+    original_keys: dict[str, str] = {}
     for key, tensor in raw_state_dict.items():
         if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
             raise ConversionError(
@@ -147,6 +266,13 @@ def load_state_dict(
                 f"{type(tensor).__name__}"
             )
         name = key.removeprefix(DATA_PARALLEL_PREFIX)
+        if name in original_keys:
+            raise ConversionError(
+                f"{path}: two tensors name the same weight: {original_keys[name]!r} and {key!r}"
+            )
+        original_keys[name] = key
+        with about(path):
+            _check_tensor(key, tensor)
         state_dict[name] = tensor.float() if tensor.is_floating_point() else tensor
     if not state_dict:
         raise ConversionError(f"{path}: the checkpoint holds no tensors")

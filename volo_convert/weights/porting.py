@@ -9,10 +9,10 @@ import keras
 import torch
 
 from volo_convert.errors import ConversionError
+from volo_convert.weights.checkpoint import COUNTER_SUFFIX
 from volo_convert.weights.mapping import WeightMapping
 from volo_convert.weights.transforms import TRANSFORMS
 
-IGNORED_SUFFIX = ".num_batches_tracked"  # a BatchNorm counter, no weight
 MAX_LISTED = 8
 
 
@@ -33,7 +33,7 @@ def check_coverage(
     """
     torch_uses = Counter(mapping.torch_key for mapping in mappings)
     keras_uses = Counter(mapping.keras_path for mapping in mappings if mapping.keras_path)
-    wanted_keys = {key for key in torch_keys if not key.endswith(IGNORED_SUFFIX)}
+    wanted_keys = {key for key in torch_keys if not key.endswith(COUNTER_SUFFIX)}
     problems = []
     if missing := sorted(set(torch_uses) - wanted_keys):
         problems.append(f"tensors missing from the checkpoint: {_listing(missing)}")
@@ -71,11 +71,15 @@ def port_weights(
     ported = []
     for mapping in (mapping for mapping in mappings if mapping.keras_path):
         variable = variables[mapping.keras_path]
-        array = TRANSFORMS[mapping.transform](state_dict[mapping.torch_key].numpy())
-        if tuple(array.shape) != tuple(variable.shape):
+        source = state_dict[mapping.torch_key].numpy()
+        try:
+            array = TRANSFORMS[mapping.transform](source)
+            transformed = f"which after {mapping.transform} is {tuple(array.shape)}"
+        except ValueError:  # fewer dimensions than the transform's axes
+            array, transformed = None, f"which {mapping.transform} cannot take"
+        if array is None or tuple(array.shape) != tuple(variable.shape):
             shape_errors.append(
-                f"{mapping.torch_key} has shape {tuple(state_dict[mapping.torch_key].shape)}, "
-                f"which after {mapping.transform} is {tuple(array.shape)}, but "
+                f"{mapping.torch_key} has shape {tuple(source.shape)}, {transformed}, but "
                 f"{mapping.keras_path} expects {tuple(variable.shape)}"
             )
         else:
