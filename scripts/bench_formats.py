@@ -51,7 +51,7 @@ def write_inputs(checkpoint: Path, workdir: Path, batch_size: int) -> None:
 
     from volo_convert.checks.reference import run_reference
     from volo_convert.options import ConvertOptions
-    from volo_convert.pipeline import load_checkpoint
+    from volo_convert.weights.loading import load_checkpoint
 
     loaded = load_checkpoint(checkpoint, ConvertOptions())
     reference = run_reference(

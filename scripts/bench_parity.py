@@ -26,8 +26,9 @@ from volo_convert.checks.parity import model_outputs
 from volo_convert.checks.reference import build_reference
 from volo_convert.environment import environment_line
 from volo_convert.options import ConvertOptions
-from volo_convert.pipeline import convert, load_checkpoint
+from volo_convert.pipeline import convert
 from volo_convert.synthetic import write_checkpoint
+from volo_convert.weights.loading import load_checkpoint
 
 
 def float64_distances(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import keras
@@ -141,3 +142,12 @@ def test_version() -> None:
     result = run("--version")
     assert result.exit_code == 0
     assert result.output == f"volo-convert, version {__version__}\n"
+
+
+def test_help_lists_the_exit_codes() -> None:
+    result = run("-h")
+    assert result.exit_code == 0
+    assert re.sub(r"-\s+", "-", " ".join(result.output.split())).endswith(
+        "Exit codes: 0 passed, 1 parity failed, 2 bad input or usage, 3 a bug in volo-convert "
+        "(please report it), 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."
+    )

@@ -36,7 +36,9 @@ def one_line(message: str) -> str:
 
     Names read from files (tensor names, paths) can hold newlines or terminal escapes.
     """
-    return _CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], message)
+    escaped = _CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], message)
+    # A file name that is not UTF-8 arrives with surrogate escapes, which cannot be printed.
+    return escaped.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ EXIT_PASSED = 0
 EXIT_PARITY_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 3  # a bug in volo-convert; a signal exits with 128 + its number
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: whoever read the output stopped reading
 EXIT_CODES_HELP = (
     "Exit codes: 0 passed, 1 parity failed, 2 bad input or usage, 3 a bug in volo-convert "
     "(please report it), 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from volo_convert.errors import ConversionError
+from volo_convert.errors import ConversionError, os_error_reason
 
 TEMP_PREFIX = ".volo-"  # short and fixed, so any name the file system takes can be staged
 PARTIAL_SUFFIX = ".partial"
@@ -112,6 +112,8 @@ def check_output_path(
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
+    if path.name in ("", ".", ".."):
+        raise ConversionError(f"{path or '(empty)'}: names no file or folder to write")
     if len(os.fsencode(path.name)) > _name_max(parent):
         raise ConversionError(
             f"{path}: the name is {len(os.fsencode(path.name))} bytes, more than the "
@@ -196,13 +198,18 @@ def move_into_place(temp_path: Path, path: Path) -> None:
     A folder cannot be renamed over a non-empty one, so the old folder is first renamed
     aside (under a short temporary name) and removed once the new one is in place.
     """
-    if not path.is_dir():
+    try:
+        if not path.is_dir():
+            os.replace(temp_path, path)
+            return
+        old_path = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix=".old", dir=path.parent))
+        os.replace(path, old_path)
         os.replace(temp_path, path)
-        return
-    old_path = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix=".old", dir=path.parent))
-    os.replace(path, old_path)
-    os.replace(temp_path, path)
-    shutil.rmtree(old_path)
+        shutil.rmtree(old_path)
+    except OSError as error:  # the folder vanished or filled up under us
+        raise ConversionError(
+            f"{path}: could not move the finished output into place ({os_error_reason(error)})"
+        ) from None
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -214,7 +221,10 @@ def write_text(path: str | Path, text: str) -> None:
     if not path.parent.is_dir():
         raise ConversionError(f"{path}: the folder {path.parent} does not exist")
     with staged_output(path) as temp_path:
-        temp_path.write_text(text, encoding="utf-8")
+        try:
+            temp_path.write_text(text, encoding="utf-8")
+        except OSError as error:
+            raise ConversionError(f"{path}: could not write ({os_error_reason(error)})") from None
         move_into_place(temp_path, path)
 
 

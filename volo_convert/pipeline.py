@@ -11,7 +11,7 @@ import keras
 import torch
 
 from volo_convert.architecture.keras_model import build_volo, model_head
-from volo_convert.architecture.variants import VoloConfig, detect_config, get_variant
+from volo_convert.architecture.variants import VoloConfig
 from volo_convert.checks.diagnosis import diagnose
 from volo_convert.checks.parity import check_parity
 from volo_convert.checks.reference import (
@@ -40,60 +40,21 @@ from volo_convert.options import (
     ConvertOptions,
     default_atol,
 )
-from volo_convert.paths import check_input, check_output_path, move_into_place, staged_output
+from volo_convert.paths import check_output_path, move_into_place, staged_output
 from volo_convert.results import ConversionResult, write_report
 from volo_convert.signals import pause_if_asked
-from volo_convert.weights.checkpoint import check_finite, load_state_dict, tensor_shapes
+from volo_convert.weights.loading import LoadedCheckpoint, load_checkpoint
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.memory import MappedCheckpoint
 from volo_convert.weights.porting import port_weights
-from volo_convert.weights.resolution import resize_pos_embed
 
 StageCallback = Callable[[str], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedCheckpoint:
-    """A checkpoint's tensors and the architecture they fit, resized to `image_size`."""
-
-    state_dict: dict[str, torch.Tensor]
-    config: VoloConfig
-    image_size: int
-
-    def parameter_count(self, head: str) -> int:
-        """Weights of the model ending in `head`: the checkpoint tensors it keeps.
-
-        The same figure as `keras.Model.count_params()`, for files that keep no such count.
-        """
-        return sum(
-            self.state_dict[mapping.torch_key].numel()
-            for mapping in weight_mappings(self.config, head)
-            if mapping.keras_path is not None and mapping.torch_key in self.state_dict
-        )
 
 
 def _notify(on_stage: StageCallback | None, stage: str) -> None:
     if on_stage is not None:
         on_stage(stage)
     pause_if_asked(stage)
-
-
-def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoint:
-    """Reads a checkpoint, finds its architecture and resizes pos_embed if asked to.
-
-    `options.variant` overrides the detected variant (keeping the checkpoint's class
-    count); `options.image_size` converts to another input size.
-    """
-    state_dict = load_state_dict(path, ema=options.ema, trust_checkpoint=options.trust_checkpoint)
-    with about(path):
-        config, image_size = detect_config(tensor_shapes(state_dict))
-    if options.variant is not None:
-        config = get_variant(options.variant).with_num_classes(config.num_classes)
-    check_finite(state_dict, path)
-    if options.image_size is not None and options.image_size != image_size:
-        state_dict["pos_embed"] = resize_pos_embed(state_dict["pos_embed"], options.image_size)
-        image_size = options.image_size
-    return LoadedCheckpoint(state_dict, config, image_size)
 
 
 def _keras_graph(model: Predictor, checkpoint: LoadedCheckpoint, head: str) -> keras.Model:
@@ -237,8 +198,7 @@ def convert(
             f"--tflite-dtype {options.tflite_dtype} applies to .tflite outputs only"
         )
     check_backend(fmt)
-    checkpoint_path = check_input(checkpoint_path)
-    _check_outputs(output_path, report_path, [checkpoint_path], options, fmt)
+    _check_outputs(output_path, report_path, [Path(checkpoint_path)], options, fmt)
     device = resolve_device(options.device) if options.verify else None
 
     started = time.perf_counter()
@@ -310,8 +270,7 @@ def verify_file(
     """
     report_path = None if report_path is None else Path(report_path)
     fmt = artifact_format(model_path)
-    checkpoint_path = check_input(checkpoint_path)
-    _check_outputs(None, report_path, [Path(model_path), checkpoint_path], options)
+    _check_outputs(None, report_path, [Path(model_path), Path(checkpoint_path)], options)
     device = resolve_device(options.device)
     _notify(on_stage, "loading")
     model = load_artifact(model_path, fmt)

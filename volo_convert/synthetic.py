@@ -15,7 +15,8 @@ import torch
 
 from volo_convert.architecture.torch_reference import Volo
 from volo_convert.architecture.variants import RELEASE_CHECKPOINTS, VARIANTS, VoloConfig
-from volo_convert.errors import ConversionError
+from volo_convert.errors import ConversionError, first_line
+from volo_convert.paths import check_output_path, move_into_place, staged_output
 
 # Gains on 1/sqrt(fan_in): large on attention logits (peaked softmax), small on the
 # residual branches' last layers (the residual stream stays in a float32-friendly range).
@@ -75,9 +76,18 @@ def make_state_dict(config: VoloConfig, image_size: int, seed: int = 0) -> dict[
 
 
 def write_checkpoint(path: str | Path, config: VoloConfig, image_size: int, seed: int = 0) -> Path:
-    """Writes a synthetic release-format `.pth.tar` (a bare state dict) and returns its path."""
-    path = Path(path)
-    torch.save(make_state_dict(config, image_size, seed), path)
+    """Writes a synthetic release-format `.pth.tar` (a bare state dict) and returns its path.
+
+    It replaces a file at `path` (the callers decide that it may) through the output
+    policy: staged, then moved into place.
+    """
+    path = check_output_path(path, overwrite=True)
+    with staged_output(path) as temp_path:
+        try:
+            torch.save(make_state_dict(config, image_size, seed), temp_path)
+        except (OSError, RuntimeError) as error:  # torch words a full disk as a RuntimeError
+            raise ConversionError(f"{path}: could not write ({first_line(error)})") from None
+        move_into_place(temp_path, path)
     return path
 
 
@@ -109,7 +119,10 @@ def write_release_checkpoints(
         The paths of the requested files.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConversionError(f"{folder}: cannot create the folder ({error.strerror})") from None
     names = list(RELEASE_CHECKPOINTS) if names is None else names
     paths = []
     for name in names:

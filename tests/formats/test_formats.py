@@ -88,7 +88,8 @@ def tiny_tflite(tiny_model: keras.Model) -> dict[str, bytes]:
         ("d1.tflite", None, "tflite"),
         ("d1_savedmodel", None, "savedmodel"),
         ("out/d1.v2/", None, "savedmodel"),
-        ("d1.h5", "tflite", "tflite"),
+        ("d1.bin", "tflite", "tflite"),
+        ("d1_model", "h5", "h5"),
     ],
 )
 def test_output_format_from_path_or_request(path: str, requested: str, expected: str) -> None:

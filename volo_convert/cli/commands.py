@@ -38,6 +38,7 @@ from volo_convert.options import (
     BatchOptions,
     ConvertOptions,
 )
+from volo_convert.signals import Stopped, stop_on_signals
 
 DEMO_CHECKPOINT = "d1_224_84.2.pth.tar"
 DEMO_OUTPUT = "d1_224.h5"
@@ -45,9 +46,9 @@ DEMO_OUTPUT = "d1_224.h5"
 
 def _finish(result: Any, report: Path | None) -> None:
     """Prints the result (the library wrote the report), and exits 1 if parity failed."""
-    click.echo(result.summary())
+    click.echo("\n".join(one_line(line) for line in result.summary().splitlines()))
     if report is not None:
-        click.echo(f"report written to {report}")
+        click.echo(one_line(f"report written to {report}"))
     if not result.passed:
         message = result.failure_reason
         if result.convert_seconds is not None:
@@ -346,4 +347,11 @@ def main() -> None:
     if volo_convert.KERAS_IMPORT_ERROR is not None:  # a bad KERAS_BACKEND, say
         click.echo(f"Error: {one_line(volo_convert.KERAS_IMPORT_ERROR)}", err=True)
         sys.exit(EXIT_BAD_INPUT)
-    cli(prog_name="volo-convert")
+    # A stop signal (INT, TERM, HUP) unwinds every cleanup, then ends in one line and
+    # 128 + its number, whatever the command was doing.
+    try:
+        with stop_on_signals():
+            cli(prog_name="volo-convert")
+    except Stopped as stopped:
+        click.echo(f"Aborted: stopped by {stopped.name}; nothing partial was left", err=True)
+        sys.exit(stopped.exit_code)

@@ -23,6 +23,7 @@ from volo_convert.options import (
     DEFAULT_SEED,
     DEVICES,
     EXIT_BAD_INPUT,
+    EXIT_BROKEN_PIPE,
     EXIT_INTERNAL_ERROR,
     FLOAT16_ATOL,
     HEADS,
@@ -30,7 +31,6 @@ from volo_convert.options import (
     MAX_IMAGE_SIZE,
     MAX_SEED,
 )
-from volo_convert.signals import Stopped, stop_on_signals
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
 
@@ -66,18 +66,16 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Runs a command so that every way it can end reads as one line and one exit code.
 
     A library error (the user's mistake) exits 2; any other exception is a bug and exits
-    3; a stop signal (INT, TERM, HUP) unwinds the cleanups, prints one `Aborted:` line and
-    exits 128 + its number. `--debug` shows the traceback instead.
+    3. `--debug` shows the traceback instead. (Stop signals are handled by `main`.)
     """
 
     @functools.wraps(command)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
         try:
-            with stop_on_signals():
-                return command(*args, **kwargs)
-        except Stopped as stopped:
-            click.echo(f"Aborted: stopped by {stopped.name}; nothing partial was left", err=True)
-            sys.exit(stopped.exit_code)
+            return command(*args, **kwargs)
+        except BrokenPipeError:  # the reader of our output went away (`| head`): not a bug
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_BROKEN_PIPE)
         except ConversionError as error:
             if debug:
                 raise

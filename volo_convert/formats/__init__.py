@@ -67,10 +67,13 @@ def artifact_format(path: str | Path) -> str:
         if not (path / SAVEDMODEL_MARKER).is_file():
             raise ConversionError(f"{path}: a folder without saved_model.pb is not a SavedModel")
         return SAVEDMODEL
-    fmt = output_format(path)
-    if fmt == SAVEDMODEL:
-        raise ConversionError(f"{path}: a file without extension; a SavedModel is a folder")
-    return fmt
+    suffix = path.suffix.lower()
+    if suffix not in FORMAT_SUFFIXES:
+        raise ConversionError(
+            f"{path}: not a model file: expected a {', '.join(FORMAT_SUFFIXES)} file or a "
+            "SavedModel folder"
+        )
+    return FORMAT_SUFFIXES[suffix]
 
 
 def check_backend(fmt: str) -> None:

@@ -47,7 +47,7 @@ class SavedModelRunner:
         try:
             self._loaded = tf.saved_model.load(str(path))
             self._function = self._loaded.signatures[SERVING_SIGNATURE]
-        except (OSError, KeyError, ValueError) as error:
+        except Exception as error:  # whatever a damaged or foreign folder makes TF raise
             raise ConversionError(
                 f"{path}: not a loadable SavedModel ({first_line(error)})"
             ) from None

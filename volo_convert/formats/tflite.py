@@ -122,7 +122,7 @@ class TFLiteRunner:
         content = Path(path).read_bytes()
         try:
             self._interpreter = _tflite_interpreter(content, num_threads)
-        except ValueError as error:
+        except Exception as error:  # whatever a damaged or foreign file makes it raise
             raise ConversionError(
                 f"{path}: not a loadable TFLite model ({first_line(error)})"
             ) from None

@@ -1,0 +1,55 @@
+"""What checking a checkpoint's zip CRCs costs, beside reading the same bytes.
+
+Alternates, in one process, a plain chunked read of the file and the CRC pass that
+volo-convert runs before loading (weights/checkpoint.py), and reports the medians with
+the machine's load average. Both read from the page cache after the first round.
+
+    python scripts/bench_crc.py CHECKPOINT --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+from volo_convert.environment import environment_line
+from volo_convert.weights.checkpoint import CRC_CHUNK_BYTES, _check_zip_records
+
+
+def plain_read(path: Path) -> None:
+    """Reads every byte, in the chunks the CRC pass uses."""
+    buffer = bytearray(CRC_CHUNK_BYTES)
+    with path.open("rb", buffering=0) as stream:
+        while stream.readinto(buffer):
+            pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    timings: dict[str, list[float]] = {"plain read": [], "CRC pass": []}
+    for _ in range(args.rounds):
+        for name, run in (("plain read", plain_read), ("CRC pass", _check_zip_records)):
+            started = time.perf_counter()
+            run(args.checkpoint)
+            timings[name].append(time.perf_counter() - started)
+    size = args.checkpoint.stat().st_size
+    print(f"environment: {environment_line()}")
+    if load > 0.5 * os.cpu_count():
+        print(f"WARNING: load average {load:.2f} at the start: a loaded machine, not a result")
+    print(f"{args.checkpoint.name}: {size / 1e9:.2f} GB, median of {args.rounds} rounds\n")
+    print("| pass | median s | GB/s |")
+    print("|---|---|---|")
+    for name, values in timings.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.2f} | {size / median / 1e9:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

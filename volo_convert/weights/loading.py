@@ -1,0 +1,53 @@
+"""A checkpoint ready to convert: its tensors, the architecture they fit, the image size."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from volo_convert.architecture.variants import VoloConfig, detect_config, get_variant
+from volo_convert.errors import about
+from volo_convert.options import ConvertOptions
+from volo_convert.weights.checkpoint import check_finite, load_state_dict, tensor_shapes
+from volo_convert.weights.mapping import weight_mappings
+from volo_convert.weights.resolution import resize_pos_embed
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint's tensors and the architecture they fit, resized to `image_size`."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: VoloConfig
+    image_size: int
+
+    def parameter_count(self, head: str) -> int:
+        """Weights of the model ending in `head`: the checkpoint tensors it keeps.
+
+        The same figure as `keras.Model.count_params()`, for files that keep no such count.
+        """
+        return sum(
+            self.state_dict[mapping.torch_key].numel()
+            for mapping in weight_mappings(self.config, head)
+            if mapping.keras_path is not None and mapping.torch_key in self.state_dict
+        )
+
+
+def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoint:
+    """Reads a checkpoint, finds its architecture and resizes pos_embed if asked to.
+
+    `options.variant` overrides the detected variant (keeping the checkpoint's class
+    count); `options.image_size` converts to another input size.
+    """
+    state_dict = load_state_dict(path, ema=options.ema, trust_checkpoint=options.trust_checkpoint)
+    with about(path):
+        config, image_size = detect_config(tensor_shapes(state_dict))
+    if options.variant is not None:
+        config = get_variant(options.variant).with_num_classes(config.num_classes)
+    check_finite(state_dict, path)
+    if options.image_size is not None and options.image_size != image_size:
+        state_dict["pos_embed"] = resize_pos_embed(state_dict["pos_embed"], options.image_size)
+        image_size = options.image_size
+    return LoadedCheckpoint(state_dict, config, image_size)
