@@ -11,6 +11,7 @@ import keras
 import torch
 
 from volo_convert.architecture.keras_model import build_volo, model_head
+from volo_convert.architecture.torch_reference import parameter_shapes
 from volo_convert.architecture.variants import VoloConfig, detect_config, get_variant
 from volo_convert.checks.diagnosis import diagnose
 from volo_convert.checks.parity import check_parity
@@ -39,7 +40,7 @@ from volo_convert.results import ConversionResult
 from volo_convert.weights.checkpoint import check_finite, load_state_dict, tensor_shapes
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.memory import MappedCheckpoint
-from volo_convert.weights.porting import port_weights
+from volo_convert.weights.porting import check_checkpoint, port_weights
 from volo_convert.weights.resolution import resize_pos_embed
 
 StageCallback = Callable[[str], None]
@@ -73,14 +74,18 @@ def _notify(on_stage: StageCallback | None, stage: str) -> None:
 def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoint:
     """Reads a checkpoint, finds its architecture and resizes pos_embed if asked to.
 
-    `options.variant` overrides the detected variant (keeping the checkpoint's class
-    count); `options.image_size` converts to another input size.
+    Every tensor's name and shape is checked against the mapping tables and the
+    architecture here, before any model is built, so a bad checkpoint fails as soon as
+    it is read. `options.variant` overrides the detected variant (keeping the
+    checkpoint's class count); `options.image_size` converts to another input size.
     """
     state_dict = load_state_dict(path, ema=options.ema, trust_checkpoint=options.trust_checkpoint)
+    shapes = tensor_shapes(state_dict)
     with about(path):
-        config, image_size = detect_config(tensor_shapes(state_dict))
-    if options.variant is not None:
-        config = get_variant(options.variant).with_num_classes(config.num_classes)
+        config, image_size = detect_config(shapes)
+        if options.variant is not None:
+            config = get_variant(options.variant).with_num_classes(config.num_classes)
+        check_checkpoint(shapes, weight_mappings(config), parameter_shapes(config, image_size))
     check_finite(state_dict, path)
     if options.image_size is not None and options.image_size != image_size:
         state_dict["pos_embed"] = resize_pos_embed(state_dict["pos_embed"], options.image_size)
