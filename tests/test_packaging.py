@@ -114,7 +114,7 @@ IMPORT_LAYERS = (
     ("pipeline", "batch", "results"),
     ("checks", "formats"),
     ("weights", "architecture", "synthetic"),
-    ("options", "errors", "environment"),
+    ("options", "errors", "environment", "provenance"),
 )
 
 

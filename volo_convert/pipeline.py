@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,12 +11,14 @@ from pathlib import Path
 import keras
 import torch
 
+from volo_convert import __version__
 from volo_convert.architecture.keras_model import build_volo, model_head
 from volo_convert.architecture.torch_reference import parameter_shapes
 from volo_convert.architecture.variants import VoloConfig, detect_config, get_variant
 from volo_convert.checks.diagnosis import diagnose
 from volo_convert.checks.parity import check_parity
 from volo_convert.checks.reference import resolve_device, run_reference
+from volo_convert.environment import environment
 from volo_convert.errors import ConversionError, about
 from volo_convert.formats import (
     Predictor,
@@ -23,9 +26,11 @@ from volo_convert.formats import (
     check_backend,
     load_artifact,
     output_format,
+    read_provenance,
     runtime_name,
     save_model,
     weight_dtype,
+    write_provenance,
 )
 from volo_convert.formats.staging import check_output_path, move_into_place, staged_output
 from volo_convert.options import (
@@ -36,6 +41,7 @@ from volo_convert.options import (
     ConvertOptions,
     default_atol,
 )
+from volo_convert.provenance import Provenance, VerificationRecord, file_sha256
 from volo_convert.results import ConversionResult
 from volo_convert.weights.checkpoint import check_finite, load_state_dict, tensor_shapes
 from volo_convert.weights.mapping import weight_mappings
@@ -44,15 +50,20 @@ from volo_convert.weights.porting import check_checkpoint, port_weights
 from volo_convert.weights.resolution import resize_pos_embed
 
 StageCallback = Callable[[str], None]
+WarningCallback = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedCheckpoint:
-    """A checkpoint's tensors and the architecture they fit, resized to `image_size`."""
+    """A checkpoint's tensors and the architecture they fit, resized to `image_size`.
+
+    `sha256` is the hash of the file they were read from.
+    """
 
     state_dict: dict[str, torch.Tensor]
     config: VoloConfig
     image_size: int
+    sha256: str
 
     def parameter_count(self, head: str) -> int:
         """Weights of the model ending in `head`: the checkpoint tensors it keeps.
@@ -80,6 +91,7 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
     checkpoint's class count); `options.image_size` converts to another input size.
     """
     state_dict = load_state_dict(path, ema=options.ema, trust_checkpoint=options.trust_checkpoint)
+    sha256 = file_sha256(path)
     shapes = tensor_shapes(state_dict)
     with about(path):
         config, image_size = detect_config(shapes)
@@ -90,7 +102,7 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
     if options.image_size is not None and options.image_size != image_size:
         state_dict["pos_embed"] = resize_pos_embed(state_dict["pos_embed"], options.image_size)
         image_size = options.image_size
-    return LoadedCheckpoint(state_dict, config, image_size)
+    return LoadedCheckpoint(state_dict, config, image_size, sha256)
 
 
 def _keras_graph(model: Predictor, checkpoint: LoadedCheckpoint, head: str) -> keras.Model:
@@ -172,6 +184,51 @@ def _save(
         ) from None
 
 
+def _provenance(
+    result: ConversionResult, checkpoint: LoadedCheckpoint, options: ConvertOptions
+) -> Provenance:
+    """What the output records about itself, once verified (or not, with `--no-verify`)."""
+    parity = result.parity
+    verification = None
+    if parity is not None and result.runtime is not None and result.verify_seconds is not None:
+        verification = VerificationRecord(
+            max_abs_diff=parity.max_abs_diff,
+            max_rel_diff=parity.max_rel_diff,
+            top1_agreement=parity.top1_agreement,
+            atol=parity.atol,
+            images=parity.batch_size,
+            seed=options.seed,
+            device=parity.device,
+            runtime=result.runtime,
+            seconds=round(result.verify_seconds, 1),
+        )
+    return Provenance(
+        converter_version=__version__,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        source_file=Path(result.checkpoint).name,
+        source_sha256=checkpoint.sha256,
+        variant=result.variant,
+        image_size=result.image_size,
+        head=result.head,
+        num_classes=result.num_classes,
+        output_format=str(result.output_format),
+        verification=verification,
+        environment=environment(),
+    )
+
+
+def _record_provenance(
+    temp_path: Path, output_path: Path, fmt: str, provenance: Provenance
+) -> None:
+    """Writes the provenance into the staged file, naming the user's path if the disk refuses."""
+    try:
+        write_provenance(temp_path, fmt, provenance)
+    except OSError as error:
+        raise ConversionError(
+            f"{output_path}: could not record the provenance ({error.strerror or error})"
+        ) from None
+
+
 def convert(
     checkpoint_path: str | Path,
     output_path: str | Path,
@@ -181,9 +238,10 @@ def convert(
     """Converts one checkpoint to a model file and, unless told not to, verifies it.
 
     The file (or SavedModel folder) is written beside `output_path` under a temporary
-    name, reloaded and verified from disk in its format's runtime, and only then moved
-    into place. A failed verification leaves nothing at `output_path` and returns a
-    result whose `passed` is False (with a per-stage diagnosis).
+    name, reloaded and verified from disk in its format's runtime, given its provenance
+    record (source, model, verification figures, versions), and only then moved into
+    place. A failed verification leaves nothing at `output_path` and returns a result
+    whose `passed` is False (with a per-stage diagnosis).
 
     Args:
         checkpoint_path: the PyTorch checkpoint.
@@ -216,6 +274,7 @@ def convert(
         head=options.output_head,
         output_format=fmt,
         runtime=runtime_name(fmt) if options.verify else None,
+        checkpoint_sha256=checkpoint.sha256,
     )
     with staged_output(output_path, folder=fmt == SAVEDMODEL) as temp_path:
         _notify(on_stage, "saving")
@@ -225,6 +284,9 @@ def convert(
         if device is not None:
             _verify(load_artifact(temp_path, fmt), checkpoint, options, device, result, on_stage)
         if result.passed:
+            _notify(on_stage, "recording")
+            provenance = _provenance(result, checkpoint, options)
+            _record_provenance(temp_path, output_path, fmt, provenance)
             if output_path.exists() and not options.overwrite:
                 raise ConversionError(
                     f"{output_path}: appeared while converting; pass --overwrite to replace it"
@@ -252,21 +314,46 @@ def _artifact_head(model: Predictor, config: VoloConfig, requested: str | None) 
     return head
 
 
+def _recorded_sha256(model_path: str | Path, warn: WarningCallback) -> str | None:
+    """The SHA-256 of the checkpoint the model records it came from, if it records one."""
+    try:
+        provenance = read_provenance(model_path)
+    except ConversionError as error:
+        warn(f"{error}; verifying anyway")
+        return None
+    return None if provenance is None else provenance.source_sha256
+
+
 def verify_file(
     model_path: str | Path,
     checkpoint_path: str | Path,
     options: ConvertOptions = DEFAULT_CONVERT_OPTIONS,
     on_stage: StageCallback | None = None,
+    on_warning: WarningCallback | None = None,
 ) -> ConversionResult:
     """Verifies an existing model against the checkpoint it was converted from.
 
     `model_path` is a `.h5` or `.keras` file, a SavedModel folder or a `.tflite` file,
     run in its format's runtime. The image size is the model's input size (pos_embed is
-    resized to it if needed); the head is the one the model ends in.
+    resized to it if needed); the head is the one the model ends in. A checkpoint whose
+    SHA-256 differs from the one the model records is verified all the same, after a
+    warning; the warnings are also kept in the result.
+
+    Args:
+        on_stage: called with each stage's name as it starts.
+        on_warning: called with each warning (one line) as it arises.
     """
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
     device = resolve_device(options.device)
     _notify(on_stage, "loading")
     fmt = artifact_format(model_path)
+    recorded_sha256 = _recorded_sha256(model_path, warn)
     model = load_artifact(model_path, fmt)
     image_size = model.input_shape[1]
     if options.image_size is not None and options.image_size != image_size:
@@ -277,6 +364,12 @@ def verify_file(
     checkpoint = load_checkpoint(
         checkpoint_path, dataclasses.replace(options, image_size=image_size)
     )
+    if recorded_sha256 is not None and recorded_sha256 != checkpoint.sha256:
+        warn(
+            f"{checkpoint_path} is not the checkpoint {model_path} was converted from "
+            f"(SHA-256 {checkpoint.sha256[:12]}, recorded {recorded_sha256[:12]}); "
+            "verifying anyway"
+        )
     with about(model_path):
         head = _artifact_head(model, checkpoint.config, options.head)
     if head == "features":
@@ -298,6 +391,9 @@ def verify_file(
         head=head,
         output_format=fmt,
         runtime=runtime_name(fmt),
+        checkpoint_sha256=checkpoint.sha256,
+        recorded_sha256=recorded_sha256,
+        warnings=warnings,
     )
     _verify(model, checkpoint, options, device, result, on_stage)
     return result

@@ -14,7 +14,6 @@ exists and the report says it passed from a file with the same SHA-256.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import time
@@ -32,9 +31,9 @@ from volo_convert.batch.report import (
 )
 from volo_convert.errors import ConversionError, first_line
 from volo_convert.options import DEFAULT_ATOL, DEFAULT_BATCH_OPTIONS, BatchOptions, Status
+from volo_convert.provenance import file_sha256
 
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".safetensors")
-HASH_CHUNK_BYTES = 16 * 1024 * 1024
 
 BatchStageCallback = Callable[[Path, str], None]
 
@@ -77,15 +76,6 @@ def output_stem(checkpoint: Path) -> str:
         if checkpoint.name.endswith(suffix):
             return checkpoint.name.removesuffix(suffix)
     return checkpoint.stem
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's content, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_previous_entries(out_dir: Path) -> dict[str, BatchEntry]:

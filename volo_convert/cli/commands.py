@@ -25,6 +25,7 @@ from volo_convert.cli.parameters import (
     head_option,
     verification_options,
 )
+from volo_convert.errors import ConversionError
 from volo_convert.options import (
     DEFAULT_HEAD,
     DEFAULT_SEED,
@@ -65,6 +66,11 @@ def _finish(result: Any, report: Path | None) -> None:
 def _stage_printer() -> Callable[[str], None]:
     """Prints each pipeline stage to stderr as it starts."""
     return lambda stage: click.echo(f"[{stage}]", err=True)
+
+
+def _warning_printer(message: str) -> None:
+    """Prints a one-line warning to stderr."""
+    click.echo(f"Warning: {message}", err=True)
 
 
 @click.group(cls=DefaultCommandGroup, context_settings=CONTEXT_SETTINGS)
@@ -152,7 +158,8 @@ def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: An
 
     MODEL is a .h5 or .keras file (run under the Keras backend KERAS_BACKEND names), a
     SavedModel folder or a .tflite file. Exits 0 when the logits agree within --atol, 1
-    when they do not.
+    when they do not. A checkpoint whose SHA-256 is not the one MODEL records is checked
+    all the same, after a warning.
 
     \b
     Example:
@@ -165,7 +172,33 @@ def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: An
 
     options = ConvertOptions(**fields)
     _check_report_path(report)
-    _finish(verify_file(model_file, checkpoint, options, on_stage=_stage_printer()), report)
+    result = verify_file(model_file, checkpoint, options, _stage_printer(), _warning_printer)
+    _finish(result, report)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@handles_errors
+def inspect(model_file: Path, as_json: bool) -> None:
+    """Show what a converted model records: its source, model and verification.
+
+    Every file volo-convert writes records the checkpoint it came from (name and
+    SHA-256), the variant, image size, head and classes, the verification figures and
+    the library versions. Only that record is read: the model is not loaded, and torch
+    is not imported. Exits 2 if MODEL holds no record.
+
+    \b
+    Example:
+      volo-convert inspect d1.h5
+      volo-convert inspect d1_savedmodel/ --json
+    """
+    from volo_convert.formats import read_provenance
+
+    provenance = read_provenance(model_file)
+    if provenance is None:
+        raise ConversionError(f"{model_file}: holds no volo-convert provenance record")
+    click.echo(provenance.to_json() if as_json else provenance.summary())
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
