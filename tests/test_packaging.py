@@ -114,7 +114,7 @@ IMPORT_LAYERS = (
     ("pipeline", "batch", "results"),
     ("checks", "formats"),
     ("weights", "architecture", "synthetic"),
-    ("options", "errors", "environment", "provenance"),
+    ("options", "errors", "environment", "provenance", "native_logs"),
 )
 
 

@@ -2,9 +2,14 @@
 
 Importing the package registers its custom Keras layers, so `keras.models.load_model`
 reads a converted `.h5` or `.keras` file right after `import volo_convert`. It imports
-Keras, never torch.
+Keras, never torch; TensorFlow's start-up lines are held back (see `native_logs`).
 """
 
 __version__ = "0.1.0"
 
-from volo_convert.architecture import keras_layers as _keras_layers  # noqa: F401
+from volo_convert import native_logs as _native_logs
+
+with _native_logs.known_lines_held_back(_native_logs.STARTUP_LINES):
+    from volo_convert.architecture import keras_layers as _keras_layers  # noqa: F401
+
+    _native_logs.find_tensorflow_devices()

@@ -282,7 +282,10 @@ def convert(
         del model
         result.convert_seconds = time.perf_counter() - started
         if device is not None:
-            _verify(load_artifact(temp_path, fmt), checkpoint, options, device, result, on_stage)
+            _notify(on_stage, "reloading")
+            reloaded = load_artifact(temp_path, fmt)
+            _verify(reloaded, checkpoint, options, device, result, on_stage)
+            del reloaded
         if result.passed:
             _notify(on_stage, "recording")
             provenance = _provenance(result, checkpoint, options)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def test_bad_file_is_reported_and_the_others_are_converted(first_batch: tuple) -
         "report.json",
         "report.md",
     ]
+
+
+def test_a_log_shows_each_file_and_stage_with_its_duration(first_batch: tuple) -> None:
+    _, _, result = first_batch
+    lines = result.output.splitlines()
+    stages = [line.split() for line in lines if line.startswith(f"{CORRUPT}: ")]
+    assert [words[1] for words in stages] == ["hashing", "starting", "loading", "exiting", "error"]
+    assert all(re.fullmatch(r"\d+\.\ds", words[2]) for words in stages[:-1])
+    good = [line.split()[1] for line in lines if line.startswith(f"{GOOD}: ")]
+    assert good[-3:] == ["recording", "exiting", "passed"]
 
 
 def test_report_holds_every_figure(first_batch: tuple) -> None:

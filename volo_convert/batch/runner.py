@@ -34,6 +34,7 @@ from volo_convert.options import DEFAULT_ATOL, DEFAULT_BATCH_OPTIONS, BatchOptio
 from volo_convert.provenance import file_sha256
 
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".safetensors")
+EXITING_STAGE = "exiting"  # the worker has sent its outcome and shuts its libraries down
 
 BatchStageCallback = Callable[[Path, str], None]
 
@@ -167,6 +168,7 @@ def convert_isolated(
                 on_stage(message[1])
             else:
                 outcome = message
+                on_stage(EXITING_STAGE)
         process.join()
     finally:
         if process.is_alive():

@@ -6,7 +6,6 @@ Exit codes: 0 parity passed (or not checked), 1 parity failed, 2 bad input or us
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from volo_convert.cli.parameters import (
     head_option,
     verification_options,
 )
+from volo_convert.cli.progress import StageDisplay
 from volo_convert.errors import ConversionError
 from volo_convert.options import (
     DEFAULT_HEAD,
@@ -61,16 +61,6 @@ def _finish(result: Any, report: Path | None) -> None:
             message += f"; nothing was written at {result.output}"
         click.echo(f"Error: {message}", err=True)
         sys.exit(EXIT_PARITY_FAILED)
-
-
-def _stage_printer() -> Callable[[str], None]:
-    """Prints each pipeline stage to stderr as it starts."""
-    return lambda stage: click.echo(f"[{stage}]", err=True)
-
-
-def _warning_printer(message: str) -> None:
-    """Prints a one-line warning to stderr."""
-    click.echo(f"Warning: {message}", err=True)
 
 
 @click.group(cls=DefaultCommandGroup, context_settings=CONTEXT_SETTINGS)
@@ -141,7 +131,9 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 
     options = ConvertOptions(**fields)
     _check_report_path(report)
-    _finish(run_convert(checkpoint, output, options, on_stage=_stage_printer()), report)
+    with StageDisplay() as display:
+        result = run_convert(checkpoint, output, options, on_stage=display)
+    _finish(result, report)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -172,7 +164,8 @@ def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: An
 
     options = ConvertOptions(**fields)
     _check_report_path(report)
-    result = verify_file(model_file, checkpoint, options, _stage_printer(), _warning_printer)
+    with StageDisplay() as display:
+        result = verify_file(model_file, checkpoint, options, display, display.warn)
     _finish(result, report)
 
 
@@ -227,9 +220,10 @@ def demo(workdir: Path, report: Path | None, **fields: Any) -> None:
     from volo_convert.synthetic import write_release_checkpoints
 
     options = ConvertOptions(overwrite=True, **fields)
-    click.echo(f"writing synthetic checkpoint {workdir / DEMO_CHECKPOINT}", err=True)
-    (checkpoint,) = write_release_checkpoints(workdir, [DEMO_CHECKPOINT], overwrite=True)
-    result = run_convert(checkpoint, workdir / DEMO_OUTPUT, options, on_stage=_stage_printer())
+    with StageDisplay() as display:
+        display.write(f"writing synthetic checkpoint {workdir / DEMO_CHECKPOINT}")
+        (checkpoint,) = write_release_checkpoints(workdir, [DEMO_CHECKPOINT], overwrite=True)
+        result = run_convert(checkpoint, workdir / DEMO_OUTPUT, options, on_stage=display)
     _finish(result, report)
 
 
@@ -272,22 +266,23 @@ def batch(checkpoints: tuple[Path, ...], out_dir: Path, force: bool, **fields: A
       volo-convert batch checkpoints/ -o keras/
       volo-convert batch d1_224_84.2.pth.tar d5_512_87.07.pth.tar -o keras/ --format keras
     """
-    from tqdm import tqdm
-
     from volo_convert.batch.report import REPORT_MD, render_text
     from volo_convert.batch.runner import find_checkpoints, run_batch
 
     options = BatchOptions(ConvertOptions(overwrite=True, **fields), force=force)
     found = find_checkpoints(checkpoints)
-    with tqdm(total=len(found), unit="file", file=sys.stderr, dynamic_ncols=True) as bar:
+    with StageDisplay() as display:
 
         def show_stage(checkpoint: Path, stage: str) -> None:
-            bar.set_description_str(checkpoint.name, refresh=False)
-            bar.set_postfix_str(stage)
+            if display.label != f"{checkpoint.name}: ":
+                display.finish()
+                display.label = f"{checkpoint.name}: "
+                display.counter = f"file {found.index(checkpoint) + 1} of {len(found)}"
+            display(stage)
 
         def show_entry(entry: Any) -> None:
-            bar.write(f"{entry.file}: {entry.status}", file=sys.stderr)
-            bar.update(1)
+            display.finish()
+            display.write(f"{entry.file}: {entry.status}")
 
         report = run_batch(found, out_dir, options, on_stage=show_stage, on_entry=show_entry)
     click.echo(render_text(report), nl=False)

@@ -7,7 +7,6 @@ options with ConvertOptions(**fields) and the options object checks them.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import click
 
 from volo_convert.architecture.variants import VARIANTS
 from volo_convert.errors import ConversionError
+from volo_convert.native_logs import show_everything
 from volo_convert.options import (
     DEFAULT_ATOL,
     DEFAULT_BATCH_SIZE,
@@ -25,8 +25,6 @@ from volo_convert.options import (
     FLOAT16_ATOL,
     HEADS,
 )
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -72,8 +70,19 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             ) from None
 
     return click.option(
-        "--debug", is_flag=True, help="Show the full traceback on errors (for bug reports)."
+        "--debug",
+        is_flag=True,
+        callback=_show_native_logs,
+        help="Show the full traceback on errors, and the native libraries' start-up lines "
+        "(for bug reports).",
     )(wrapper)
+
+
+def _show_native_logs(context: click.Context, parameter: click.Parameter, debug: bool) -> bool:
+    """`--debug` also shows the native lines held back so far, and holds back none after."""
+    if debug:
+        show_everything()
+    return debug
 
 
 def option_group(*options: Decorator) -> Decorator:

@@ -18,6 +18,7 @@ import numpy as np
 
 from volo_convert.errors import ConversionError, first_line
 from volo_convert.formats.savedmodel import export_saved_model
+from volo_convert.native_logs import TFLITE_LINES, known_lines_held_back
 from volo_convert.options import TFLITE_DTYPES, check_choice
 from volo_convert.provenance import PROVENANCE_NAME
 
@@ -51,7 +52,8 @@ def convert_to_tflite(model: keras.Model, dtype: str = "float32") -> bytes:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
         try:
-            content = converter.convert()
+            with known_lines_held_back(TFLITE_LINES):
+                content = converter.convert()
         except Exception as error:
             raise ConversionError(
                 f"TFLite conversion with builtin ops only failed: {type(error).__name__} "
@@ -158,20 +160,21 @@ class TFLiteRunner:
 
     def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
         content = Path(path).read_bytes()
-        try:
-            self._interpreter = _tflite_interpreter(content, num_threads)
-        except ValueError as error:
-            raise ConversionError(
-                f"{path}: not a loadable TFLite model ({first_line(error)})"
-            ) from None
+        with known_lines_held_back(TFLITE_LINES):  # the XNNPACK delegate announces itself
+            try:
+                self._interpreter = _tflite_interpreter(content, num_threads)
+            except ValueError as error:
+                raise ConversionError(
+                    f"{path}: not a loadable TFLite model ({first_line(error)})"
+                ) from None
+            (input_details,) = self._interpreter.get_input_details()
+            (output_details,) = self._interpreter.get_output_details()
+            if input_details["shape"][0] != 1:
+                self._interpreter.resize_tensor_input(
+                    input_details["index"], [1, *input_details["shape"][1:]]
+                )
+            self._interpreter.allocate_tensors()
         self.weight_dtype = weight_dtype(content)
-        (input_details,) = self._interpreter.get_input_details()
-        (output_details,) = self._interpreter.get_output_details()
-        if input_details["shape"][0] != 1:
-            self._interpreter.resize_tensor_input(
-                input_details["index"], [1, *input_details["shape"][1:]]
-            )
-        self._interpreter.allocate_tensors()
         self._input_index = input_details["index"]
         self._output_index = output_details["index"]
         self.input_shape = (None, *(int(size) for size in input_details["shape"][1:]))
