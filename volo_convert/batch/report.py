@@ -51,6 +51,7 @@ class BatchEntry:
     verify_seconds: float | None = None
     peak_rss_bytes: int | None = None
     reason: str | None = None
+    stage: str | None = None  # the last stage this file reached; where a failure happened
 
     @property
     def ok(self) -> bool:

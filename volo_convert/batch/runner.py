@@ -149,13 +149,17 @@ def convert_isolated(
     options: BatchOptions,
     on_stage: Callable[[str], None],
 ) -> BatchEntry:
-    """Converts and verifies one checkpoint in a spawned process; returns its filled entry."""
+    """Converts and verifies one checkpoint in a spawned process; returns its filled entry.
+
+    A file that fails keeps the stage it failed in (`entry.stage`).
+    """
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(
         target=_convert_in_worker, args=(checkpoint, output, options, sender), daemon=True
     )
     outcome: tuple[Any, ...] | None = None
+    stage = None
     try:
         process.start()
         sender.close()  # the worker holds the only writer now, so its exit ends recv()
@@ -165,7 +169,8 @@ def convert_isolated(
             except EOFError:
                 break
             if message[0] == "stage":
-                on_stage(message[1])
+                stage = message[1]
+                on_stage(stage)
             else:
                 outcome = message
                 on_stage(EXITING_STAGE)
@@ -175,6 +180,7 @@ def convert_isolated(
             process.terminate()
             process.join()
         receiver.close()
+    entry = dataclasses.replace(entry, stage=stage)
     if outcome is None:
         return dataclasses.replace(
             entry,

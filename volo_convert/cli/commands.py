@@ -15,6 +15,7 @@ from volo_convert import __version__
 from volo_convert.cli.parameters import (
     CONTEXT_SETTINGS,
     EXPLAIN,
+    JUNIT,
     REPORT,
     TRUST_CHECKPOINT,
     DefaultCommandGroup,
@@ -25,7 +26,7 @@ from volo_convert.cli.parameters import (
     verification_options,
 )
 from volo_convert.cli.progress import StageDisplay
-from volo_convert.errors import ConversionError
+from volo_convert.errors import ConversionError, first_line
 from volo_convert.options import (
     DEFAULT_HEAD,
     DEFAULT_SEED,
@@ -47,14 +48,19 @@ def _check_report_path(path: Path | None) -> None:
         raise InputError(f"{path}: the report folder {path.parent} does not exist")
 
 
-def _finish(result: Any, report: Path | None) -> None:
-    """Prints the result, writes the report, and exits 1 if parity failed."""
+def _finish(result: Any, report: Path | None, junit: Path | None = None) -> None:
+    """Prints the result, writes the reports, and exits 1 if parity failed."""
     from volo_convert.results import write_report
 
     click.echo(result.summary())
     if report is not None:
         write_report(report, result)
         click.echo(f"report written to {report}")
+    if junit is not None:
+        from volo_convert.junit import result_case, write_junit
+
+        write_junit(junit, "verify", [result_case(result)])
+        click.echo(f"JUnit report written to {junit}")
     if not result.passed:
         message = result.failure_reason
         if result.convert_seconds is not None:
@@ -142,10 +148,13 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @checkpoint_options
 @verification_options
 @REPORT
+@JUNIT
 @EXPLAIN
 @head_option(None, "The head MODEL must end in (default: whichever it ends in).")
 @handles_errors
-def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: Any) -> None:
+def verify(
+    model_file: Path, checkpoint: Path, report: Path | None, junit: Path | None, **fields: Any
+) -> None:
     """Check an existing model against its PyTorch checkpoint (for CI).
 
     MODEL is a .h5 or .keras file (run under the Keras backend KERAS_BACKEND names), a
@@ -156,17 +165,27 @@ def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: An
     \b
     Example:
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --atol 1e-4 --report parity.json
+      volo-convert verify d1.h5 d1_224_84.2.pth.tar --junit parity.xml
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --explain
       KERAS_BACKEND=torch volo-convert verify d1.keras d1_224_84.2.pth.tar
       volo-convert verify d1_fp16.tflite d1_224_84.2.pth.tar
     """
+    from volo_convert.junit import error_case, write_junit
     from volo_convert.pipeline import verify_file
 
     options = ConvertOptions(**fields)
     _check_report_path(report)
+    _check_report_path(junit)
     with StageDisplay() as display:
-        result = verify_file(model_file, checkpoint, options, display, display.warn)
-    _finish(result, report)
+        try:
+            result = verify_file(model_file, checkpoint, options, display, display.warn)
+        except ConversionError as error:
+            if junit is not None:
+                name = f"{checkpoint.name} -> {model_file}"
+                case = error_case(name, display.stage, display.elapsed, first_line(error))
+                write_junit(junit, "verify", [case])
+            raise
+    _finish(result, report, junit)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -247,11 +266,14 @@ def demo(workdir: Path, report: Path | None, **fields: Any) -> None:
 )
 @verification_options
 @TRUST_CHECKPOINT
+@JUNIT
 @click.option(
     "--force", is_flag=True, help="Convert again the files an earlier run already finished."
 )
 @handles_errors
-def batch(checkpoints: tuple[Path, ...], out_dir: Path, force: bool, **fields: Any) -> None:
+def batch(
+    checkpoints: tuple[Path, ...], out_dir: Path, force: bool, junit: Path | None, **fields: Any
+) -> None:
     """Convert and verify many checkpoints; a folder means its checkpoint files.
 
     Each output is named after its input (d1_224_84.2.pth.tar -> d1_224_84.2.h5). Each
@@ -264,12 +286,15 @@ def batch(checkpoints: tuple[Path, ...], out_dir: Path, force: bool, **fields: A
     Example:
       volo-convert synthesize checkpoints/
       volo-convert batch checkpoints/ -o keras/
+      volo-convert batch checkpoints/ -o keras/ --junit parity.xml
       volo-convert batch d1_224_84.2.pth.tar d5_512_87.07.pth.tar -o keras/ --format keras
     """
     from volo_convert.batch.report import REPORT_MD, render_text
     from volo_convert.batch.runner import find_checkpoints, run_batch
+    from volo_convert.junit import entry_case, write_junit
 
     options = BatchOptions(ConvertOptions(overwrite=True, **fields), force=force)
+    _check_report_path(junit)
     found = find_checkpoints(checkpoints)
     with StageDisplay() as display:
 
@@ -286,6 +311,9 @@ def batch(checkpoints: tuple[Path, ...], out_dir: Path, force: bool, **fields: A
 
         report = run_batch(found, out_dir, options, on_stage=show_stage, on_entry=show_entry)
     click.echo(render_text(report), nl=False)
+    if junit is not None:
+        write_junit(junit, "batch", [entry_case(entry) for entry in report.entries])
+        click.echo(f"JUnit report written to {junit}")
     if not report.passed:
         failed = sum(not entry.ok for entry in report.entries)
         click.echo(

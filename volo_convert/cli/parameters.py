@@ -144,6 +144,12 @@ REPORT = click.option(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the figures as JSON to this file.",
 )
+JUNIT = click.option(
+    "--junit",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the result as JUnit XML to this file (one test case per checkpoint), for CI "
+    "test reports.",
+)
 
 verification_options = option_group(ATOL, DEVICE, BATCH_SIZE, SEED)
 checkpoint_options = option_group(VARIANT, IMAGE_SIZE, EMA, TRUST_CHECKPOINT)
