@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import volo_convert
 from volo_convert.errors import ConversionError
-from volo_convert.options import ConvertOptions
-from volo_convert.pipeline import convert
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +50,8 @@ def test_a_checkpoint_that_cannot_fit_fails_before_building(
     torch.save(state_dict, checkpoint)
     stages: list[str] = []
     with pytest.raises(ConversionError) as raised:
-        convert(
-            checkpoint,
-            tmp_path / "d1.h5",
-            ConvertOptions(head="cls", device="cpu"),
-            on_stage=stages.append,
+        volo_convert.convert(
+            checkpoint, tmp_path / "d1.h5", head="cls", device="cpu", on_stage=stages.append
         )
     assert str(raised.value) == f"{checkpoint}: {message}"
     assert stages == ["loading"]

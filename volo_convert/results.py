@@ -20,7 +20,7 @@ class ConversionResult:
 
     `checkpoint_sha256` is the hash of the checkpoint read; a verification also holds
     `recorded_sha256`, the hash the model's provenance records (None if it has none),
-    and the `warnings` it gave.
+    and the `warnings` it gave. `str(result)` is the summary the CLI prints.
     """
 
     checkpoint: str
@@ -98,6 +98,9 @@ class ConversionResult:
             lines.append(format_diagnosis(self.diagnosis))
         lines.append("PASS" if parity.passed else "FAIL")
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
 
 
 def write_report(path: str | Path, result: ConversionResult) -> None:
