@@ -43,6 +43,16 @@ def d1_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint(folder / "d1_32.pth.tar", VARIANTS["d1"], SMALL_IMAGE_SIZE, seed=5)
 
 
+def user_environment(**changes: str) -> dict[str, str]:
+    """The environment a user's shell gives a subprocess: without the quieting set above."""
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("TF_CPP_MIN_LOG_LEVEL", "VOLO_CONVERT_DEBUG")
+    }
+    return {**environment, **changes}
+
+
 def run(*args: object) -> Result:
     """Runs `volo-convert ARGS` in-process through click's CliRunner."""
     return CliRunner().invoke(cli, [str(arg) for arg in args])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
+from xml.etree import ElementTree
 
 import keras
 import numpy as np
@@ -47,7 +49,7 @@ def test_convert_subcommand_and_module_entry_agree(d1_checkpoint: Path, tmp_path
     assert "not verified (--no-verify)" in result.output
 
 
-def test_verify_command_passes_then_fails_on_wrong_checkpoint(
+def test_verify_command_passes_then_warns_and_fails_on_wrong_checkpoint(
     d1_checkpoint: Path, tmp_path: Path
 ) -> None:
     from volo_convert.architecture.variants import VARIANTS
@@ -56,17 +58,39 @@ def test_verify_command_passes_then_fails_on_wrong_checkpoint(
     converted = tmp_path / "d1.keras"
     assert run(d1_checkpoint, "-o", converted, "--no-verify").exit_code == 0
     result = run(
-        "verify", converted, d1_checkpoint, "--device", "cpu", "--report", tmp_path / "v.json"
-    )
+        "verify", converted, d1_checkpoint, "--device", "cpu", "--report", tmp_path / "v.json",
+        "--junit", tmp_path / "v.xml",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "Warning" not in result.output
     assert json.loads((tmp_path / "v.json").read_text())["status"] == "passed"
+    (case,) = ElementTree.parse(tmp_path / "v.xml").iter("testcase")
+    assert case.get("name") == f"{d1_checkpoint.name} -> {converted}"
+    assert list(case) == case.findall("properties") + case.findall("system-out")
+    figures = case.find("properties/property[@name='figures']").get("value")
+    assert re.fullmatch(
+        r"max abs diff \S+ \(atol 0.0001\), top-1 agreement 100% \(2 images\)", figures
+    )
 
     other = write_checkpoint(tmp_path / "other.pth.tar", VARIANTS["d1"], 32, seed=99)
-    result = run("verify", converted, other, "--device", "cpu")
+    result = run("verify", converted, other, "--device", "cpu", "--junit", tmp_path / "v.xml")
     assert result.exit_code == 1
+    warning = (
+        f"Warning: {other} is not the checkpoint {converted} was converted from (SHA-256 "
+        f"{hashlib.sha256(other.read_bytes()).hexdigest()[:12]}, recorded "
+        f"{hashlib.sha256(d1_checkpoint.read_bytes()).hexdigest()[:12]}); verifying anyway"
+    )
+    lines = result.output.splitlines()
+    assert lines[0] == warning  # before any figure: it is given while loading
+    assert lines.count(warning) == 1
     assert error_line(result).startswith("Error: parity failed: max abs diff")
     assert "exceeds atol 0.0001" in error_line(result)
     assert "first stage out of tolerance: stem" in error_line(result)  # every weight differs
+    suite = ElementTree.parse(tmp_path / "v.xml").getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("1", "1", "0")
+    failure = suite.find("testcase/failure")
+    assert failure.get("message") == "verifying: " + error_line(result).removeprefix("Error: ")
+    assert suite.find("testcase/system-out").text.startswith(warning)
 
 
 def test_wrong_mapping_transform_fails_and_writes_nothing(

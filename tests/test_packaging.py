@@ -111,10 +111,11 @@ def test_importtime_shows_no_torch() -> None:
 # `__version__` is no dependency (any submodule import runs the package first anyway).
 IMPORT_LAYERS = (
     ("__init__", "cli", "__main__"),
+    ("api", "junit"),
     ("pipeline", "batch", "results"),
     ("checks", "formats"),
     ("weights", "architecture", "synthetic"),
-    ("options", "errors", "environment", "paths", "signals"),
+    ("options", "errors", "environment", "paths", "signals", "provenance", "native_logs"),
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import keras
 import torch
 
+from volo_convert import __version__
 from volo_convert.architecture.keras_model import build_volo, model_head
 from volo_convert.architecture.variants import VoloConfig
 from volo_convert.checks.diagnosis import diagnose
@@ -19,7 +21,7 @@ from volo_convert.checks.reference import (
     resolve_device,
     run_reference,
 )
-from volo_convert.environment import GIGABYTE, available_memory_bytes
+from volo_convert.environment import GIGABYTE, available_memory_bytes, environment
 from volo_convert.errors import ConversionError, about, os_error_reason
 from volo_convert.formats import (
     STAGING_SUFFIXES,
@@ -28,9 +30,11 @@ from volo_convert.formats import (
     check_backend,
     load_artifact,
     output_format,
+    read_provenance,
     runtime_name,
     save_model,
     weight_dtype,
+    write_provenance,
 )
 from volo_convert.options import (
     DEFAULT_CONVERT_OPTIONS,
@@ -41,6 +45,7 @@ from volo_convert.options import (
     default_atol,
 )
 from volo_convert.paths import check_output_path, move_into_place, staged_output
+from volo_convert.provenance import Provenance, VerificationRecord
 from volo_convert.results import ConversionResult, write_report
 from volo_convert.signals import pause_if_asked
 from volo_convert.weights.loading import LoadedCheckpoint, load_checkpoint
@@ -49,6 +54,7 @@ from volo_convert.weights.memory import MappedCheckpoint
 from volo_convert.weights.porting import port_weights
 
 StageCallback = Callable[[str], None]
+WarningCallback = Callable[[str], None]
 
 
 def _notify(on_stage: StageCallback | None, stage: str) -> None:
@@ -168,6 +174,51 @@ def _write_report(report_path: Path | None, result: ConversionResult) -> None:
         write_report(report_path, result)
 
 
+def _provenance(
+    result: ConversionResult, checkpoint: LoadedCheckpoint, options: ConvertOptions
+) -> Provenance:
+    """What the output records about itself, once verified (or not, with `--no-verify`)."""
+    parity = result.parity
+    verification = None
+    if parity is not None and result.runtime is not None and result.verify_seconds is not None:
+        verification = VerificationRecord(
+            max_abs_diff=parity.max_abs_diff,
+            max_rel_diff=parity.max_rel_diff,
+            top1_agreement=parity.top1_agreement,
+            atol=parity.atol,
+            images=parity.batch_size,
+            seed=options.seed,
+            device=parity.device,
+            runtime=result.runtime,
+            seconds=round(result.verify_seconds, 1),
+        )
+    return Provenance(
+        converter_version=__version__,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        source_file=Path(result.checkpoint).name,
+        source_sha256=checkpoint.sha256,
+        variant=result.variant,
+        image_size=result.image_size,
+        head=result.head,
+        num_classes=result.num_classes,
+        output_format=str(result.output_format),
+        verification=verification,
+        environment=environment(),
+    )
+
+
+def _record_provenance(
+    temp_path: Path, output_path: Path, fmt: str, provenance: Provenance
+) -> None:
+    """Writes the provenance into the staged file, naming the user's path if the disk refuses."""
+    try:
+        write_provenance(temp_path, fmt, provenance)
+    except OSError as error:
+        raise ConversionError(
+            f"{output_path}: could not record the provenance ({error.strerror or error})"
+        ) from None
+
+
 def convert(
     checkpoint_path: str | Path,
     output_path: str | Path,
@@ -178,9 +229,10 @@ def convert(
     """Converts one checkpoint to a model file and, unless told not to, verifies it.
 
     The file (or SavedModel folder) is written beside `output_path` under a temporary
-    name, reloaded and verified from disk in its format's runtime, and only then moved
-    into place. A failed verification leaves nothing at `output_path` and returns a
-    result whose `passed` is False (with a per-stage diagnosis).
+    name, reloaded and verified from disk in its format's runtime, given its provenance
+    record (source, model, verification figures, versions), and only then moved into
+    place. A failed verification leaves nothing at `output_path` and returns a result
+    whose `passed` is False (with a per-stage diagnosis).
 
     Args:
         checkpoint_path: the PyTorch checkpoint.
@@ -217,6 +269,7 @@ def convert(
         head=options.output_head,
         output_format=fmt,
         runtime=runtime_name(fmt) if options.verify else None,
+        checkpoint_sha256=checkpoint.sha256,
     )
     staging_suffix = STAGING_SUFFIXES.get(fmt, "")
     with staged_output(output_path, folder=fmt == SAVEDMODEL, suffix=staging_suffix) as temp_path:
@@ -225,8 +278,14 @@ def convert(
         del model
         result.convert_seconds = time.perf_counter() - started
         if device is not None:
-            _verify(load_artifact(temp_path, fmt), checkpoint, options, device, result, on_stage)
+            _notify(on_stage, "reloading")
+            reloaded = load_artifact(temp_path, fmt)
+            _verify(reloaded, checkpoint, options, device, result, on_stage)
+            del reloaded
         if result.passed:
+            _notify(on_stage, "recording")
+            provenance = _provenance(result, checkpoint, options)
+            _record_provenance(temp_path, output_path, fmt, provenance)
             if output_path.exists() and not options.overwrite:
                 raise ConversionError(
                     f"{output_path}: appeared while converting; pass --overwrite to replace it"
@@ -255,24 +314,49 @@ def _artifact_head(model: Predictor, config: VoloConfig, requested: str | None) 
     return head
 
 
+def _recorded_sha256(model_path: str | Path, warn: WarningCallback) -> str | None:
+    """The SHA-256 of the checkpoint the model records it came from, if it records one."""
+    try:
+        provenance = read_provenance(model_path)
+    except ConversionError as error:
+        warn(f"{error}; verifying anyway")
+        return None
+    return None if provenance is None else provenance.source_sha256
+
+
 def verify_file(
     model_path: str | Path,
     checkpoint_path: str | Path,
     options: ConvertOptions = DEFAULT_CONVERT_OPTIONS,
     on_stage: StageCallback | None = None,
     report_path: str | Path | None = None,
+    on_warning: WarningCallback | None = None,
 ) -> ConversionResult:
     """Verifies an existing model against the checkpoint it was converted from.
 
     `model_path` is a `.h5` or `.keras` file, a SavedModel folder or a `.tflite` file,
     run in its format's runtime. The image size is the model's input size (pos_embed is
-    resized to it if needed); the head is the one the model ends in.
+    resized to it if needed); the head is the one the model ends in. A checkpoint whose
+    SHA-256 differs from the one the model records is verified all the same, after a
+    warning; the warnings are also kept in the result.
+
+    Args:
+        on_stage: called with each stage's name as it starts.
+        on_warning: called with each warning (one line) as it arises.
     """
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
     report_path = None if report_path is None else Path(report_path)
     fmt = artifact_format(model_path)
     _check_outputs(None, report_path, [Path(model_path), Path(checkpoint_path)], options)
     device = resolve_device(options.device)
     _notify(on_stage, "loading")
+    recorded_sha256 = _recorded_sha256(model_path, warn)
     model = load_artifact(model_path, fmt)
     image_size = model.input_shape[1]
     if options.image_size is not None and options.image_size != image_size:
@@ -283,6 +367,12 @@ def verify_file(
     checkpoint = load_checkpoint(
         checkpoint_path, dataclasses.replace(options, image_size=image_size)
     )
+    if recorded_sha256 is not None and recorded_sha256 != checkpoint.sha256:
+        warn(
+            f"{checkpoint_path} is not the checkpoint {model_path} was converted from "
+            f"(SHA-256 {checkpoint.sha256[:12]}, recorded {recorded_sha256[:12]}); "
+            "verifying anyway"
+        )
     with about(model_path):
         head = _artifact_head(model, checkpoint.config, options.head)
     if head == "features":
@@ -304,6 +394,9 @@ def verify_file(
         head=head,
         output_format=fmt,
         runtime=runtime_name(fmt),
+        checkpoint_sha256=checkpoint.sha256,
+        recorded_sha256=recorded_sha256,
+        warnings=warnings,
     )
     _check_memory(checkpoint, options)
     _verify(model, checkpoint, options, device, result, on_stage)

@@ -16,7 +16,12 @@ from volo_convert.paths import write_text
 
 @dataclasses.dataclass
 class ConversionResult:
-    """What a conversion or a verification found, as written to reports."""
+    """What a conversion or a verification found, as written to reports.
+
+    `checkpoint_sha256` is the hash of the checkpoint read; a verification also holds
+    `recorded_sha256`, the hash the model's provenance records (None if it has none),
+    and the `warnings` it gave. `str(result)` is the summary the CLI prints.
+    """
 
     checkpoint: str
     output: str
@@ -31,6 +36,9 @@ class ConversionResult:
     diagnosis: Diagnosis | None = None
     output_format: str | None = None
     runtime: str | None = None
+    checkpoint_sha256: str | None = None
+    recorded_sha256: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -90,6 +98,9 @@ class ConversionResult:
             lines.append(format_diagnosis(self.diagnosis))
         lines.append("PASS" if parity.passed else "FAIL")
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
 
 
 def write_report(path: str | Path, result: ConversionResult) -> None:

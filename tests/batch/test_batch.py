@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from conftest import SMALL_IMAGE_SIZE, run
@@ -43,7 +45,8 @@ def first_batch(d1_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     shutil.copy(d1_checkpoint, folder / CORRUPT)
     corrupt_checkpoint(folder / CORRUPT)
     out_dir = tmp_path_factory.mktemp("batch_out") / "keras"
-    result = run("batch", folder, "-o", out_dir, "--device", "cpu")
+    junit = out_dir.parent / "parity.xml"
+    result = run("batch", folder, "-o", out_dir, "--device", "cpu", "--junit", junit)
     return folder, out_dir, result
 
 
@@ -62,6 +65,31 @@ def test_bad_file_is_reported_and_the_others_are_converted(first_batch: tuple) -
         "report.json",
         "report.md",
     ]
+
+
+def test_junit_has_one_case_per_checkpoint(first_batch: tuple) -> None:
+    _, out_dir, result = first_batch
+    junit = out_dir.parent / "parity.xml"
+    assert f"JUnit report written to {junit}" in result.output
+    suite = ElementTree.parse(junit).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("2", "0", "1")
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    assert sorted(cases) == [CORRUPT, GOOD]
+    figures = cases[GOOD].find("properties/property[@name='figures']").get("value")
+    assert figures.startswith("max abs diff ") and figures.endswith("top-1 agreement 100%")
+    assert cases[CORRUPT].find("error").get("message") == (
+        f"loading: {read_report(out_dir)[CORRUPT]['reason']}"
+    )
+
+
+def test_a_log_shows_each_file_and_stage_with_its_duration(first_batch: tuple) -> None:
+    _, _, result = first_batch
+    lines = result.output.splitlines()
+    stages = [line.split() for line in lines if line.startswith(f"{CORRUPT}: ")]
+    assert [words[1] for words in stages] == ["hashing", "starting", "loading", "exiting", "error"]
+    assert all(re.fullmatch(r"\d+\.\ds", words[2]) for words in stages[:-1])
+    good = [line.split()[1] for line in lines if line.startswith(f"{GOOD}: ")]
+    assert good[-3:] == ["recording", "exiting", "passed"]
 
 
 def test_report_holds_every_figure(first_batch: tuple) -> None:

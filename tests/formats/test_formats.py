@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -14,9 +18,18 @@ from conftest import TINY_CONFIG, run
 
 from volo_convert import pipeline
 from volo_convert.architecture.keras_model import build_volo
+from volo_convert.checks.parity import model_outputs
 from volo_convert.checks.reference import ReferenceRun, run_reference
+from volo_convert.environment import environment
 from volo_convert.errors import ConversionError
-from volo_convert.formats import artifact_format, output_format, save_model
+from volo_convert.formats import (
+    artifact_format,
+    load_artifact,
+    output_format,
+    read_provenance,
+    save_model,
+    write_provenance,
+)
 from volo_convert.formats.savedmodel import SavedModelRunner
 from volo_convert.formats.tflite import (
     TFLiteRunner,
@@ -27,6 +40,7 @@ from volo_convert.formats.tflite import (
 )
 from volo_convert.options import FLOAT16_ATOL
 from volo_convert.paths import check_output_path, move_into_place, staged_output
+from volo_convert.provenance import PROVENANCE_NAME, Provenance, VerificationRecord
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.porting import port_weights
 
@@ -51,6 +65,47 @@ for image in images:
     tflite_logits.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0])
 np.savez(out_file, saved_model=saved_model_logits, tflite=np.stack(tflite_logits))
 """
+
+
+SAMPLE_PROVENANCE = Provenance(
+    converter_version="0.1.0",
+    created="2026-01-02T03:04:05+00:00",
+    source_file="tiny.pth.tar",
+    source_sha256="ab" * 32,
+    variant="tiny",
+    image_size=TINY_SIZE,
+    head="full",
+    num_classes=10,
+    output_format="h5",
+    verification=VerificationRecord(
+        max_abs_diff=1.5e-6,
+        max_rel_diff=2e-7,
+        top1_agreement=1.0,
+        atol=1e-4,
+        images=2,
+        seed=0,
+        device="cpu",
+        runtime="Keras (tensorflow backend)",
+        seconds=1.2,
+    ),
+    environment=environment(),
+)
+# Reads a file's provenance the way a user does; prints whether torch was imported on the way.
+INSPECT_WITHOUT_TORCH = """
+import runpy, sys
+sys.argv = ["volo-convert", "inspect", "--json", sys.argv[1]]
+try:
+    runpy.run_module("volo_convert", run_name="__main__")
+except SystemExit as exit:
+    print("exit", exit.code, "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+def inspected(path: Path) -> dict:
+    """`volo-convert inspect --json PATH`, through the CLI."""
+    result = run("inspect", "--json", path)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +330,126 @@ def test_tflite_dtype_needs_a_tflite_output(d1_checkpoint: Path, tmp_path: Path)
     assert result.exit_code == 2
     assert "Error: --tflite-dtype float16 applies to .tflite outputs only" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def _write_in_format(
+    fmt: str, tiny_model: keras.Model, tiny_tflite: dict[str, bytes], folder: Path
+) -> tuple[Path, str]:
+    """The tiny model written as `fmt` (`tflite-float16` for half precision): path, format."""
+    if fmt.startswith("tflite"):
+        path = folder / f"tiny_{fmt}.tflite"
+        path.write_bytes(tiny_tflite[fmt.removeprefix("tflite-")])
+        return path, "tflite"
+    path = folder / ("tiny_savedmodel" if fmt == "savedmodel" else f"tiny.{fmt}")
+    if fmt == "savedmodel":
+        path.mkdir()
+    save_model(tiny_model, path, fmt)
+    return path, fmt
+
+
+def _native_record(path: Path, fmt: str) -> str:
+    """The provenance document where each format keeps it, read with that format's tools."""
+    if fmt == "h5":
+        with h5py.File(path) as file:
+            return file.attrs[PROVENANCE_NAME]
+    if fmt == "keras":
+        return zipfile.ZipFile(path).read(f"{PROVENANCE_NAME}.json").decode()
+    if fmt == "savedmodel":
+        return (path / "assets" / f"{PROVENANCE_NAME}.json").read_text()
+    from tensorflow.lite.python.schema_py_generated import Model
+
+    model = Model.GetRootAsModel(path.read_bytes())
+    entries = [model.Metadata(index) for index in range(model.MetadataLength())]
+    buffers = {entry.Name().decode(): entry.Buffer() for entry in entries}
+    assert "CONVERSION_METADATA" in buffers  # the converter's own entry is kept
+    return model.Buffers(buffers[PROVENANCE_NAME]).DataAsNumpy().tobytes().decode()
+
+
+@pytest.mark.parametrize("fmt", ["h5", "keras", "savedmodel", "tflite-float32", "tflite-float16"])
+def test_provenance_is_stored_natively_and_the_model_is_unchanged(
+    fmt: str,
+    tiny_model: keras.Model,
+    tiny_tflite: dict[str, bytes],
+    tiny_images: np.ndarray,
+    tmp_path: Path,
+) -> None:
+    path, stored_format = _write_in_format(fmt, tiny_model, tiny_tflite, tmp_path)
+    before = model_outputs(load_artifact(path), tiny_images)
+    assert read_provenance(path) is None
+    provenance = dataclasses.replace(SAMPLE_PROVENANCE, output_format=stored_format)
+    write_provenance(path, stored_format, provenance)
+
+    assert json.loads(_native_record(path, stored_format)) == json.loads(provenance.to_json())
+    assert read_provenance(path) == provenance
+    reloaded = load_artifact(path)  # Keras' own loader for .h5 and .keras files
+    np.testing.assert_array_equal(model_outputs(reloaded, tiny_images), before)
+    if stored_format == "tflite":
+        original = tiny_tflite[fmt.removeprefix("tflite-")]
+        assert operator_names(path.read_bytes()) == operator_names(original)
+        assert weight_dtype(path.read_bytes()) == weight_dtype(original)
+    assert inspected(path) == json.loads(provenance.to_json())
+
+
+def test_inspect_reads_the_record_without_torch(tiny_model: keras.Model, tmp_path: Path) -> None:
+    path = tmp_path / "tiny.h5"
+    save_model(tiny_model, path, "h5")
+    write_provenance(path, "h5", SAMPLE_PROVENANCE)
+    completed = subprocess.run(
+        [sys.executable, "-c", INSPECT_WITHOUT_TORCH, path], capture_output=True, text=True
+    )
+    assert completed.stderr.splitlines()[-1] == "exit 0 False", completed.stderr
+    assert Provenance.from_json(completed.stdout, path) == SAMPLE_PROVENANCE
+
+    result = run("inspect", path)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[:5] == [
+        "converter  volo-convert 0.1.0, 2026-01-02T03:04:05+00:00",
+        "source     tiny.pth.tar",
+        f"sha256     {'ab' * 32}",
+        "model      VOLO tiny at 64px, 10 classes, full head, h5",
+        "verified   max abs diff 1.5e-06 (atol 0.0001), max rel diff 2e-07, top-1 agreement "
+        "100%, 2 images (seed 0), reference on cpu, model in Keras (tensorflow backend), 1.2s",
+    ]
+
+
+def test_inspect_refuses_files_without_a_record(tiny_model: keras.Model, tmp_path: Path) -> None:
+    path = tmp_path / "plain.keras"
+    tiny_model.save(path)
+    content = path.read_bytes()
+    result = run("inspect", path)
+    assert result.exit_code == 2
+    assert result.output == f"Error: {path}: holds no volo-convert provenance record\n"
+    damaged = tmp_path / "damaged.h5"
+    save_model(tiny_model, damaged, "h5")
+    with h5py.File(damaged, "r+") as file:
+        file.attrs[PROVENANCE_NAME] = '{"schema": 1, "variant": "d1"'
+    result = run("inspect", damaged)
+    assert result.exit_code == 2
+    assert result.output == f"Error: {damaged}: its provenance record is damaged\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.h5", "plain.keras"]
+    assert path.read_bytes() == content
+
+
+def test_every_cli_output_records_its_source(d1_checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "d1.keras"
+    result = run(d1_checkpoint, "-o", output, "--device", "cpu", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    record = inspected(output)
+    assert record["source_file"] == d1_checkpoint.name
+    assert record["source_sha256"] == hashlib.sha256(d1_checkpoint.read_bytes()).hexdigest()
+    assert record["source_sha256"] == report["checkpoint_sha256"]
+    assert (record["variant"], record["image_size"], record["head"]) == ("d1", 32, "full")
+    assert (record["num_classes"], record["output_format"]) == (1000, "keras")
+    verification = record["verification"]
+    assert verification["max_abs_diff"] == report["parity"]["max_abs_diff"]
+    assert verification["atol"] == report["parity"]["atol"] == 1e-4
+    assert (verification["images"], verification["seed"], verification["device"]) == (2, 0, "cpu")
+    assert verification["runtime"] == "Keras (tensorflow backend)"
+    assert record["environment"]["keras"] == report["environment"]["keras"]
+    assert record["converter_version"] == report["environment"]["volo_convert"]
+
+    unverified = tmp_path / "d1_unverified.h5"
+    assert run(d1_checkpoint, "-o", unverified, "--no-verify").exit_code == 0
+    assert inspected(unverified)["verification"] is None
+    assert "verified   no (--no-verify)" in run("inspect", unverified).output

@@ -18,7 +18,7 @@ from volo_convert.weights.mapping import (
     load_tables,
     weight_mappings,
 )
-from volo_convert.weights.porting import check_coverage, port_weights
+from volo_convert.weights.porting import check_checkpoint, check_coverage, port_weights
 
 
 def test_tables_are_shipped_and_cover_every_scope() -> None:
@@ -138,3 +138,24 @@ def test_shape_mismatch_names_both_sides(tiny_state_dict: dict) -> None:
     ):
         port_weights(model, state_dict, weight_mappings(TINY_CONFIG))
     keras.backend.clear_session()
+
+
+def test_checkpoint_check_needs_no_model(tiny_state_dict: dict) -> None:
+    from volo_convert.architecture.torch_reference import parameter_shapes
+
+    expected = parameter_shapes(TINY_CONFIG, 64)
+    shapes = {key: tuple(tensor.shape) for key, tensor in tiny_state_dict.items()}
+    check_checkpoint(shapes, weight_mappings(TINY_CONFIG, "features"), expected)
+
+    shapes["head.bias"] = (11,)  # the features head leaves the class head out
+    with pytest.raises(ConversionError) as raised:
+        check_checkpoint(shapes, weight_mappings(TINY_CONFIG, "features"), expected)
+    assert str(raised.value) == "head.bias has shape (11,), expected (10,)"
+    with pytest.raises(ConversionError) as raised:
+        check_checkpoint(shapes, weight_mappings(TINY_CONFIG), expected)
+    assert str(raised.value) == (
+        "head.bias has shape (11,), which after identity is (11,), but head/bias expects (10,)"
+    )
+    del shapes["head.bias"]
+    with pytest.raises(ConversionError, match=r"^tensors missing from the checkpoint: head\.bias$"):
+        check_checkpoint(shapes, weight_mappings(TINY_CONFIG), expected)

@@ -271,3 +271,13 @@ class Volo(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.stage_outputs(images)[HEAD_OUTPUTS[self.head_type]]
+
+
+def parameter_shapes(config: VoloConfig, image_size: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a checkpoint that fits `config` at `image_size`, with its shape.
+
+    The model is built on the meta device: no memory is allocated, nothing is computed.
+    """
+    with torch.device("meta"):
+        model = Volo(config, image_size)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}

@@ -54,6 +54,7 @@ class BatchEntry:
     peak_rss_bytes: int | None = None
     reason: str | None = None
     output_files: dict[str, str] | None = None  # what was written: name -> "size:sha256"
+    stage: str | None = None  # the last stage this file reached; where a failure happened
 
     @property
     def ok(self) -> bool:

@@ -27,6 +27,7 @@ from volo_convert.signals import Stopped, stop_on_signals
 
 PR_SET_PDEATHSIG = 1  # Linux prctl: a signal the kernel sends when the parent dies
 WORKER_STOP_SECONDS = 30  # how long a stopped worker may take to clean up
+EXITING_STAGE = "exiting"  # the worker has sent its outcome and shuts its libraries down
 
 
 def _die_with_driver(driver_pid: int) -> None:
@@ -114,7 +115,10 @@ def convert_isolated(
     options: BatchOptions,
     on_stage: Callable[[str], None],
 ) -> BatchEntry:
-    """Converts and verifies one checkpoint in a spawned process; returns its filled entry."""
+    """Converts and verifies one checkpoint in a spawned process; returns its filled entry.
+
+    A file that fails keeps the stage it failed in (`entry.stage`).
+    """
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(
@@ -123,6 +127,7 @@ def convert_isolated(
         daemon=True,
     )
     outcome: tuple[Any, ...] | None = None
+    stage = None
     try:
         process.start()
         sender.close()  # the worker holds the only writer now, so its exit ends recv()
@@ -132,13 +137,16 @@ def convert_isolated(
             except EOFError:
                 break
             if message[0] == "stage":
-                on_stage(message[1])
+                stage = message[1]
+                on_stage(stage)
             else:
                 outcome = message
+                on_stage(EXITING_STAGE)
         process.join()
     finally:
         _stop_worker(process)
         receiver.close()
+    entry = dataclasses.replace(entry, stage=stage)
     if outcome is None:
         return dataclasses.replace(
             entry,

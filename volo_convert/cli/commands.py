@@ -6,7 +6,6 @@ Exit codes: 0 parity passed (or not checked), 1 parity failed, 2 bad input or us
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from volo_convert import __version__
 from volo_convert.cli.parameters import (
     CONTEXT_SETTINGS,
     EXPLAIN,
+    JUNIT,
     OVERWRITE,
     REPORT,
     TRUST_CHECKPOINT,
@@ -25,7 +25,8 @@ from volo_convert.cli.parameters import (
     head_option,
     verification_options,
 )
-from volo_convert.errors import one_line
+from volo_convert.cli.progress import StageDisplay
+from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.options import (
     DEFAULT_HEAD,
     DEFAULT_SEED,
@@ -44,22 +45,31 @@ DEMO_CHECKPOINT = "d1_224_84.2.pth.tar"
 DEMO_OUTPUT = "d1_224.h5"
 
 
-def _finish(result: Any, report: Path | None) -> None:
-    """Prints the result (the library wrote the report), and exits 1 if parity failed."""
+def _check_junit_path(junit: Path | None, inputs: list[Path], options: ConvertOptions) -> None:
+    """The JUnit file is an output like the others: the same policy, before any work."""
+    if junit is not None:
+        from volo_convert.paths import check_output_path
+
+        check_output_path(junit, options.overwrite, inputs=inputs)
+
+
+def _finish(result: Any, report: Path | None, junit: Path | None = None) -> None:
+    """Prints the result (the library wrote the report), writes the JUnit file, and exits
+    1 if parity failed."""
     click.echo("\n".join(one_line(line) for line in result.summary().splitlines()))
     if report is not None:
         click.echo(one_line(f"report written to {report}"))
+    if junit is not None:
+        from volo_convert.junit import result_case, write_junit
+
+        write_junit(junit, "verify", [result_case(result)])
+        click.echo(one_line(f"JUnit report written to {junit}"))
     if not result.passed:
         message = result.failure_reason
         if result.convert_seconds is not None:
             message += f"; nothing was written at {result.output}"
         click.echo(f"Error: {message}", err=True)
         sys.exit(EXIT_PARITY_FAILED)
-
-
-def _stage_printer() -> Callable[[str], None]:
-    """Prints each pipeline stage to stderr as it starts."""
-    return lambda stage: click.echo(f"[{stage}]", err=True)
 
 
 @click.group(cls=DefaultCommandGroup, context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
@@ -129,7 +139,8 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
     from volo_convert.pipeline import convert as run_convert
 
     options = ConvertOptions(**fields)
-    result = run_convert(checkpoint, output, options, _stage_printer(), report_path=report)
+    with StageDisplay() as display:
+        result = run_convert(checkpoint, output, options, display, report_path=report)
     _finish(result, report)
 
 
@@ -139,29 +150,76 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @checkpoint_options
 @verification_options
 @REPORT
+@JUNIT
 @EXPLAIN
 @OVERWRITE
 @head_option(None, "The head MODEL must end in (default: whichever it ends in).")
 @handles_errors
-def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: Any) -> None:
+def verify(
+    model_file: Path, checkpoint: Path, report: Path | None, junit: Path | None, **fields: Any
+) -> None:
     """Check an existing model against its PyTorch checkpoint (for CI).
 
     MODEL is a .h5 or .keras file (run under the Keras backend KERAS_BACKEND names), a
     SavedModel folder or a .tflite file. Exits 0 when the logits agree within --atol, 1
-    when they do not.
+    when they do not. A checkpoint whose SHA-256 is not the one MODEL records is checked
+    all the same, after a warning.
 
     \b
     Example:
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --atol 1e-4 --report parity.json
+      volo-convert verify d1.h5 d1_224_84.2.pth.tar --junit parity.xml
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --explain
       KERAS_BACKEND=torch volo-convert verify d1.keras d1_224_84.2.pth.tar
       volo-convert verify d1_fp16.tflite d1_224_84.2.pth.tar
     """
+    from volo_convert.junit import error_case, write_junit
     from volo_convert.pipeline import verify_file
 
     options = ConvertOptions(**fields)
-    result = verify_file(model_file, checkpoint, options, _stage_printer(), report_path=report)
-    _finish(result, report)
+    _check_junit_path(junit, [model_file, checkpoint], options)
+    with StageDisplay() as display:
+        try:
+            result = verify_file(
+                model_file,
+                checkpoint,
+                options,
+                display,
+                report_path=report,
+                on_warning=display.warn,
+            )
+        except ConversionError as error:
+            if junit is not None:
+                name = f"{checkpoint.name} -> {model_file}"
+                case = error_case(name, display.stage, display.elapsed, first_line(error))
+                write_junit(junit, "verify", [case])
+            raise
+    _finish(result, report, junit)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@handles_errors
+def inspect(model_file: Path, as_json: bool) -> None:
+    """Show what a converted model records: its source, model and verification.
+
+    Every file volo-convert writes records the checkpoint it came from (name and
+    SHA-256), the variant, image size, head and classes, the verification figures and
+    the library versions. Only that record is read: the model is not loaded, and torch
+    is not imported. Exits 2 if MODEL holds no record.
+
+    \b
+    Example:
+      volo-convert inspect d1.h5
+      volo-convert inspect d1_savedmodel/ --json
+    """
+    from volo_convert.formats import read_provenance
+
+    provenance = read_provenance(model_file)
+    if provenance is None:
+        raise ConversionError(f"{model_file}: holds no volo-convert provenance record")
+    click.echo(one_line(provenance.to_json()) if as_json else provenance.summary())
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -192,12 +250,13 @@ def demo(workdir: Path, report: Path | None, **fields: Any) -> None:
     from volo_convert.synthetic import write_release_checkpoints
 
     options = ConvertOptions(**fields)
-    click.echo(f"writing synthetic checkpoint {workdir / DEMO_CHECKPOINT}", err=True)
-    (checkpoint,) = write_release_checkpoints(workdir, [DEMO_CHECKPOINT], overwrite=True)
-    output = workdir / DEMO_OUTPUT
-    if output.is_file() and not output.is_symlink():
-        output.unlink()  # the previous demo's model
-    result = run_convert(checkpoint, output, options, _stage_printer(), report_path=report)
+    with StageDisplay() as display:
+        display.write(f"writing synthetic checkpoint {workdir / DEMO_CHECKPOINT}")
+        (checkpoint,) = write_release_checkpoints(workdir, [DEMO_CHECKPOINT], overwrite=True)
+        output = workdir / DEMO_OUTPUT
+        if output.is_file() and not output.is_symlink():
+            output.unlink()  # the previous demo's model
+        result = run_convert(checkpoint, output, options, display, report_path=report)
     _finish(result, report)
 
 
@@ -221,11 +280,14 @@ def demo(workdir: Path, report: Path | None, **fields: Any) -> None:
 )
 @verification_options
 @TRUST_CHECKPOINT
+@JUNIT
 @click.option(
     "--force", is_flag=True, help="Convert again the files an earlier run already finished."
 )
 @handles_errors
-def batch(checkpoints: tuple[Path, ...], out_dir: Path, force: bool, **fields: Any) -> None:
+def batch(
+    checkpoints: tuple[Path, ...], out_dir: Path, force: bool, junit: Path | None, **fields: Any
+) -> None:
     """Convert and verify many checkpoints; a folder means its checkpoint files.
 
     Each output is named after its input (d1_224_84.2.pth.tar -> d1_224_84.2.h5). Each
@@ -238,38 +300,28 @@ def batch(checkpoints: tuple[Path, ...], out_dir: Path, force: bool, **fields: A
     Example:
       volo-convert synthesize checkpoints/
       volo-convert batch checkpoints/ -o keras/
+      volo-convert batch checkpoints/ -o keras/ --junit parity.xml
       volo-convert batch d1_224_84.2.pth.tar d5_512_87.07.pth.tar -o keras/ --format keras
     """
-    from tqdm import tqdm
-
     from volo_convert.batch.report import REPORT_MD, render_text
     from volo_convert.batch.runner import find_checkpoints, run_batch
+    from volo_convert.junit import entry_case, write_junit
 
     options = BatchOptions(ConvertOptions(overwrite=True, **fields), force=force)
     found = find_checkpoints(checkpoints)
-    # A live bar on a terminal only: a log gets one line per finished file. The delay keeps
-    # an up-front refusal (an unusable output folder) free of a bar.
-    progress = tqdm(
-        total=len(found),
-        unit="file",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        delay=1,
-        leave=False,
-        disable=not sys.stderr.isatty(),
-    )
-    with progress as bar:
+    _check_junit_path(junit, found, options.convert)
+    with StageDisplay() as display:
 
         def show_stage(checkpoint: Path, stage: str) -> None:
-            bar.set_description_str(checkpoint.name, refresh=False)
-            bar.set_postfix_str(stage)
+            if display.label != f"{checkpoint.name}: ":
+                display.finish()
+                display.label = f"{checkpoint.name}: "
+                display.counter = f"file {found.index(checkpoint) + 1} of {len(found)}"
+            display(stage)
 
         def show_entry(entry: Any) -> None:
-            bar.write(f"{entry.file}: {entry.status}", file=sys.stderr)
-            bar.update(1)
-
-        def show_warning(line: str) -> None:
-            bar.write(f"Warning: {one_line(line)}", file=sys.stderr)
+            display.finish()
+            display.write(f"{entry.file}: {entry.status}")
 
         report = run_batch(
             found,
@@ -277,9 +329,12 @@ def batch(checkpoints: tuple[Path, ...], out_dir: Path, force: bool, **fields: A
             options,
             on_stage=show_stage,
             on_entry=show_entry,
-            on_warning=show_warning,
+            on_warning=display.warn,
         )
     click.echo(render_text(report), nl=False)
+    if junit is not None:
+        write_junit(junit, "batch", [entry_case(entry) for entry in report.entries])
+        click.echo(one_line(f"JUnit report written to {junit}"))
     if not report.passed:
         failed = sum(not entry.ok for entry in report.entries)
         click.echo(

@@ -17,6 +17,7 @@ import click
 
 from volo_convert.architecture.variants import VARIANTS
 from volo_convert.errors import ConversionError, first_line, one_line
+from volo_convert.native_logs import show_everything
 from volo_convert.options import (
     DEFAULT_ATOL,
     DEFAULT_BATCH_SIZE,
@@ -31,8 +32,6 @@ from volo_convert.options import (
     MAX_IMAGE_SIZE,
     MAX_SEED,
 )
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -93,8 +92,19 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             ) from None
 
     return click.option(
-        "--debug", is_flag=True, help="Show the full traceback on errors (for bug reports)."
+        "--debug",
+        is_flag=True,
+        callback=_show_native_logs,
+        help="Show the full traceback on errors, and the native libraries' start-up lines "
+        "(for bug reports).",
     )(wrapper)
+
+
+def _show_native_logs(context: click.Context, parameter: click.Parameter, debug: bool) -> bool:
+    """`--debug` also shows the native lines held back so far, and holds back none after."""
+    if debug:
+        show_everything()
+    return debug
 
 
 def option_group(*options: Decorator) -> Decorator:
@@ -165,6 +175,12 @@ REPORT = click.option(
 )
 OVERWRITE = click.option(
     "--overwrite", is_flag=True, help="Replace the output files if they exist (never an input)."
+)
+JUNIT = click.option(
+    "--junit",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the result as JUnit XML to this file (one test case per checkpoint), for CI "
+    "test reports.",
 )
 
 verification_options = option_group(ATOL, DEVICE, BATCH_SIZE, SEED)

@@ -3,7 +3,8 @@
 Keras files run under the current Keras backend; SavedModel folders and TFLite files run
 with TensorFlow's own loader and the TFLite interpreter, without this package's layers.
 Every loaded model has `input_shape`, `output_shape` and `predict_on_batch`, like a Keras
-model, and a `weight_dtype`.
+model, and a `weight_dtype`. Every format also stores a provenance record (`provenance.py`)
+its own native way, which `write_provenance` and `read_provenance` reach.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from volo_convert.errors import ConversionError
 from volo_convert.formats import keras_file, savedmodel, tflite
 from volo_convert.options import FORMATS, SAVEDMODEL, TFLITE_DTYPES, check_choice
 from volo_convert.paths import SAVEDMODEL_MARKER, check_input
+from volo_convert.provenance import Provenance
 
 FORMAT_SUFFIXES = {".h5": "h5", ".keras": "keras", ".tflite": "tflite"}
 STAGING_SUFFIXES = {fmt: suffix for suffix, fmt in FORMAT_SUFFIXES.items()}  # Keras needs it
@@ -114,6 +116,33 @@ def load_artifact(path: str | Path, fmt: str | None = None) -> Predictor:
     if fmt == "tflite":
         return tflite.TFLiteRunner(path)
     return keras_file.load(path)
+
+
+def write_provenance(path: Path, fmt: str, provenance: Provenance) -> None:
+    """Stores `provenance` in the model file or folder at `path`, of format `fmt`."""
+    document = provenance.to_json()
+    if fmt == SAVEDMODEL:
+        savedmodel.write_provenance(path, document)
+    elif fmt == "tflite":
+        tflite.write_provenance(path, document)
+    else:
+        keras_file.write_provenance(path, fmt, document)
+
+
+def read_provenance(path: str | Path) -> Provenance | None:
+    """The provenance a model file or folder records, or None if it holds none.
+
+    Reads the record alone: the model is not loaded, and torch is not imported.
+    """
+    path = Path(path)
+    fmt = artifact_format(path)
+    if fmt == SAVEDMODEL:
+        document = savedmodel.read_provenance(path)
+    elif fmt == "tflite":
+        document = tflite.read_provenance(path)
+    else:
+        document = keras_file.read_provenance(path, fmt)
+    return None if document is None else Provenance.from_json(document, path)
 
 
 def weight_dtype(model: Predictor) -> str:

@@ -8,8 +8,11 @@ import keras
 import numpy as np
 
 from volo_convert.errors import ConversionError, first_line
+from volo_convert.provenance import PROVENANCE_NAME
 
 SERVING_SIGNATURE = "serving_default"
+ASSETS_FOLDER = "assets"  # files a SavedModel ships with; TensorFlow loads without them
+PROVENANCE_ASSET = f"{PROVENANCE_NAME}.json"
 
 
 def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = None) -> None:
@@ -36,6 +39,24 @@ def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = 
         tf.saved_model.save(module, str(path), signatures=signatures)
     except tf.errors.OpError as error:  # a full disk, say: reported as the OSError it is
         raise OSError(first_line(error)) from None
+
+
+def write_provenance(path: Path, document: str) -> None:
+    """Stores `document` as an asset of the SavedModel folder at `path`."""
+    assets = path / ASSETS_FOLDER
+    assets.mkdir(exist_ok=True)
+    (assets / PROVENANCE_ASSET).write_text(document, encoding="utf-8")
+
+
+def read_provenance(path: Path) -> str | None:
+    """The document `write_provenance` stored, or None if the folder holds none."""
+    asset = path / ASSETS_FOLDER / PROVENANCE_ASSET
+    if not asset.is_file():
+        return None
+    try:
+        return asset.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{asset}: cannot be read ({first_line(error)})") from None
 
 
 class SavedModelRunner:

@@ -7,6 +7,7 @@ compute in float32 (the interpreter dequantizes them when it loads the file).
 
 from __future__ import annotations
 
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,7 +18,9 @@ import numpy as np
 
 from volo_convert.errors import ConversionError, first_line
 from volo_convert.formats.savedmodel import export_saved_model
+from volo_convert.native_logs import TFLITE_LINES, known_lines_held_back
 from volo_convert.options import TFLITE_DTYPES, check_choice
+from volo_convert.provenance import PROVENANCE_NAME
 
 TFLITE_BATCH_SIZE = 1
 
@@ -49,7 +52,8 @@ def convert_to_tflite(model: keras.Model, dtype: str = "float32") -> bytes:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
         try:
-            content = converter.convert()
+            with known_lines_held_back(TFLITE_LINES):
+                content = converter.convert()
         except Exception as error:
             raise ConversionError(
                 f"TFLite conversion with builtin ops only failed: {type(error).__name__} "
@@ -115,25 +119,62 @@ def _tflite_interpreter(content: bytes, num_threads: int | None) -> Any:
         return interpreter_class(model_content=content, num_threads=num_threads)
 
 
+def write_provenance(path: Path, document: str) -> None:
+    """Adds `document` to the TFLite file at `path` as a metadata entry.
+
+    The model is read into TFLite's object form and written back with one more buffer
+    and metadata entry: the round trip the converter itself makes to add its own
+    `CONVERSION_METADATA`, so operators, tensors and weights are carried over unchanged.
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    schema = _schema()
+    model = flatbuffer_utils.convert_bytearray_to_object(path.read_bytes())
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(document.encode("utf-8"), dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = PROVENANCE_NAME
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    path.write_bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def read_provenance(path: Path) -> str | None:
+    """The document `write_provenance` stored, or None if the file holds none."""
+    schema = _schema()
+    try:
+        content = path.read_bytes()
+        flatbuffer = schema.Model.GetRootAsModel(content, 0)
+        for index in range(flatbuffer.MetadataLength()):
+            entry = flatbuffer.Metadata(index)
+            if entry.Name().decode("utf-8") == PROVENANCE_NAME:
+                return flatbuffer.Buffers(entry.Buffer()).DataAsNumpy().tobytes().decode("utf-8")
+    except (OSError, IndexError, ValueError, AttributeError, struct.error) as error:
+        raise ConversionError(f"{path}: not a readable TFLite file ({first_line(error)})") from None
+    return None
+
+
 class TFLiteRunner:
     """A TFLite file in the interpreter; batches run one image at a time (the file's B = 1)."""
 
     def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
         content = Path(path).read_bytes()
-        try:
-            self._interpreter = _tflite_interpreter(content, num_threads)
-        except Exception as error:  # whatever a damaged or foreign file makes it raise
-            raise ConversionError(
-                f"{path}: not a loadable TFLite model ({first_line(error)})"
-            ) from None
+        with known_lines_held_back(TFLITE_LINES):  # the XNNPACK delegate announces itself
+            try:
+                self._interpreter = _tflite_interpreter(content, num_threads)
+            except Exception as error:  # whatever a damaged or foreign file makes it raise
+                raise ConversionError(
+                    f"{path}: not a loadable TFLite model ({first_line(error)})"
+                ) from None
+            (input_details,) = self._interpreter.get_input_details()
+            (output_details,) = self._interpreter.get_output_details()
+            if input_details["shape"][0] != 1:
+                self._interpreter.resize_tensor_input(
+                    input_details["index"], [1, *input_details["shape"][1:]]
+                )
+            self._interpreter.allocate_tensors()
         self.weight_dtype = weight_dtype(content)
-        (input_details,) = self._interpreter.get_input_details()
-        (output_details,) = self._interpreter.get_output_details()
-        if input_details["shape"][0] != 1:
-            self._interpreter.resize_tensor_input(
-                input_details["index"], [1, *input_details["shape"][1:]]
-            )
-        self._interpreter.allocate_tensors()
         self._input_index = input_details["index"]
         self._output_index = output_details["index"]
         self.input_shape = (None, *(int(size) for size in input_details["shape"][1:]))

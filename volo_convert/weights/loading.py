@@ -7,21 +7,28 @@ from pathlib import Path
 
 import torch
 
+from volo_convert.architecture.torch_reference import parameter_shapes
 from volo_convert.architecture.variants import VoloConfig, detect_config, get_variant
 from volo_convert.errors import about
 from volo_convert.options import ConvertOptions
+from volo_convert.paths import file_sha256
 from volo_convert.weights.checkpoint import check_finite, load_state_dict, tensor_shapes
 from volo_convert.weights.mapping import weight_mappings
+from volo_convert.weights.porting import check_checkpoint
 from volo_convert.weights.resolution import resize_pos_embed
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedCheckpoint:
-    """A checkpoint's tensors and the architecture they fit, resized to `image_size`."""
+    """A checkpoint's tensors and the architecture they fit, resized to `image_size`.
+
+    `sha256` is the hash of the file they were read from.
+    """
 
     state_dict: dict[str, torch.Tensor]
     config: VoloConfig
     image_size: int
+    sha256: str
 
     def parameter_count(self, head: str) -> int:
         """Weights of the model ending in `head`: the checkpoint tensors it keeps.
@@ -38,16 +45,21 @@ class LoadedCheckpoint:
 def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoint:
     """Reads a checkpoint, finds its architecture and resizes pos_embed if asked to.
 
-    `options.variant` overrides the detected variant (keeping the checkpoint's class
-    count); `options.image_size` converts to another input size.
+    Every tensor's name and shape is checked against the mapping tables and the
+    architecture here, before any model is built, so a bad checkpoint fails as soon as
+    it is read. `options.variant` overrides the detected variant (keeping the
+    checkpoint's class count); `options.image_size` converts to another input size.
     """
     state_dict = load_state_dict(path, ema=options.ema, trust_checkpoint=options.trust_checkpoint)
+    sha256 = file_sha256(path)
+    shapes = tensor_shapes(state_dict)
     with about(path):
-        config, image_size = detect_config(tensor_shapes(state_dict))
-    if options.variant is not None:
-        config = get_variant(options.variant).with_num_classes(config.num_classes)
+        config, image_size = detect_config(shapes)
+        if options.variant is not None:
+            config = get_variant(options.variant).with_num_classes(config.num_classes)
+        check_checkpoint(shapes, weight_mappings(config), parameter_shapes(config, image_size))
     check_finite(state_dict, path)
     if options.image_size is not None and options.image_size != image_size:
         state_dict["pos_embed"] = resize_pos_embed(state_dict["pos_embed"], options.image_size)
         image_size = options.image_size
-    return LoadedCheckpoint(state_dict, config, image_size)
+    return LoadedCheckpoint(state_dict, config, image_size, sha256)

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 
 import keras
+import numpy as np
 import torch
 
 from volo_convert.errors import ConversionError
@@ -22,6 +23,33 @@ def _listing(names: list[str]) -> str:
     return shown + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
 
 
+def _checkpoint_problems(torch_keys: list[str], mappings: list[WeightMapping]) -> list[str]:
+    """What keeps the checkpoint's tensors and the tables from pairing up one to one."""
+    torch_uses = Counter(mapping.torch_key for mapping in mappings)
+    wanted_keys = {key for key in torch_keys if not key.endswith(COUNTER_SUFFIX)}
+    problems = []
+    if missing := sorted(set(torch_uses) - wanted_keys):
+        problems.append(f"tensors missing from the checkpoint: {_listing(missing)}")
+    if unused := sorted(wanted_keys - set(torch_uses)):
+        problems.append(f"checkpoint tensors no mapping uses: {_listing(unused)}")
+    if twice := sorted(key for key, count in torch_uses.items() if count > 1):
+        problems.append(f"tensors mapped more than once: {_listing(twice)}")
+    return problems
+
+
+def _model_problems(keras_paths: list[str], mappings: list[WeightMapping]) -> list[str]:
+    """What keeps the model's variables and the tables from pairing up one to one."""
+    keras_uses = Counter(mapping.keras_path for mapping in mappings if mapping.keras_path)
+    problems = []
+    if unfilled := sorted(set(keras_paths) - set(keras_uses)):
+        problems.append(f"Keras weights no mapping fills: {_listing(unfilled)}")
+    if unknown := sorted(set(keras_uses) - set(keras_paths)):
+        problems.append(f"mapped Keras weights the model lacks: {_listing(unknown)}")
+    if refilled := sorted(path for path, count in keras_uses.items() if count > 1):
+        problems.append(f"Keras weights filled more than once: {_listing(refilled)}")
+    return problems
+
+
 def check_coverage(
     torch_keys: list[str], keras_paths: list[str], mappings: list[WeightMapping]
 ) -> None:
@@ -31,24 +59,59 @@ def check_coverage(
     a Keras variable or, for a head left out, to none; every Keras variable must be
     filled exactly once.
     """
-    torch_uses = Counter(mapping.torch_key for mapping in mappings)
-    keras_uses = Counter(mapping.keras_path for mapping in mappings if mapping.keras_path)
-    wanted_keys = {key for key in torch_keys if not key.endswith(COUNTER_SUFFIX)}
-    problems = []
-    if missing := sorted(set(torch_uses) - wanted_keys):
-        problems.append(f"tensors missing from the checkpoint: {_listing(missing)}")
-    if unused := sorted(wanted_keys - set(torch_uses)):
-        problems.append(f"checkpoint tensors no mapping uses: {_listing(unused)}")
-    if twice := sorted(key for key, count in torch_uses.items() if count > 1):
-        problems.append(f"tensors mapped more than once: {_listing(twice)}")
-    if unfilled := sorted(set(keras_paths) - set(keras_uses)):
-        problems.append(f"Keras weights no mapping fills: {_listing(unfilled)}")
-    if unknown := sorted(set(keras_uses) - set(keras_paths)):
-        problems.append(f"mapped Keras weights the model lacks: {_listing(unknown)}")
-    if refilled := sorted(path for path, count in keras_uses.items() if count > 1):
-        problems.append(f"Keras weights filled more than once: {_listing(refilled)}")
+    problems = _checkpoint_problems(torch_keys, mappings) + _model_problems(keras_paths, mappings)
     if problems:
         raise ConversionError("; ".join(problems))
+
+
+def _transformed_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape `transform` gives a tensor of `shape`, computed on a view of no data."""
+    nothing = np.lib.stride_tricks.as_strided(np.zeros(1), shape, (0,) * len(shape))
+    return tuple(TRANSFORMS[transform](nothing).shape)
+
+
+def _after_transform(transform: str, shape: tuple[int, ...]) -> str:
+    """How a tensor of `shape` comes out of `transform`, in words for an error message."""
+    try:
+        return f"which after {transform} is {_transformed_shape(transform, shape)}"
+    except ValueError:  # fewer dimensions than the transform's axes
+        return f"which {transform} cannot take"
+
+
+def check_checkpoint(
+    shapes: Mapping[str, tuple[int, ...]],
+    mappings: list[WeightMapping],
+    expected_shapes: Mapping[str, tuple[int, ...]],
+) -> None:
+    """Raises a ConversionError unless the checkpoint fits the tables and the architecture.
+
+    Needs no Keras model, so a bad checkpoint fails as soon as it is read: every tensor
+    must be mapped exactly once (as in `check_coverage`) and have the shape the
+    architecture expects; a ported tensor's error names the Keras weight it would fill.
+
+    Args:
+        shapes: the checkpoint's tensor name -> shape.
+        mappings: the expanded mapping tables.
+        expected_shapes: tensor name -> shape of the architecture the checkpoint should
+            fit (`torch_reference.parameter_shapes`).
+    """
+    if problems := _checkpoint_problems(list(shapes), mappings):
+        raise ConversionError("; ".join(problems))
+    shape_errors = []
+    for mapping in mappings:
+        shape, expected = tuple(shapes[mapping.torch_key]), expected_shapes[mapping.torch_key]
+        if shape == expected:
+            continue
+        if mapping.keras_path is None:
+            shape_errors.append(f"{mapping.torch_key} has shape {shape}, expected {expected}")
+        else:
+            shape_errors.append(
+                f"{mapping.torch_key} has shape {shape}, "
+                f"{_after_transform(mapping.transform, shape)}, but {mapping.keras_path} "
+                f"expects {_transformed_shape(mapping.transform, expected)}"
+            )
+    if shape_errors:
+        raise ConversionError("; ".join(shape_errors[:MAX_LISTED]))
 
 
 def port_weights(
@@ -74,12 +137,12 @@ def port_weights(
         source = state_dict[mapping.torch_key].numpy()
         try:
             array = TRANSFORMS[mapping.transform](source)
-            transformed = f"which after {mapping.transform} is {tuple(array.shape)}"
         except ValueError:  # fewer dimensions than the transform's axes
-            array, transformed = None, f"which {mapping.transform} cannot take"
+            array = None
         if array is None or tuple(array.shape) != tuple(variable.shape):
             shape_errors.append(
-                f"{mapping.torch_key} has shape {tuple(source.shape)}, {transformed}, but "
+                f"{mapping.torch_key} has shape {tuple(source.shape)}, "
+                f"{_after_transform(mapping.transform, tuple(source.shape))}, but "
                 f"{mapping.keras_path} expects {tuple(variable.shape)}"
             )
         else:

@@ -1,0 +1,78 @@
+"""JUnit XML for CI test reports: one test case per checkpoint, figures, the failing stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from xml.etree import ElementTree
+
+import torch
+from conftest import TINY_CONFIG, error_line, run
+
+from volo_convert.architecture.keras_model import build_volo
+from volo_convert.batch.report import BatchEntry
+from volo_convert.junit import entry_case, render_junit
+from volo_convert.options import Status
+
+
+def test_a_verify_that_cannot_start_is_an_error_naming_its_stage(
+    d1_checkpoint: Path, tmp_path: Path
+) -> None:
+    model_file = tmp_path / "tiny.h5"
+    build_volo(TINY_CONFIG, 32).save(model_file)
+    state_dict = torch.load(d1_checkpoint, weights_only=True)
+    del state_dict["network.2.1.attn.qkv.weight"]
+    checkpoint = tmp_path / "d1.pth.tar"
+    torch.save(state_dict, checkpoint)
+    junit = tmp_path / "parity.xml"
+
+    result = run("verify", model_file, checkpoint, "--junit", junit)
+    assert result.exit_code == 2
+    message = f"{checkpoint}: tensors missing from the checkpoint: network.2.1.attn.qkv.weight"
+    assert error_line(result) == f"Error: {message}"
+    suite = ElementTree.parse(junit).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("1", "0", "1")
+    (case,) = suite.iter("testcase")
+    assert case.get("name") == f"d1.pth.tar -> {model_file}"
+    error = case.find("error")
+    assert (error.get("message"), error.get("type")) == (f"loading: {message}", "ConversionError")
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert left == ["d1.pth.tar", "parity.xml", "tiny.h5"]
+
+
+def test_batch_rows_become_cases_with_their_figures_or_stage() -> None:
+    entries = [
+        BatchEntry("a.pth", "a.h5", "0" * 64, Status.PASSED, max_abs_diff=8e-6,
+                   top1_agreement=1.0, convert_seconds=3.0, verify_seconds=9.5),
+        BatchEntry("b.pth", "b.h5", "1" * 64, Status.SKIPPED, max_abs_diff=9e-6,
+                   top1_agreement=1.0),
+        BatchEntry("c.pth", "c.h5", "2" * 64, Status.FAILED, max_abs_diff=13.0,
+                   reason="parity failed: max abs diff 13 exceeds atol 0.0001; first stage out "
+                   "of tolerance: stack1", stage="diagnosing"),
+        BatchEntry("d.pth", "d.h5", None, Status.ERROR, stage="loading",
+                   reason="d.pth: the checkpoint is truncated or corrupt"),
+    ]  # fmt: skip
+    root = ElementTree.fromstring(render_junit("batch", [entry_case(e) for e in entries]))
+    suite = root.find("testsuite")
+    assert suite.get("name") == "volo-convert batch"
+    counts = [suite.get(name) for name in ("tests", "failures", "errors", "skipped")]
+    assert counts == ["4", "1", "1", "1"]
+    assert float(suite.get("time")) == 12.5
+    passed, skipped, failed, error = suite.iter("testcase")
+    assert [case.get("name") for case in (passed, skipped, failed, error)] == [
+        "a.pth",
+        "b.pth",
+        "c.pth",
+        "d.pth",
+    ]
+    figures = passed.find("properties/property").get("value")
+    assert figures == "max abs diff 8e-06, top-1 agreement 100%"
+    assert skipped.find("skipped").get("message") == (
+        "done by an earlier run from the same SHA-256 (max abs diff 9e-06, top-1 agreement 100%)"
+    )
+    assert failed.find("failure").get("message") == (
+        "verifying: parity failed: max abs diff 13 exceeds atol 0.0001; first stage out of "
+        "tolerance: stack1"
+    )
+    assert error.find("error").get("message") == (
+        "loading: d.pth: the checkpoint is truncated or corrupt"
+    )
