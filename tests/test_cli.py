@@ -73,7 +73,7 @@ def test_verify_command_passes_then_warns_and_fails_on_wrong_checkpoint(
     )
 
     other = write_checkpoint(tmp_path / "other.pth.tar", VARIANTS["d1"], 32, seed=99)
-    result = run("verify", converted, other, "--device", "cpu", "--junit", tmp_path / "v.xml")
+    result = run("verify", converted, other, "--device", "cpu", "--junit", tmp_path / "w.xml")
     assert result.exit_code == 1
     warning = (
         f"Warning: {other} is not the checkpoint {converted} was converted from (SHA-256 "
@@ -86,7 +86,7 @@ def test_verify_command_passes_then_warns_and_fails_on_wrong_checkpoint(
     assert error_line(result).startswith("Error: parity failed: max abs diff")
     assert "exceeds atol 0.0001" in error_line(result)
     assert "first stage out of tolerance: stem" in error_line(result)  # every weight differs
-    suite = ElementTree.parse(tmp_path / "v.xml").getroot().find("testsuite")
+    suite = ElementTree.parse(tmp_path / "w.xml").getroot().find("testsuite")
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("1", "1", "0")
     failure = suite.find("testcase/failure")
     assert failure.get("message") == "verifying: " + error_line(result).removeprefix("Error: ")
