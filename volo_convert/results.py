@@ -9,6 +9,7 @@ from typing import Any
 
 from volo_convert.checks.diagnosis import Diagnosis, format_diagnosis
 from volo_convert.checks.parity import ParityResult
+from volo_convert.checks.training import TrainingParity, format_training
 from volo_convert.environment import environment
 from volo_convert.formats.staging import write_text
 from volo_convert.options import DEFAULT_HEAD, Status
@@ -31,11 +32,14 @@ class ConversionResult:
     diagnosis: Diagnosis | None = None
     output_format: str | None = None
     runtime: str | None = None
+    training: TrainingParity | None = None
 
     @property
     def passed(self) -> bool:
-        """True unless verification ran and failed."""
-        return self.parity is None or self.parity.passed
+        """True unless verification (or the training check) ran and failed."""
+        return (self.parity is None or self.parity.passed) and (
+            self.training is None or self.training.passed
+        )
 
     @property
     def status(self) -> Status:
@@ -48,6 +52,8 @@ class ConversionResult:
         """One line saying why parity failed, and where first; None if it did not."""
         if self.passed or self.parity is None:
             return None
+        if self.parity.passed and self.training is not None:
+            return f"training parity failed: {self.training.failure_reason}"
         reason = (
             f"parity failed: max abs diff {self.parity.max_abs_diff:.3g} exceeds "
             f"atol {self.parity.atol:g}"
@@ -88,7 +94,9 @@ class ConversionResult:
         )
         if self.diagnosis is not None:
             lines.append(format_diagnosis(self.diagnosis))
-        lines.append("PASS" if parity.passed else "FAIL")
+        if self.training is not None:
+            lines.append(format_training(self.training))
+        lines.append("PASS" if self.passed else "FAIL")
         return "\n".join(lines)
 
 
