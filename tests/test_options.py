@@ -36,6 +36,12 @@ from volo_convert.options import (
             {"explain": True, "verify": False},
             "--explain compares with PyTorch, so it needs verification",
         ),
+        (
+            {"training": True, "verify": False},
+            "--training compares with PyTorch, so it needs verification",
+        ),
+        ({"drop_path_rate": 1.0}, "drop path rate must be at least 0 and below 1, got 1.0"),
+        ({"drop_rate": -0.1}, "drop rate must be at least 0 and below 1, got -0.1"),
     ],
 )
 def test_bad_options_are_refused_when_built(fields: dict, message: str) -> None:

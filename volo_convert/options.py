@@ -46,6 +46,19 @@ DEFAULT_SEED = 0
 MAX_SEED = 2**64 - 1  # torch.Generator's seed is an unsigned 64-bit integer
 MAX_BATCH_SIZE = 4096
 MAX_IMAGE_SIZE = 4096  # 8x the largest release size (512)
+# Training-time regularisation, identity in inference. Upstream's fine-tuning recipes use
+# drop path 0.1 (d1), 0.2 (d2) and 0.5 (d3), larger for d4 and d5; dropout stays at 0.
+DEFAULT_DROP_PATH_RATE = 0.0
+DEFAULT_DROP_RATE = 0.0
+# The training check (verify --training): tolerances on each tensor's relative L2 error.
+# Gradients agree to about 1e-5, except where TensorFlow sums over every stem position
+# (batch x S/2 x S/2) in float32: the stem's gradients were 9.5e-4 off at d1 224px batch 2
+# and 2.2e-3 at batch 8, while torch's own float32 run is 5e-6 from float64 there. A wrong
+# transform puts a tensor about 1 off.
+TRAINING_GRADIENT_RTOL = 1e-2
+TRAINING_STEP_RTOL = 1e-2  # an SGD step inherits its gradient's error
+TRAINING_STATISTICS_RTOL = 1e-3
+TRAINING_LEARNING_RATE = 0.1
 
 
 class Status(enum.StrEnum):
@@ -74,6 +87,12 @@ def check_image_size(image_size: int) -> None:
         raise ConversionError(f"image size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
 
 
+def check_rate(name: str, rate: float) -> None:
+    """Raises a ConversionError unless 0 <= `rate` < 1 (a drop probability)."""
+    if not 0.0 <= rate < 1.0:
+        raise ConversionError(f"{name} must be at least 0 and below 1, got {rate}")
+
+
 def default_atol(weight_dtype: str) -> float:
     """The tolerance when none is given: looser for float16 weights."""
     return FLOAT16_ATOL if weight_dtype == "float16" else DEFAULT_ATOL
@@ -86,6 +105,8 @@ class ConvertOptions:
     `head` None means `full` for a conversion and, for a verification, the head the model
     ends in. `atol` None means DEFAULT_ATOL, or FLOAT16_ATOL for float16 weights.
     `explain` adds the per-stage diagnosis, which a failed parity check adds anyway.
+    `training` adds the training-mode check (gradients and one SGD step) of a Keras model.
+    `drop_path_rate` and `drop_rate` go into the converted model, for fine-tuning.
     """
 
     variant: str | None = None
@@ -102,6 +123,9 @@ class ConvertOptions:
     overwrite: bool = False
     head: str | None = None
     explain: bool = False
+    training: bool = False
+    drop_path_rate: float = DEFAULT_DROP_PATH_RATE
+    drop_rate: float = DEFAULT_DROP_RATE
 
     def __post_init__(self) -> None:
         if self.image_size is not None:
@@ -122,6 +146,10 @@ class ConvertOptions:
             raise ConversionError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
         if self.explain and not self.verify:
             raise ConversionError("--explain compares with PyTorch, so it needs verification")
+        if self.training and not self.verify:
+            raise ConversionError("--training compares with PyTorch, so it needs verification")
+        check_rate("drop path rate", self.drop_path_rate)
+        check_rate("drop rate", self.drop_rate)
 
     @property
     def output_head(self) -> str:

@@ -21,6 +21,7 @@ from volo_convert.checks.reference import (
     resolve_device,
     run_reference,
 )
+from volo_convert.checks.training import check_training_parity
 from volo_convert.environment import GIGABYTE, available_memory_bytes, environment
 from volo_convert.errors import ConversionError, about, os_error_reason
 from volo_convert.formats import (
@@ -39,6 +40,7 @@ from volo_convert.formats import (
 from volo_convert.options import (
     DEFAULT_CONVERT_OPTIONS,
     DEFAULT_HEAD,
+    KERAS_FORMATS,
     SAVEDMODEL,
     TFLITE_DTYPES,
     ConvertOptions,
@@ -63,6 +65,14 @@ def _notify(on_stage: StageCallback | None, stage: str) -> None:
     pause_if_asked(stage)
 
 
+def _check_trainable(fmt: str, options: ConvertOptions) -> None:
+    """Refuses the training check for a format Keras cannot train."""
+    if options.training and fmt not in KERAS_FORMATS:
+        raise ConversionError(
+            f"--training trains the model in Keras, so it needs a .h5 or .keras file, not {fmt}"
+        )
+
+
 def _keras_graph(model: Predictor, checkpoint: LoadedCheckpoint, head: str) -> keras.Model:
     """`model` itself if it is Keras; else the Keras graph a SavedModel/TFLite came from."""
     if isinstance(model, keras.Model):
@@ -80,11 +90,13 @@ def _verify(
     result: ConversionResult,
     on_stage: StageCallback | None,
 ) -> None:
-    """Fills in `result`'s parity and timing, and its diagnosis if asked for or failed.
+    """Fills in `result`'s parity and timing, its diagnosis if asked for or failed, and
+    the training check if asked for.
 
     The reference runs once; parity and diagnosis both read that run. A SavedModel or
     TFLite file has no stage outputs to read, so the Keras graph it was exported from is
-    diagnosed: if every stage of that passes, the export lost the parity.
+    diagnosed: if every stage of that passes, the export lost the parity. The training
+    check takes one stateless training step of the Keras `model` beside a fresh reference.
     """
     _notify(on_stage, "verifying")
     started = time.perf_counter()
@@ -104,20 +116,34 @@ def _verify(
         _notify(on_stage, "diagnosing")
         graph = _keras_graph(model, checkpoint, result.head)
         result.diagnosis = diagnose(graph, checkpoint.config, reference, atol)
+    if options.training:
+        _notify(on_stage, "training")
+        result.training = check_training_parity(
+            model,
+            checkpoint.config,
+            checkpoint.state_dict,
+            atol=atol,
+            batch_size=options.batch_size,
+            seed=options.seed,
+            device=device,
+        )
 
 
 def _build_and_port(
     checkpoint_path: str | Path,
     checkpoint: LoadedCheckpoint,
-    head: str,
+    options: ConvertOptions,
     on_stage: StageCallback | None,
 ) -> keras.Model:
     """The Keras model filled from the checkpoint, holding the weights once in memory."""
+    head = options.output_head
     # Hand back each mapped tensor's pages once read, so the weights are held once, in Keras.
     mapped = MappedCheckpoint(checkpoint_path)
     mapped.release_all(checkpoint.state_dict.values())
     _notify(on_stage, "building")
-    model = build_volo(checkpoint.config, checkpoint.image_size, head)
+    model = build_volo(
+        checkpoint.config, checkpoint.image_size, head, options.drop_path_rate, options.drop_rate
+    )
     _notify(on_stage, "porting")
     with about(checkpoint_path):
         port_weights(
@@ -250,6 +276,7 @@ def convert(
             f"--tflite-dtype {options.tflite_dtype} applies to .tflite outputs only"
         )
     check_backend(fmt)
+    _check_trainable(fmt, options)
     _check_outputs(output_path, report_path, [Path(checkpoint_path)], options, fmt)
     device = resolve_device(options.device) if options.verify else None
 
@@ -258,7 +285,7 @@ def convert(
     checkpoint = load_checkpoint(checkpoint_path, options)
     if device is not None:
         _check_memory(checkpoint, options)
-    model = _build_and_port(checkpoint_path, checkpoint, options.output_head, on_stage)
+    model = _build_and_port(checkpoint_path, checkpoint, options, on_stage)
     result = ConversionResult(
         checkpoint=str(checkpoint_path),
         output=str(output_path),
@@ -354,6 +381,7 @@ def verify_file(
     report_path = None if report_path is None else Path(report_path)
     fmt = artifact_format(model_path)
     _check_outputs(None, report_path, [Path(model_path), Path(checkpoint_path)], options)
+    _check_trainable(fmt, options)
     device = resolve_device(options.device)
     _notify(on_stage, "loading")
     recorded_sha256 = _recorded_sha256(model_path, warn)

@@ -9,6 +9,7 @@ from typing import Any
 
 from volo_convert.checks.diagnosis import Diagnosis, format_diagnosis
 from volo_convert.checks.parity import ParityResult
+from volo_convert.checks.training import TrainingParity, format_training
 from volo_convert.environment import environment
 from volo_convert.options import DEFAULT_HEAD, Status
 from volo_convert.paths import write_text
@@ -39,11 +40,14 @@ class ConversionResult:
     checkpoint_sha256: str | None = None
     recorded_sha256: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
+    training: TrainingParity | None = None
 
     @property
     def passed(self) -> bool:
-        """True unless verification ran and failed."""
-        return self.parity is None or self.parity.passed
+        """True unless verification (or the training check) ran and failed."""
+        return (self.parity is None or self.parity.passed) and (
+            self.training is None or self.training.passed
+        )
 
     @property
     def status(self) -> Status:
@@ -56,6 +60,8 @@ class ConversionResult:
         """One line saying why parity failed, and where first; None if it did not."""
         if self.passed or self.parity is None:
             return None
+        if self.parity.passed and self.training is not None:
+            return f"training parity failed: {self.training.failure_reason}"
         reason = (
             f"parity failed: max abs diff {self.parity.max_abs_diff:.3g} exceeds "
             f"atol {self.parity.atol:g}"
@@ -96,7 +102,9 @@ class ConversionResult:
         )
         if self.diagnosis is not None:
             lines.append(format_diagnosis(self.diagnosis))
-        lines.append("PASS" if parity.passed else "FAIL")
+        if self.training is not None:
+            lines.append(format_training(self.training))
+        lines.append("PASS" if self.passed else "FAIL")
         return "\n".join(lines)
 
     def __str__(self) -> str:

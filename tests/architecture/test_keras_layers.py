@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from volo_convert.architecture.keras_layers import (
     ClassAttention,
+    DropPath,
     MultiHeadSelfAttention,
     OutlookAggregation,
     TokenLabelingLogits,
@@ -84,7 +85,13 @@ def test_token_labeling_logits_adds_half_the_patch_max() -> None:
 
 @pytest.mark.parametrize(
     "layer",
-    [OutlookAggregation(3), MultiHeadSelfAttention(4), ClassAttention(2), TokenSlice(1, None)],
+    [
+        OutlookAggregation(3),
+        MultiHeadSelfAttention(4),
+        ClassAttention(2),
+        TokenSlice(1, None),
+        DropPath(0.2, seed=7),
+    ],
 )
 def test_layers_round_trip_through_config(layer: keras.layers.Layer) -> None:
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))

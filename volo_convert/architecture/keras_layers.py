@@ -1,4 +1,4 @@
-"""Custom Keras layers of VOLO, written with `keras.ops` only (backend-neutral).
+"""Custom Keras layers of VOLO, written with `keras.ops` and `keras.random` only (backend-neutral).
 
 Attention tensors stay at rank 5 or below: TensorFlow's CPU softmax aborts above that,
 and TFLite's kernels are limited in rank.
@@ -167,6 +167,33 @@ class ClassAttention(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "num_heads": self.num_heads}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DropPath(keras.layers.Layer):
+    """Stochastic depth on a residual branch: the identity outside training.
+
+    In training, each sample's whole branch is dropped with probability `rate` and the
+    kept ones are scaled by 1 / (1 - rate), as timm's `DropPath` does.
+    """
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rate = rate
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x: Any, training: bool | None = None) -> Any:
+        if not training or self.rate == 0:
+            return x
+        per_sample = (None,) + (1,) * (len(x.shape) - 1)  # B, 1, ..., 1
+        return keras.random.dropout(x, self.rate, noise_shape=per_sample, seed=self.seed_generator)
+
+    def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

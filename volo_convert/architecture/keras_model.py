@@ -3,11 +3,18 @@
 Names follow `stem_*`, `stack{stage}_block{index}_*`, `downsample`, `pos_embed`,
 `cls_token`, `classifier{index}_*`, `norm`, `head`, `aux_head`; the output layer is
 `logits` (heads `full` and `cls`) or `features` (head `features`).
+
+Training-time layers exist only where their rate is above 0, as upstream's `nn.Identity`
+stand-ins: `stack{stage}_block{index}_drop_path_{1,2}` on the transformer blocks' residual
+branches and `pos_drop` after the position embedding. The stem's BatchNorm layers use batch
+statistics in training and update their moving statistics with torch's momentum.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -16,6 +23,7 @@ from keras import layers
 from volo_convert.architecture.keras_layers import (
     ClassAttention,
     ClassToken,
+    DropPath,
     MultiHeadSelfAttention,
     OutlookAggregation,
     PositionEmbedding,
@@ -23,6 +31,7 @@ from volo_convert.architecture.keras_layers import (
     TokenSlice,
 )
 from volo_convert.architecture.variants import (
+    BATCHNORM_MOMENTUM,
     HEAD_OUTPUTS,
     NORM_EPS,
     NUM_CLASS_BLOCKS,
@@ -30,9 +39,18 @@ from volo_convert.architecture.variants import (
     PATCH_SIZE,
     STEM_STRIDE,
     VoloConfig,
+    block_drop_path_rate,
 )
 from volo_convert.errors import ConversionError
-from volo_convert.options import DEFAULT_HEAD, HEADS, check_choice, check_image_size
+from volo_convert.options import (
+    DEFAULT_DROP_PATH_RATE,
+    DEFAULT_DROP_RATE,
+    DEFAULT_HEAD,
+    HEADS,
+    check_choice,
+    check_image_size,
+    check_rate,
+)
 
 # Porting fills every kernel, so they start as zeros: drawing random values for d5's 300M
 # weights would take about 4 s of a 10 s build, and as long again on every reload.
@@ -60,7 +78,9 @@ def _stem(images: Any, hidden_dim: int, embed_dim: int) -> Any:
         x = _conv2d(
             hidden_dim, kernel_size, strides=stride, use_bias=False, name=f"stem_conv{index}"
         )(x)
-        x = layers.BatchNormalization(epsilon=NORM_EPS, name=f"stem_bn{index}")(x)
+        x = layers.BatchNormalization(
+            momentum=1.0 - BATCHNORM_MOMENTUM, epsilon=NORM_EPS, name=f"stem_bn{index}"
+        )(x)
         x = layers.ReLU(name=f"stem_relu{index}")(x)
     patch_stride = PATCH_SIZE // STEM_STRIDE
     return _conv2d(embed_dim, patch_stride, strides=patch_stride, name="stem_proj")(x)
@@ -81,15 +101,24 @@ def _outlooker(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) ->
     return layers.Add(name=f"{prefix}_add_2")([x, mlp])
 
 
-def _transformer(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
-    """Transformer block on B, H, W, C."""
+def _drop_path(branch: Any, rate: float, name: str) -> Any:
+    """`branch` through a DropPath layer, or as it is when `rate` is 0."""
+    return DropPath(rate, name=name)(branch) if rate > 0 else branch
+
+
+def _transformer(
+    x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str, drop_path: float
+) -> Any:
+    """Transformer block on B, H, W, C; both residual branches get drop path `drop_path`."""
     qkv = _dense(3 * dim, use_bias=False, name=f"{prefix}_attn_qkv")(
         _layer_norm(f"{prefix}_norm1")(x)
     )
     attn = MultiHeadSelfAttention(num_heads, name=f"{prefix}_attn_mhsa")(qkv)
     attn = _dense(dim, name=f"{prefix}_attn_proj")(attn)
+    attn = _drop_path(attn, drop_path, f"{prefix}_drop_path_1")
     x = layers.Add(name=f"{prefix}_add_1")([x, attn])
     mlp = _mlp(_layer_norm(f"{prefix}_norm2")(x), dim, mlp_ratio, prefix)
+    mlp = _drop_path(mlp, drop_path, f"{prefix}_drop_path_2")
     return layers.Add(name=f"{prefix}_add_2")([x, mlp])
 
 
@@ -156,13 +185,22 @@ def stage_output_layers(config: VoloConfig, head: str = DEFAULT_HEAD) -> dict[st
     return names
 
 
-def build_volo(config: VoloConfig, image_size: int, head: str = DEFAULT_HEAD) -> keras.Model:
+def build_volo(
+    config: VoloConfig,
+    image_size: int,
+    head: str = DEFAULT_HEAD,
+    drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
+    drop_rate: float = DEFAULT_DROP_RATE,
+) -> keras.Model:
     """Builds the Keras VOLO classifier.
 
     Args:
         config: the architecture (a `VARIANTS` entry, or a tiny test configuration).
         image_size: input side S, a multiple of 16.
         head: `full` (published logits), `cls` (class head only) or `features`.
+        drop_path_rate: stochastic depth of the last transformer block; the others get
+            less (`block_drop_path_rate`). Training only.
+        drop_rate: dropout after the position embedding. Training only.
 
     Returns:
         A model mapping B, S, S, 3 normalised float32 images to B, num_classes logits,
@@ -170,6 +208,8 @@ def build_volo(config: VoloConfig, image_size: int, head: str = DEFAULT_HEAD) ->
     """
     check_image_size(image_size)
     check_choice("head", head, HEADS)
+    check_rate("drop path rate", drop_path_rate)
+    check_rate("drop rate", drop_rate)
     dims, heads, mlp_ratio = config.embed_dims, config.num_heads, config.mlp_ratio
     images = keras.Input((image_size, image_size, 3), name="images")
     x = _stem(images, config.stem_hidden_dim, dims[0])  # B, S/8, S/8, C1
@@ -177,12 +217,52 @@ def build_volo(config: VoloConfig, image_size: int, head: str = DEFAULT_HEAD) ->
         x = _outlooker(x, dims[0], heads[0], mlp_ratio, f"stack0_block{block}")
     x = _conv2d(dims[1], 2, strides=2, name="downsample")(x)  # B, S/16, S/16, C2
     x = PositionEmbedding(name="pos_embed")(x)
+    if drop_rate > 0:
+        x = layers.Dropout(drop_rate, name="pos_drop")(x)
     for stage in (1, 2, 3):
         for block in range(config.layers[stage]):
-            x = _transformer(x, dims[stage], heads[stage], mlp_ratio, f"stack{stage}_block{block}")
+            rate = block_drop_path_rate(config, stage, block, drop_path_rate)
+            prefix = f"stack{stage}_block{block}"
+            x = _transformer(x, dims[stage], heads[stage], mlp_ratio, prefix, rate)
     tokens = ClassToken(name="cls_token")(x)  # B, 1+N, C
     for index in range(NUM_CLASS_BLOCKS):
         tokens = _class_block(tokens, dims[-1], heads[-1], mlp_ratio, f"classifier{index}")
     tokens = _layer_norm("norm")(tokens)
     outputs = _head(tokens, config, head)
     return keras.Model(images, outputs, name=f"volo_{config.name}_{image_size}")
+
+
+@contextlib.contextmanager
+def drop_rates_at_zero(model: keras.Model) -> Iterator[keras.Model]:
+    """Holds every drop path and dropout rate of `model` at 0 inside the block.
+
+    Training is then deterministic, so it can be compared with PyTorch's; the rates are
+    put back afterwards.
+    """
+    drop_layers = [layer for layer in model.layers if isinstance(layer, DropPath | layers.Dropout)]
+    rates = [layer.rate for layer in drop_layers]
+    for layer in drop_layers:
+        layer.rate = 0.0
+    try:
+        yield model
+    finally:
+        for layer, rate in zip(drop_layers, rates, strict=True):
+            layer.rate = rate
+
+
+def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
+    """A copy of `model` computing under `policy` (say `mixed_bfloat16`), same weights.
+
+    A saved model keeps each layer's dtype policy, so setting a global policy before
+    loading it changes nothing; this rebuilds every layer under `policy`.
+    """
+    copy = keras.models.clone_model(
+        model,
+        clone_function=lambda layer: layer.__class__.from_config(
+            {**layer.get_config(), "dtype": policy}
+        ),
+    )
+    weights = {variable.path: variable for variable in model.weights}
+    for variable in copy.weights:
+        variable.assign(weights[variable.path])
+    return copy

@@ -1,7 +1,9 @@
-"""PyTorch VOLO in eval mode: the published forward, used as the parity reference.
+"""PyTorch VOLO: the published forward, used as the parity reference in eval and training.
 
 The module tree reproduces the release checkpoints' tensor names, so they load with
-`strict=True`. Training-only parts (dropout, drop path, token mixing) are left out.
+`strict=True`. In training mode the stem's BatchNorm uses batch statistics, and drop path
+and dropout sit where upstream puts them. Token labelling's token mixing and its training
+outputs are left out: `train()` returns the same logits as `eval()` would.
 """
 
 from __future__ import annotations
@@ -20,11 +22,33 @@ from volo_convert.architecture.variants import (
     PATCH_SIZE,
     STEM_STRIDE,
     VoloConfig,
+    block_drop_path_rate,
 )
-from volo_convert.options import DEFAULT_HEAD, HEADS, check_choice
+from volo_convert.options import (
+    DEFAULT_DROP_PATH_RATE,
+    DEFAULT_DROP_RATE,
+    DEFAULT_HEAD,
+    HEADS,
+    check_choice,
+)
 
 OUTLOOK_PADDING = 1
 OUTLOOK_STRIDE = 2
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm's: drops whole samples, scales the kept by 1 / (1 - rate)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        keep_prob = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)  # B, 1, ...
+        return x * mask / keep_prob
 
 
 class Mlp(nn.Module):
@@ -119,18 +143,19 @@ class Attention(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Stage-2..4 block: self-attention and MLP, both pre-norm and residual."""
+    """Stage-2..4 block: self-attention and MLP, both pre-norm and residual, with drop path."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.mlp = Mlp(dim, dim * mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class ClassAttention(nn.Module):
@@ -210,10 +235,18 @@ class Volo(nn.Module):
 
     `full` gives the published eval logits (aux head included), `cls` the class head's
     logits alone, `features` the normalised class token. Every head keeps all modules,
-    so release checkpoints load with `strict=True` whichever is chosen.
+    so release checkpoints load with `strict=True` whichever is chosen. `drop_path_rate`
+    and `drop_rate` act in training mode only, where upstream applies them.
     """
 
-    def __init__(self, config: VoloConfig, image_size: int, head: str = DEFAULT_HEAD) -> None:
+    def __init__(
+        self,
+        config: VoloConfig,
+        image_size: int,
+        head: str = DEFAULT_HEAD,
+        drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
+        drop_rate: float = DEFAULT_DROP_RATE,
+    ) -> None:
         super().__init__()
         check_choice("head", head, HEADS)
         self.head_type = head
@@ -221,12 +254,18 @@ class Volo(nn.Module):
         self.patch_embed = PatchEmbed(config.stem_hidden_dim, dims[0])
         grid = image_size // (PATCH_SIZE * 2)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dims[-1]))
+        self.pos_drop = nn.Dropout(drop_rate)
         outlookers = [Outlooker(dims[0], heads[0], mlp_ratio) for _ in range(config.layers[0])]
         network: list[nn.Module] = [nn.Sequential(*outlookers), Downsample(dims[0], dims[1])]
         for stage in (1, 2, 3):
             blocks = [
-                Transformer(dims[stage], heads[stage], mlp_ratio)
-                for _ in range(config.layers[stage])
+                Transformer(
+                    dims[stage],
+                    heads[stage],
+                    mlp_ratio,
+                    block_drop_path_rate(config, stage, block, drop_path_rate),
+                )
+                for block in range(config.layers[stage])
             ]
             network.append(nn.Sequential(*blocks))
         self.network = nn.ModuleList(network)
@@ -239,7 +278,7 @@ class Volo(nn.Module):
         self.head = nn.Linear(dims[-1], config.num_classes)
 
     def stage_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Runs the eval forward and returns every stage's output, in order.
+        """Runs the forward and returns every stage's output, in order.
 
         Args:
             images: B, 3, S, S normalised images.
@@ -253,6 +292,7 @@ class Volo(nn.Module):
         outputs["stem"] = x
         x = outputs["stack0"] = self.network[0](x)
         x = outputs["downsample"] = self.network[1](x) + self.pos_embed
+        x = self.pos_drop(x)
         for stack_index in (1, 2, 3):
             x = outputs[f"stack{stack_index}"] = self.network[stack_index + 1](x)
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # B, N, C

@@ -12,6 +12,8 @@ from volo_convert.options import IMAGE_SIZE_MULTIPLE
 PATCH_SIZE = 8
 STEM_STRIDE = 2  # the stem's first conv; the patch projection does the remaining 4
 NORM_EPS = 1e-5  # LayerNorm and BatchNorm, as in torch
+# torch's BatchNorm momentum: the weight of each training batch in the running statistics.
+BATCHNORM_MOMENTUM = 0.1
 POS_EMBED_STRIDE = IMAGE_SIZE_MULTIPLE  # patch 8, then the 2x2 downsample
 OUTLOOK_KERNEL = 3
 NUM_CLASS_BLOCKS = 2
@@ -44,6 +46,21 @@ VARIANTS: dict[str, VoloConfig] = {
     "d4": VoloConfig("d4", (8, 8, 16, 4), (384, 768, 768, 768), (12, 16, 16, 16), 3, 64),
     "d5": VoloConfig("d5", (12, 12, 20, 4), (384, 768, 768, 768), (12, 16, 16, 16), 4, 128),
 }
+
+
+def block_drop_path_rate(
+    config: VoloConfig, stage: int, block: int, drop_path_rate: float
+) -> float:
+    """Stochastic depth of block `block` of stage `stage` (0-3), as upstream VOLO sets it.
+
+    Only the transformer stages (1-3) have drop path, but the rate grows with the block's
+    index counted over every stage, outlookers included; the outlookers (stage 0) and the
+    class-attention blocks have none.
+    """
+    if stage == 0:
+        return 0.0
+    return drop_path_rate * (block + sum(config.layers[:stage])) / (sum(config.layers) - 1)
+
 
 # The eleven release files: (variant, image size) by file name.
 RELEASE_CHECKPOINTS: dict[str, tuple[str, int]] = {

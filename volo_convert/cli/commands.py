@@ -14,10 +14,13 @@ import click
 from volo_convert import __version__
 from volo_convert.cli.parameters import (
     CONTEXT_SETTINGS,
+    DROP_PATH_RATE,
+    DROP_RATE,
     EXPLAIN,
     JUNIT,
     OVERWRITE,
     REPORT,
+    TRAINING,
     TRUST_CHECKPOINT,
     DefaultCommandGroup,
     checkpoint_options,
@@ -119,6 +122,8 @@ def cli() -> None:
     "full: the published logits (class head + 0.5 x max of the aux head); cls: the class "
     "head alone; features: no head, the normalised class token (B, C) for transfer learning.",
 )
+@DROP_PATH_RATE
+@DROP_RATE
 @handles_errors
 def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) -> None:
     """Convert a VOLO checkpoint to Keras, then verify it against PyTorch.
@@ -133,6 +138,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
       volo-convert d1_224_84.2.pth.tar -o d1.h5
       volo-convert d5_512_87.07.pth.tar -o d5.keras --device cuda --report d5.json
       volo-convert d1_224_84.2.pth.tar -o d1_feat.h5 --head features --image-size 256
+      volo-convert d1_224_84.2.pth.tar -o d1_feat.keras --head features --drop-path-rate 0.1
       volo-convert d1_224_84.2.pth.tar -o d1_savedmodel/
       volo-convert d1_224_84.2.pth.tar -o d1_fp16.tflite --tflite-dtype float16
     """
@@ -154,6 +160,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @EXPLAIN
 @OVERWRITE
 @head_option(None, "The head MODEL must end in (default: whichever it ends in).")
+@TRAINING
 @handles_errors
 def verify(
     model_file: Path, checkpoint: Path, report: Path | None, junit: Path | None, **fields: Any
@@ -163,13 +170,15 @@ def verify(
     MODEL is a .h5 or .keras file (run under the Keras backend KERAS_BACKEND names), a
     SavedModel folder or a .tflite file. Exits 0 when the logits agree within --atol, 1
     when they do not. A checkpoint whose SHA-256 is not the one MODEL records is checked
-    all the same, after a warning.
+    all the same, after a warning. --training also checks that a Keras file trains like
+    PyTorch.
 
     \b
     Example:
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --atol 1e-4 --report parity.json
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --junit parity.xml
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --explain
+      volo-convert verify d1.h5 d1_224_84.2.pth.tar --training
       KERAS_BACKEND=torch volo-convert verify d1.keras d1_224_84.2.pth.tar
       volo-convert verify d1_fp16.tflite d1_224_84.2.pth.tar
     """

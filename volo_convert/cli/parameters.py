@@ -21,6 +21,8 @@ from volo_convert.native_logs import show_everything
 from volo_convert.options import (
     DEFAULT_ATOL,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_DROP_PATH_RATE,
+    DEFAULT_DROP_RATE,
     DEFAULT_SEED,
     DEVICES,
     EXIT_BAD_INPUT,
@@ -150,6 +152,29 @@ EXPLAIN = click.option(
     is_flag=True,
     help="Compare every stage with PyTorch and name the first one out of tolerance "
     "(done anyway when parity fails).",
+)
+TRAINING = click.option(
+    "--training",
+    is_flag=True,
+    help="Also train the model and PyTorch one SGD step on the same batch (BatchNorm on batch "
+    "statistics, drop rates 0) and compare the logits, every weight's gradient and the "
+    "weights after the step. Keras files only.",
+)
+DROP_RATE_RANGE = click.FloatRange(min=0.0, max=1.0, max_open=True)
+DROP_PATH_RATE = click.option(
+    "--drop-path-rate",
+    type=DROP_RATE_RANGE,
+    default=DEFAULT_DROP_PATH_RATE,
+    show_default=True,
+    help="Stochastic depth for fine-tuning, reached at the last transformer block (upstream "
+    "fine-tunes d1 with 0.1, d2 with 0.2, d3 with 0.5). Identity in inference.",
+)
+DROP_RATE = click.option(
+    "--drop-rate",
+    type=DROP_RATE_RANGE,
+    default=DEFAULT_DROP_RATE,
+    show_default=True,
+    help="Dropout after the position embedding, for fine-tuning. Identity in inference.",
 )
 VARIANT = click.option(
     "--variant",
