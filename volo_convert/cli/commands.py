@@ -228,7 +228,7 @@ def inspect(model_file: Path, as_json: bool) -> None:
     provenance = read_provenance(model_file)
     if provenance is None:
         raise ConversionError(f"{model_file}: holds no volo-convert provenance record")
-    click.echo(one_line(provenance.to_json()) if as_json else provenance.summary())
+    click.echo(provenance.to_json() if as_json else provenance.summary())
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
