@@ -62,4 +62,6 @@ def verify(
         on_stage: called with each stage's name as it starts.
         **options: fields of `ConvertOptions`, e.g. `atol=1e-5`, `device="cpu"`.
     """
-    return pipeline.verify_file(model, checkpoint, ConvertOptions(**options), on_stage, _warn)
+    return pipeline.verify_file(
+        model, checkpoint, ConvertOptions(**options), on_stage, on_warning=_warn
+    )
