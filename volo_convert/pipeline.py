@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import keras
@@ -155,17 +156,25 @@ def _build_and_port(
     return model
 
 
+@contextlib.contextmanager
+def _writing_staged(temp_path: Path, output_path: Path, what: str) -> Iterator[None]:
+    """A write into the staged file or folder whose failure names the user's path, in one
+    line, never the temporary one."""
+    try:
+        with about(output_path):
+            yield
+    except OSError as error:
+        reason = os_error_reason(error).replace(str(temp_path), str(output_path))
+        raise ConversionError(f"{output_path}: could not {what} ({reason})") from None
+
+
 def _save(
     model: keras.Model, temp_path: Path, output_path: Path, fmt: str, tflite_dtype: str
 ) -> None:
-    """Writes the staged file; a failure names the user's path, never the temporary one."""
-    try:
-        with about(output_path):
-            save_model(model, temp_path, fmt, tflite_dtype)
-    except OSError as error:
-        what = "SavedModel folder" if fmt == SAVEDMODEL else f"{fmt} file"
-        reason = os_error_reason(error).replace(str(temp_path), str(output_path))
-        raise ConversionError(f"{output_path}: could not write the {what} ({reason})") from None
+    """Writes the staged file."""
+    written = "SavedModel folder" if fmt == SAVEDMODEL else f"{fmt} file"
+    with _writing_staged(temp_path, output_path, f"write the {written}"):
+        save_model(model, temp_path, fmt, tflite_dtype)
 
 
 def _check_outputs(
@@ -236,13 +245,9 @@ def _provenance(
 def _record_provenance(
     temp_path: Path, output_path: Path, fmt: str, provenance: Provenance
 ) -> None:
-    """Writes the provenance into the staged file, naming the user's path if the disk refuses."""
-    try:
+    """Writes the provenance into the staged file."""
+    with _writing_staged(temp_path, output_path, "record the provenance"):
         write_provenance(temp_path, fmt, provenance)
-    except OSError as error:
-        raise ConversionError(
-            f"{output_path}: could not record the provenance ({error.strerror or error})"
-        ) from None
 
 
 def convert(
