@@ -6,6 +6,7 @@ output folder; accepted forms are converted and verified.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -532,9 +533,10 @@ def test_accepted_form_loads_the_release_tensors(
 ) -> None:
     write_input, extra_args = ACCEPTED_FORMS[form]
     checkpoint = write_input(tmp_path, release_state_dict)
-    loaded = load_state_dict(
+    loaded, sha256 = load_state_dict(
         checkpoint, ema="--ema" in extra_args, trust_checkpoint="--trust-checkpoint" in extra_args
     )
+    assert sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert set(loaded) == set(release_state_dict)
     assert all(tensor.dtype in (torch.float32, torch.int64) for tensor in loaded.values())
     expected = release_state_dict["network.0.0.attn.v.weight"]

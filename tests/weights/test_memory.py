@@ -11,7 +11,7 @@ from volo_convert.weights.memory import MappedCheckpoint
 
 
 def test_released_pages_read_back_the_same_values(d1_checkpoint: Path) -> None:
-    state_dict = load_state_dict(d1_checkpoint)
+    state_dict = load_state_dict(d1_checkpoint).state_dict
     mapped = MappedCheckpoint(d1_checkpoint)
     assert mapped.ranges, "torch.load(mmap=True) should map the checkpoint file"
     tensor = state_dict["network.2.0.mlp.fc1.weight"]
@@ -21,7 +21,7 @@ def test_released_pages_read_back_the_same_values(d1_checkpoint: Path) -> None:
 
 
 def test_memory_outside_the_file_is_left_alone(d1_checkpoint: Path) -> None:
-    state_dict = load_state_dict(d1_checkpoint)  # keeps the file mapped
+    state_dict = load_state_dict(d1_checkpoint).state_dict  # keeps the file mapped
     anonymous = torch.ones(1 << 20)  # 4 MB, many whole pages
     mapped = MappedCheckpoint(d1_checkpoint)
     assert mapped.ranges and state_dict

@@ -42,7 +42,7 @@ def check_pos_embed(model_path: Path, checkpoint: Path, image_size: int) -> None
     model = keras.models.load_model(model_path, compile=False)
     assert model.input_shape == (None, image_size, image_size, 3)
     keras_pos_embed = np.asarray(model.get_layer("pos_embed").weights[0].numpy())
-    source = load_state_dict(checkpoint)["pos_embed"]  # 1, 2, 2, 384 at 32px
+    source = load_state_dict(checkpoint).state_dict["pos_embed"]  # 1, 2, 2, 384 at 32px
     grid = image_size // 16
     np.testing.assert_array_equal(keras_pos_embed, torch_bicubic(source, grid))
     assert np.abs(keras_pos_embed - tensorflow_bicubic(source, grid)).max() > 1e-2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import io
 import pickle
 import struct
@@ -10,7 +12,7 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ COUNTER_SUFFIX = ".num_batches_tracked"  # BatchNorm's integer counter: the one 
 PICKLE_RECORD = "data.pkl"  # the pickle inside torch.save's zip container
 LOCAL_HEADER_BYTES = 30  # a zip record's fixed local header, before its name and extra field
 LOCAL_HEADER_NAME_LENGTH_OFFSET = 26
-CRC_CHUNK_BYTES = 16 * 1024 * 1024
+SCAN_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def _check_file(path: Path) -> None:
@@ -41,44 +43,69 @@ def _check_file(path: Path) -> None:
         raise ConversionError(f"{path}: the file is empty")
 
 
-def _check_zip_records(path: Path) -> None:
-    """Checks the CRC-32 stored for every record of a zip container, streaming it once.
+@dataclasses.dataclass(frozen=True)
+class _RecordSpan:
+    """Where a stored zip record's bytes lie in the file: [start, end)."""
 
-    torch.load does not check these, so a damaged download would load silently with
+    record: zipfile.ZipInfo
+    start: int
+    end: int
+
+
+def _record_spans(path: Path) -> list[_RecordSpan]:
+    """The data span of every record of a zip container, in file order."""
+    with zipfile.ZipFile(path) as archive:
+        records = archive.infolist()
+    spans = []
+    with path.open("rb") as stream:
+        for record in records:
+            if record.compress_type != zipfile.ZIP_STORED:  # torch stores; others may not
+                raise zipfile.BadZipFile(f"record {record.filename} is compressed")
+            stream.seek(record.header_offset + LOCAL_HEADER_NAME_LENGTH_OFFSET)
+            name_length, extra_length = struct.unpack("<HH", stream.read(4))
+            start = record.header_offset + LOCAL_HEADER_BYTES + name_length + extra_length
+            spans.append(_RecordSpan(record, start, start + record.compress_size))
+    return sorted(spans, key=lambda span: span.start)
+
+
+def _scan(path: Path, zip_container: bool) -> str:
+    """Reads the file once: returns its SHA-256 and, for a zip container, checks the
+    CRC-32 stored for every record on the way.
+
+    torch.load does not check these CRCs, so a damaged download would load silently with
     wrong weights, and verification, built from the same tensors, could not tell. The
     pass also brings the file into the page cache that torch.load then maps; zlib-ng's
-    CRC-32 runs at about ten times zlib's speed, so the pass costs about a plain read.
+    CRC-32 runs at about ten times zlib's speed.
     """
+    digest = hashlib.sha256()
     try:
-        with zipfile.ZipFile(path) as archive:
-            records = archive.infolist()
-        buffer = memoryview(bytearray(CRC_CHUNK_BYTES))
+        spans = _record_spans(path) if zip_container else []
+        buffer = memoryview(bytearray(SCAN_CHUNK_BYTES))
+        position, index, crc = 0, 0, 0
         with path.open("rb", buffering=0) as stream:
-            for record in records:
-                if _record_crc(stream, record, buffer) != record.CRC:
-                    raise ConversionError(
-                        f"{path}: the checkpoint is corrupt: record {record.filename!r} does not "
-                        "match the CRC-32 stored for it (a damaged or incomplete download?)"
-                    )
+            while count := stream.readinto(buffer):
+                chunk, end = buffer[:count], position + count
+                digest.update(chunk)
+                while index < len(spans) and spans[index].start <= end:
+                    span = spans[index]
+                    low, high = max(span.start, position), min(span.end, end)
+                    if high > low:
+                        crc = crc32(chunk[low - position : high - position], crc)
+                    if span.end > end:
+                        break
+                    if crc != span.record.CRC:
+                        raise ConversionError(
+                            f"{path}: the checkpoint is corrupt: record {span.record.filename!r} "
+                            "does not match the CRC-32 stored for it (a damaged or incomplete "
+                            "download?)"
+                        )
+                    crc, index = 0, index + 1
+                position = end
+        if index < len(spans):
+            raise EOFError(spans[index].record.filename)
     except (zipfile.BadZipFile, OSError, EOFError, struct.error):
         raise ConversionError(f"{path}: the checkpoint is truncated or corrupt") from None
-
-
-def _record_crc(stream: BinaryIO, record: zipfile.ZipInfo, buffer: memoryview) -> int:
-    """The CRC-32 of a stored record's bytes, read in chunks into `buffer`."""
-    if record.compress_type != zipfile.ZIP_STORED:  # torch stores; another writer may not
-        raise zipfile.BadZipFile(f"record {record.filename} is compressed")
-    stream.seek(record.header_offset + LOCAL_HEADER_NAME_LENGTH_OFFSET)
-    name_length, extra_length = struct.unpack("<HH", stream.read(4))
-    stream.seek(record.header_offset + LOCAL_HEADER_BYTES + name_length + extra_length)
-    crc, remaining = 0, record.compress_size
-    while remaining:
-        count = stream.readinto(buffer[: min(remaining, len(buffer))])
-        if not count:
-            raise EOFError(record.filename)
-        crc = crc32(buffer[:count], crc)
-        remaining -= count
-    return crc
+    return digest.hexdigest()
 
 
 class _Inert:
@@ -255,10 +282,19 @@ def _check_tensor(key: str, tensor: torch.Tensor) -> None:
         raise ConversionError(f"{key} {problem}")
 
 
+class CheckpointContent(NamedTuple):
+    """A checkpoint's tensors, and the SHA-256 of the file they were read from."""
+
+    state_dict: dict[str, torch.Tensor]
+    sha256: str
+
+
 def load_state_dict(
     path: str | Path, *, ema: bool = False, trust_checkpoint: bool = False
-) -> dict[str, torch.Tensor]:
-    """Reads a checkpoint and returns its state dict as float32 CPU tensors.
+) -> CheckpointContent:
+    """Reads a checkpoint: its state dict as float32 CPU tensors, and the file's SHA-256.
+
+    The file is read once for its hash and, for a zip container, its records' CRCs.
 
     Args:
         path: a `.pth.tar`/`.pth`/`.bin` torch file or a safetensors file (told apart by
@@ -267,22 +303,21 @@ def load_state_dict(
         trust_checkpoint: allow pickles that need arbitrary code to load.
 
     Returns:
-        torch tensor name (without a `module.` prefix) -> tensor; floating tensors are
-        float32, integer buffers keep their dtype.
+        The state dict (torch tensor name without a `module.` prefix -> tensor; floating
+        tensors are float32, integer buffers keep their dtype) and the file's SHA-256.
     """
     path = Path(path)
     _check_file(path)
     container = _sniff(path)
-    if container == "safetensors":
-        loaded: Any = _load_safetensors(path)
-    elif container == "torch":
-        if zipfile.is_zipfile(path):
-            _check_zip_records(path)
-        loaded = _load_pickle(path, trust_checkpoint)
-    else:
+    if container not in ("safetensors", "torch"):
         raise ConversionError(
             f"{path}: not a PyTorch or safetensors checkpoint, it looks like {container}"
         )
+    sha256 = _scan(path, zip_container=container == "torch" and zipfile.is_zipfile(path))
+    if container == "safetensors":
+        loaded: Any = _load_safetensors(path)
+    else:
+        loaded = _load_pickle(path, trust_checkpoint)
     raw_state_dict = _select_state_dict(loaded, path, ema)
     state_dict = {}
     original_keys: dict[str, str] = {}
@@ -303,7 +338,7 @@ def load_state_dict(
         state_dict[name] = tensor.float() if tensor.is_floating_point() else tensor
     if not state_dict:
         raise ConversionError(f"{path}: the checkpoint holds no tensors")
-    return state_dict
+    return CheckpointContent(state_dict, sha256)
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:

@@ -11,7 +11,6 @@ from volo_convert.architecture.torch_reference import parameter_shapes
 from volo_convert.architecture.variants import VoloConfig, detect_config, get_variant
 from volo_convert.errors import about
 from volo_convert.options import ConvertOptions
-from volo_convert.paths import file_sha256
 from volo_convert.weights.checkpoint import check_finite, load_state_dict, tensor_shapes
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.porting import check_checkpoint
@@ -50,8 +49,9 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
     it is read. `options.variant` overrides the detected variant (keeping the
     checkpoint's class count); `options.image_size` converts to another input size.
     """
-    state_dict = load_state_dict(path, ema=options.ema, trust_checkpoint=options.trust_checkpoint)
-    sha256 = file_sha256(path)
+    state_dict, sha256 = load_state_dict(
+        path, ema=options.ema, trust_checkpoint=options.trust_checkpoint
+    )
     shapes = tensor_shapes(state_dict)
     with about(path):
         config, image_size = detect_config(shapes)
