@@ -26,7 +26,7 @@ from volo_convert.options import (
         ({"head": "logits"}, "unknown head 'logits', expected one of full, cls, features"),
         ({"atol": 0.0}, "atol must be a positive number, got 0.0"),
         ({"atol": float("nan")}, "atol must be a positive number, got nan"),
-        ({"batch_size": 0}, "batch size must be at least 1, got 0"),
+        ({"verify_images": 0}, "--verify-images must be at least 1, got 0"),
         (
             {"explain": True, "verify": False},
             "--explain compares with PyTorch, so it needs verification",

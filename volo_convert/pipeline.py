@@ -8,32 +8,44 @@ from collections.abc import Callable
 from pathlib import Path
 
 import keras
+import numpy as np
 import torch
 
 from volo_convert.architecture.keras_model import build_volo, model_head
-from volo_convert.architecture.variants import VoloConfig, detect_config, get_variant
+from volo_convert.architecture.variants import VoloConfig, crop_pct, detect_config, get_variant
 from volo_convert.checks.diagnosis import diagnose
+from volo_convert.checks.images import normalize, sample_pixels
 from volo_convert.checks.parity import check_parity
+from volo_convert.checks.photos import load_photos
 from volo_convert.checks.reference import resolve_device, run_reference
 from volo_convert.errors import ConversionError, about
 from volo_convert.formats import (
     Predictor,
     artifact_format,
     check_backend,
+    input_contract,
     load_artifact,
     output_format,
     runtime_name,
     save_model,
     weight_dtype,
 )
+from volo_convert.formats.contract import InputContract
 from volo_convert.formats.staging import check_output_path, move_into_place, staged_output
 from volo_convert.options import (
+    CALIBRATION_SEED,
+    DEFAULT_ATOL,
+    DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_CONVERT_OPTIONS,
     DEFAULT_HEAD,
+    MANY_VERIFY_IMAGES,
+    QUANTIZED_DTYPES,
     SAVEDMODEL,
     TFLITE_DTYPES,
     ConvertOptions,
     default_atol,
+    default_min_top1,
+    default_verify_images,
 )
 from volo_convert.results import ConversionResult
 from volo_convert.weights.checkpoint import check_finite, load_state_dict, tensor_shapes
@@ -88,11 +100,50 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
     return LoadedCheckpoint(state_dict, config, image_size)
 
 
+def _photos(paths: tuple[str, ...], checkpoint: LoadedCheckpoint) -> np.ndarray:
+    """The photos at `paths` as B, S, S, 3 uint8 pixels, prepared for this checkpoint."""
+    size = checkpoint.image_size
+    return load_photos(paths, size, crop_pct(checkpoint.config.name, size))
+
+
+def _verification_pixels(
+    options: ConvertOptions, checkpoint: LoadedCheckpoint, dtype: str
+) -> np.ndarray | None:
+    """The photos to verify a `dtype` file on, or None for the synthetic images.
+
+    A quantized file is judged by top-1 agreement, so it needs MANY_VERIFY_IMAGES photos.
+    """
+    if not options.images:
+        return None
+    pixels = _photos(options.images, checkpoint)
+    if dtype in QUANTIZED_DTYPES and len(pixels) < MANY_VERIFY_IMAGES:
+        raise ConversionError(
+            f"--images gave {len(pixels)} readable images, but a quantized file is judged on "
+            f"at least {MANY_VERIFY_IMAGES}"
+        )
+    return pixels
+
+
+def _calibration_inputs(options: ConvertOptions, checkpoint: LoadedCheckpoint) -> np.ndarray | None:
+    """What an int8 file is calibrated on, as the model takes it; None for other files.
+
+    The photos of `--calibration-images`, else DEFAULT_CALIBRATION_IMAGES seeded synthetic
+    images (a seed apart from the verification images).
+    """
+    if options.tflite_dtype != "int8":
+        return None
+    if options.calibration_images:
+        pixels = _photos(options.calibration_images, checkpoint)
+    else:
+        pixels = sample_pixels(DEFAULT_CALIBRATION_IMAGES, checkpoint.image_size, CALIBRATION_SEED)
+    return pixels.astype(np.float32) if options.output_input == "pixels" else normalize(pixels)
+
+
 def _keras_graph(model: Predictor, checkpoint: LoadedCheckpoint, head: str) -> keras.Model:
     """`model` itself if it is Keras; else the Keras graph a SavedModel/TFLite came from."""
     if isinstance(model, keras.Model):
         return model
-    rebuilt = build_volo(checkpoint.config, checkpoint.image_size, head)
+    rebuilt = build_volo(checkpoint.config, checkpoint.image_size, head, input_contract(model).kind)
     port_weights(rebuilt, checkpoint.state_dict, weight_mappings(checkpoint.config, head))
     return rebuilt
 
@@ -101,40 +152,47 @@ def _verify(
     model: Predictor,
     checkpoint: LoadedCheckpoint,
     options: ConvertOptions,
+    pixels: np.ndarray | None,
     device: torch.device,
     result: ConversionResult,
     on_stage: StageCallback | None,
 ) -> None:
     """Fills in `result`'s parity and timing, and its diagnosis if asked for or failed.
 
-    The reference runs once; parity and diagnosis both read that run. A SavedModel or
-    TFLite file has no stage outputs to read, so the Keras graph it was exported from is
-    diagnosed: if every stage of that passes, the export lost the parity.
+    The reference runs once, on `pixels` (photos) or else the seeded synthetic images;
+    parity and diagnosis both read that run. A SavedModel or TFLite file has no stage
+    outputs to read, so the Keras graph it was exported from is diagnosed (against
+    DEFAULT_ATOL where the file has no atol bar): if every stage of that passes, the
+    export lost the parity.
     """
     _notify(on_stage, "verifying")
     started = time.perf_counter()
+    dtype = weight_dtype(model)
     reference = run_reference(
         checkpoint.config,
         checkpoint.image_size,
         checkpoint.state_dict,
         head=result.head,
         device=device,
-        batch_size=options.batch_size,
+        pixels=pixels,
+        batch_size=options.verify_images or default_verify_images(dtype),
         seed=options.seed,
     )
-    atol = default_atol(weight_dtype(model)) if options.atol is None else options.atol
-    result.parity = check_parity(model, reference, atol)
+    atol = default_atol(dtype) if options.atol is None else options.atol
+    min_top1 = default_min_top1(dtype) if options.min_top1 is None else options.min_top1
+    result.parity = check_parity(model, reference, atol, min_top1)
     result.verify_seconds = time.perf_counter() - started
     if options.explain or not result.parity.passed:
         _notify(on_stage, "diagnosing")
         graph = _keras_graph(model, checkpoint, result.head)
-        result.diagnosis = diagnose(graph, checkpoint.config, reference, atol)
+        diagnosis_atol = DEFAULT_ATOL if atol is None else atol
+        result.diagnosis = diagnose(graph, checkpoint.config, reference, diagnosis_atol)
 
 
 def _build_and_port(
     checkpoint_path: str | Path,
     checkpoint: LoadedCheckpoint,
-    head: str,
+    options: ConvertOptions,
     on_stage: StageCallback | None,
 ) -> keras.Model:
     """The Keras model filled from the checkpoint, holding the weights once in memory."""
@@ -142,7 +200,8 @@ def _build_and_port(
     mapped = MappedCheckpoint(checkpoint_path)
     mapped.release_all(checkpoint.state_dict.values())
     _notify(on_stage, "building")
-    model = build_volo(checkpoint.config, checkpoint.image_size, head)
+    head = options.output_head
+    model = build_volo(checkpoint.config, checkpoint.image_size, head, options.output_input)
     _notify(on_stage, "porting")
     with about(checkpoint_path):
         port_weights(
@@ -155,11 +214,16 @@ def _build_and_port(
 
 
 def _save(
-    model: keras.Model, temp_path: Path, output_path: Path, fmt: str, tflite_dtype: str
+    model: keras.Model,
+    temp_path: Path,
+    output_path: Path,
+    fmt: str,
+    options: ConvertOptions,
+    calibration: np.ndarray | None,
 ) -> None:
     """Writes the staged file, naming the user's path if the disk refuses."""
     try:
-        save_model(model, temp_path, fmt, tflite_dtype)
+        save_model(model, temp_path, fmt, options.tflite_dtype, options.tflite_io, calibration)
     except OSError as error:
         what = "SavedModel folder" if fmt == SAVEDMODEL else f"{fmt} file"
         raise ConversionError(
@@ -200,7 +264,9 @@ def convert(
     started = time.perf_counter()
     _notify(on_stage, "loading")
     checkpoint = load_checkpoint(checkpoint_path, options)
-    model = _build_and_port(checkpoint_path, checkpoint, options.output_head, on_stage)
+    pixels = _verification_pixels(options, checkpoint, options.tflite_dtype) if device else None
+    calibration = _calibration_inputs(options, checkpoint)
+    model = _build_and_port(checkpoint_path, checkpoint, options, on_stage)
     result = ConversionResult(
         checkpoint=str(checkpoint_path),
         output=str(output_path),
@@ -211,14 +277,21 @@ def convert(
         head=options.output_head,
         output_format=fmt,
         runtime=runtime_name(fmt) if options.verify else None,
+        tflite_dtype=options.tflite_dtype if fmt == "tflite" else None,
     )
     with staged_output(output_path, folder=fmt == SAVEDMODEL) as temp_path:
         _notify(on_stage, "saving")
-        _save(model, temp_path, output_path, fmt, options.tflite_dtype)
+        _save(model, temp_path, output_path, fmt, options, calibration)
         del model
         result.convert_seconds = time.perf_counter() - started
-        if device is not None:
-            _verify(load_artifact(temp_path, fmt), checkpoint, options, device, result, on_stage)
+        if device is not None or fmt == "tflite":  # a TFLite file's input scale is in the file
+            loaded = load_artifact(temp_path, fmt)
+            result.input = input_contract(loaded).to_dict()
+            if device is not None:
+                _verify(loaded, checkpoint, options, pixels, device, result, on_stage)
+            del loaded
+        else:
+            result.input = InputContract(options.output_input).to_dict()
         if result.passed:
             if output_path.exists() and not options.overwrite:
                 raise ConversionError(
@@ -274,6 +347,11 @@ def verify_file(
     )
     with about(model_path):
         head = _artifact_head(model, checkpoint.config, options.head)
+    contract = input_contract(model)
+    if options.input is not None and options.input != contract.kind:
+        raise ConversionError(
+            f"{model_path}: the model takes {contract.kind}, but --input {options.input} was given"
+        )
     if head == "features":
         expected_outputs, meaning = checkpoint.config.embed_dims[-1], "feature channels"
     else:
@@ -293,6 +371,9 @@ def verify_file(
         head=head,
         output_format=fmt,
         runtime=runtime_name(fmt),
+        tflite_dtype=weight_dtype(model) if fmt == "tflite" else None,
+        input=contract.to_dict(),
     )
-    _verify(model, checkpoint, options, device, result, on_stage)
+    pixels = _verification_pixels(options, checkpoint, weight_dtype(model))
+    _verify(model, checkpoint, options, pixels, device, result, on_stage)
     return result

@@ -18,6 +18,7 @@ from volo_convert.architecture.keras_layers import (
     ClassToken,
     MultiHeadSelfAttention,
     OutlookAggregation,
+    PixelNormalization,
     PositionEmbedding,
     TokenLabelingLogits,
     TokenSlice,
@@ -32,7 +33,14 @@ from volo_convert.architecture.variants import (
     VoloConfig,
 )
 from volo_convert.errors import ConversionError
-from volo_convert.options import DEFAULT_HEAD, HEADS, check_choice, check_image_size
+from volo_convert.options import (
+    DEFAULT_HEAD,
+    DEFAULT_INPUT,
+    HEADS,
+    INPUTS,
+    check_choice,
+    check_image_size,
+)
 
 # Porting fills every kernel, so they start as zeros: drawing random values for d5's 300M
 # weights would take about 4 s of a 10 s build, and as long again on every reload.
@@ -139,6 +147,13 @@ def model_head(model: keras.Model) -> str:
     )
 
 
+def model_input(model: keras.Model) -> str:
+    """What a built or reloaded Keras VOLO takes: `pixels` or `images` (one of INPUTS)."""
+    if any(isinstance(layer, PixelNormalization) for layer in model.layers):
+        return "pixels"
+    return DEFAULT_INPUT
+
+
 def stage_output_layers(config: VoloConfig, head: str = DEFAULT_HEAD) -> dict[str, str]:
     """Stage name -> name of the Keras layer whose output ends that stage.
 
@@ -156,22 +171,27 @@ def stage_output_layers(config: VoloConfig, head: str = DEFAULT_HEAD) -> dict[st
     return names
 
 
-def build_volo(config: VoloConfig, image_size: int, head: str = DEFAULT_HEAD) -> keras.Model:
+def build_volo(
+    config: VoloConfig, image_size: int, head: str = DEFAULT_HEAD, input: str = DEFAULT_INPUT
+) -> keras.Model:
     """Builds the Keras VOLO classifier.
 
     Args:
         config: the architecture (a `VARIANTS` entry, or a tiny test configuration).
         image_size: input side S, a multiple of 16.
         head: `full` (published logits), `cls` (class head only) or `features`.
+        input: `images` (ImageNet-normalised) or `pixels` (RGB 0..255, normalised inside).
 
     Returns:
-        A model mapping B, S, S, 3 normalised float32 images to B, num_classes logits,
-        or to B, C normalised class-token features for head `features`.
+        A model mapping B, S, S, 3 images (or pixels) to B, num_classes logits, or to
+        B, C normalised class-token features for head `features`.
     """
     check_image_size(image_size)
     check_choice("head", head, HEADS)
+    check_choice("input", input, INPUTS)
     dims, heads, mlp_ratio = config.embed_dims, config.num_heads, config.mlp_ratio
-    images = keras.Input((image_size, image_size, 3), name="images")
+    inputs = keras.Input((image_size, image_size, 3), name=input)  # B, S, S, 3
+    images = PixelNormalization(name="pixel_normalization")(inputs) if input == "pixels" else inputs
     x = _stem(images, config.stem_hidden_dim, dims[0])  # B, S/8, S/8, C1
     for block in range(config.layers[0]):
         x = _outlooker(x, dims[0], heads[0], mlp_ratio, f"stack0_block{block}")
@@ -185,4 +205,4 @@ def build_volo(config: VoloConfig, image_size: int, head: str = DEFAULT_HEAD) ->
         tokens = _class_block(tokens, dims[-1], heads[-1], mlp_ratio, f"classifier{index}")
     tokens = _layer_norm("norm")(tokens)
     outputs = _head(tokens, config, head)
-    return keras.Model(images, outputs, name=f"volo_{config.name}_{image_size}")
+    return keras.Model(inputs, outputs, name=f"volo_{config.name}_{image_size}")

@@ -5,8 +5,10 @@ Exit codes: 0 parity passed (or not checked), 1 parity failed, 2 bad input or us
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,12 @@ import click
 
 from volo_convert import __version__
 from volo_convert.cli.parameters import (
+    CALIBRATION_IMAGES,
     CONTEXT_SETTINGS,
     EXPLAIN,
+    INPUT,
     REPORT,
+    TFLITE_IO_OPTION,
     TRUST_CHECKPOINT,
     DefaultCommandGroup,
     InputError,
@@ -62,6 +67,18 @@ def _finish(result: Any, report: Path | None) -> None:
         sys.exit(EXIT_PARITY_FAILED)
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Prints the library's warnings (a skipped photo) as one `Warning:` line on stderr."""
+
+    def show(message: Warning | str, *_: Any, **__: Any) -> None:
+        click.echo(f"Warning: {message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def _stage_printer() -> Callable[[str], None]:
     """Prints each pipeline stage to stderr as it starts."""
     return lambda stage: click.echo(f"[{stage}]", err=True)
@@ -99,8 +116,12 @@ def cli() -> None:
     type=click.Choice(TFLITE_DTYPES),
     default=TFLITE_DTYPES[0],
     show_default=True,
-    help="Weight precision of a .tflite output.",
+    help="Precision of a .tflite output: float32, float16 weights, int8 weights with float "
+    "activations (int8-dynamic), or full integer (int8, calibrated).",
 )
+@TFLITE_IO_OPTION
+@CALIBRATION_IMAGES
+@INPUT
 @checkpoint_options
 @verification_options
 @REPORT
@@ -130,12 +151,16 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
       volo-convert d1_224_84.2.pth.tar -o d1_feat.h5 --head features --image-size 256
       volo-convert d1_224_84.2.pth.tar -o d1_savedmodel/
       volo-convert d1_224_84.2.pth.tar -o d1_fp16.tflite --tflite-dtype float16
+      volo-convert d1_224_84.2.pth.tar -o d1_int8.tflite --tflite-dtype int8 \\
+          --calibration-images photos/ --input pixels --tflite-io int8
     """
     from volo_convert.pipeline import convert as run_convert
 
     options = ConvertOptions(**fields)
     _check_report_path(report)
-    _finish(run_convert(checkpoint, output, options, on_stage=_stage_printer()), report)
+    with _one_line_warnings():
+        result = run_convert(checkpoint, output, options, on_stage=_stage_printer())
+    _finish(result, report)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -146,6 +171,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @REPORT
 @EXPLAIN
 @head_option(None, "The head MODEL must end in (default: whichever it ends in).")
+@INPUT
 @handles_errors
 def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: Any) -> None:
     """Check an existing model against its PyTorch checkpoint (for CI).
@@ -165,7 +191,9 @@ def verify(model_file: Path, checkpoint: Path, report: Path | None, **fields: An
 
     options = ConvertOptions(**fields)
     _check_report_path(report)
-    _finish(verify_file(model_file, checkpoint, options, on_stage=_stage_printer()), report)
+    with _one_line_warnings():
+        result = verify_file(model_file, checkpoint, options, on_stage=_stage_printer())
+    _finish(result, report)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)

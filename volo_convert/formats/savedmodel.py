@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from volo_convert.architecture.keras_model import model_input
 from volo_convert.errors import ConversionError, first_line
+from volo_convert.formats.contract import InputContract
+from volo_convert.options import DEFAULT_INPUT
 
 SERVING_SIGNATURE = "serving_default"
+# SavedModel keeps `assets.extra/` for files of the libraries that wrote it; ours names
+# the input kind, which the signature's float32 images cannot show.
+METADATA_FILE = Path("assets.extra") / "volo_convert.json"
 
 
 def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = None) -> None:
@@ -17,6 +24,7 @@ def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = 
 
     `model.export` would store every weight twice (keras-team/keras#23553), so the module
     saved here tracks the very TensorFlow variables that the traced forward pass captures.
+    `images` are float32, normalised or, for a model that takes pixels, 0..255.
 
     Args:
         model: the Keras model (TensorFlow backend).
@@ -33,6 +41,8 @@ def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = 
     )
     signatures = {"serving_default": module.serve.get_concrete_function()}
     tf.saved_model.save(module, str(path), signatures=signatures)
+    (path / METADATA_FILE).parent.mkdir(exist_ok=True)
+    (path / METADATA_FILE).write_text(json.dumps({"input": model_input(model)}) + "\n")
 
 
 class SavedModelRunner:
@@ -57,11 +67,15 @@ class SavedModelRunner:
             next(iter(outputs.items())),
         )
         self.input_shape = tuple(input_spec.shape)  # None, S, S, 3
+        metadata_file = Path(path) / METADATA_FILE
+        metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+        self.input_contract = InputContract(metadata.get("input", DEFAULT_INPUT))
         self.output_shape = tuple(output_spec.shape)  # None, K
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
         """B, S, S, 3 images -> B, K logits."""
         import tensorflow as tf
 
-        outputs = self._function(**{self._input_name: tf.constant(images)})
+        batch = tf.constant(self.input_contract.encode(images))
+        outputs = self._function(**{self._input_name: batch})
         return outputs[self._output_name].numpy()

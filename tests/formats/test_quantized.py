@@ -1,0 +1,192 @@
+"""Quantized TFLite files (int8-dynamic, int8): builtin ops, the interpreter, agreement bars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import TINY_CONFIG, error_line, run
+
+from volo_convert.architecture.keras_model import build_volo
+from volo_convert.architecture.variants import VARIANTS
+from volo_convert.checks.images import normalize, sample_pixels
+from volo_convert.checks.parity import check_parity
+from volo_convert.checks.reference import ReferenceRun, run_reference
+from volo_convert.formats.tflite import (
+    FLOAT_OPS,
+    TFLiteRunner,
+    check_builtin_ops,
+    convert_to_tflite,
+    file_metadata,
+    operator_names,
+    weight_dtype,
+)
+from volo_convert.options import DEFAULT_MIN_TOP1, MANY_VERIFY_IMAGES
+from volo_convert.synthetic import write_checkpoint
+from volo_convert.weights.mapping import weight_mappings
+from volo_convert.weights.porting import port_weights
+
+TINY_SIZE = 64
+# The tiny model's bars: measured top-1 agreement 97-100% (int8-dynamic) and 94-98% (int8)
+# over 64 synthetic images, mean abs logit diff 0.02-0.05 on logits of std about 1.
+TINY_MIN_TOP1 = 0.9
+TINY_MAX_MEAN_ABS = {"int8-dynamic": 0.1, "int8": 0.15}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_state_dict: dict) -> ReferenceRun:
+    return run_reference(
+        TINY_CONFIG, TINY_SIZE, tiny_state_dict, device="cpu", batch_size=MANY_VERIFY_IMAGES
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tiny_state_dict: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny model as float32, int8-dynamic and int8 (images) and int8 with uint8 pixels."""
+    folder = tmp_path_factory.mktemp("quantized")
+    calibration_pixels = sample_pixels(16, TINY_SIZE, seed=99)
+    files = {}
+    for name, input_kind, dtype, io in [
+        ("float32", "images", "float32", "float32"),
+        ("int8-dynamic", "images", "int8-dynamic", "float32"),
+        ("int8", "images", "int8", "float32"),
+        ("int8-pixels-uint8", "pixels", "int8", "int8"),
+    ]:
+        model = build_volo(TINY_CONFIG, TINY_SIZE, input=input_kind)
+        port_weights(model, tiny_state_dict, weight_mappings(TINY_CONFIG))
+        calibration = (
+            calibration_pixels.astype(np.float32)
+            if input_kind == "pixels"
+            else normalize(calibration_pixels)
+        )
+        path = folder / f"{name}.tflite"
+        path.write_bytes(convert_to_tflite(model, dtype, io, calibration))
+        files[name] = path
+    keras.backend.clear_session()
+    return files
+
+
+def test_quantized_files_use_builtin_ops_only(tiny_files: dict) -> None:
+    dynamic = tiny_files["int8-dynamic"].read_bytes()
+    names = operator_names(dynamic)
+    check_builtin_ops(dynamic)
+    assert not [name for name in names if name.startswith("custom:")], names
+    assert "QUANTIZE" not in names  # activations stay float; the kernels quantize on the fly
+    assert weight_dtype(dynamic) == "int8-dynamic"
+
+    full = tiny_files["int8"].read_bytes()
+    names = operator_names(full)
+    check_builtin_ops(full)
+    assert {"QUANTIZE", "DEQUANTIZE", "FULLY_CONNECTED", "CONV_2D"} <= set(names)
+    assert {"SOFTMAX", "GELU", "BATCH_MATMUL"} <= set(FLOAT_OPS) & set(names)
+    assert file_metadata(full) == {"tflite_dtype": "int8", "input": "images"}
+
+
+def test_quantized_files_are_about_a_quarter_of_float32(tiny_files: dict) -> None:
+    float32_size = tiny_files["float32"].stat().st_size
+    for name in ("int8-dynamic", "int8"):
+        # the tiny model's graph is a larger share of its file than d1's (0.26x there)
+        assert tiny_files[name].stat().st_size < 0.45 * float32_size, name
+
+
+@pytest.mark.parametrize("name", ["int8-dynamic", "int8"])
+def test_quantized_files_meet_their_agreement_bars(
+    tiny_files: dict, tiny_run: ReferenceRun, name: str
+) -> None:
+    runner = TFLiteRunner(tiny_files[name])
+    assert runner.weight_dtype == name
+    parity = check_parity(runner, tiny_run, atol=None, min_top1=DEFAULT_MIN_TOP1[name])
+    assert parity.batch_size == MANY_VERIFY_IMAGES
+    assert parity.passed and parity.top1_agreement >= TINY_MIN_TOP1, parity
+    assert 0 < parity.mean_abs_diff <= TINY_MAX_MEAN_ABS[name], parity
+    assert parity.mean_abs_diff < parity.max_abs_diff
+
+
+def test_int8_takes_camera_bytes_as_uint8(tiny_files: dict, tiny_run: ReferenceRun) -> None:
+    runner = TFLiteRunner(tiny_files["int8-pixels-uint8"])
+    contract = runner.input_contract
+    assert (contract.kind, contract.dtype, contract.scale, contract.zero_point) == (
+        "pixels", "uint8", 1.0, 0,
+    )  # fmt: skip
+    np.testing.assert_array_equal(contract.encode(tiny_run.pixels), tiny_run.pixels)
+    parity = check_parity(runner, tiny_run, atol=None, min_top1=DEFAULT_MIN_TOP1["int8"])
+    assert parity.passed and parity.top1_agreement >= TINY_MIN_TOP1, parity
+
+
+def test_a_missed_top1_bar_fails_and_says_so(tiny_files: dict, tiny_run: ReferenceRun) -> None:
+    parity = check_parity(TFLiteRunner(tiny_files["int8"]), tiny_run, atol=None, min_top1=1.0)
+    assert parity.top1_agreement < 1.0 and not parity.passed
+    assert parity.failure == (
+        f"top-1 agreement {parity.top1_agreement:.1%} is below --min-top1 100% (64 images)"
+    )
+
+
+def test_cli_int8_dynamic_on_d1(d1_checkpoint: Path, tmp_path: Path) -> None:
+    output = tmp_path / "d1_dynamic.tflite"
+    result = run(
+        d1_checkpoint, "-o", output, "--tflite-dtype", "int8-dynamic", "--device", "cpu",
+        "--report", tmp_path / "r.json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    parity = report["parity"]
+    assert parity["batch_size"] == MANY_VERIFY_IMAGES and parity["atol"] is None
+    assert parity["min_top1"] == DEFAULT_MIN_TOP1["int8-dynamic"] <= parity["top1_agreement"]
+    assert report["tflite_dtype"] == "int8-dynamic" and report["status"] == "passed"
+    assert "LiteRT (ai-edge-litert" in report["runtime"]  # the test extra installs it
+    check_builtin_ops(output.read_bytes())
+    assert output.stat().st_size < 0.3 * 4 * report["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--tflite-io", "int8"],
+            "Error: --tflite-io int8 needs --tflite-dtype int8 (full integer)",
+        ),
+        (
+            ["--tflite-dtype", "int8-dynamic", "--calibration-images", "."],
+            "Error: --calibration-images applies to --tflite-dtype int8 only",
+        ),
+        (
+            ["--tflite-dtype", "int8", "--verify-images", "8"],
+            "Error: a quantized file is judged on at least 64 images, got --verify-images 8",
+        ),
+        (
+            ["--tflite-dtype", "int8", "--head", "features"],
+            "Error: a quantized file is judged by top-1 agreement, which the features head has "
+            "not; use --tflite-dtype float32 or float16 for features",
+        ),
+    ],
+)
+def test_quantization_options_are_checked_first(
+    d1_checkpoint: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = run(d1_checkpoint, "-o", tmp_path / "d1.tflite", *args)
+    assert result.exit_code == 2
+    assert error_line(result) == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_d1_at_224_in_full_int8_taking_uint8_pixels(tmp_path: Path) -> None:
+    """The one full-size quantization: d1 at 224, the deployment a phone would use."""
+    checkpoint = write_checkpoint(tmp_path / "d1_224.pth.tar", VARIANTS["d1"], 224, seed=0)
+    output = tmp_path / "d1_int8.tflite"
+    result = run(
+        checkpoint, "-o", output, "--tflite-dtype", "int8", "--input", "pixels",
+        "--tflite-io", "int8", "--device", "cpu", "--report", tmp_path / "r.json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "input           pixels (uint8, scale 1, zero point 0)" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    parity = report["parity"]
+    assert parity["batch_size"] == MANY_VERIFY_IMAGES
+    assert parity["top1_agreement"] >= DEFAULT_MIN_TOP1["int8"], parity
+    assert report["input"]["kind"] == "pixels" and report["input"]["dtype"] == "uint8"
+    content = output.read_bytes()
+    check_builtin_ops(content)
+    assert len(content) <= 0.3 * 4 * report["parameters"]  # float32 stores 4 bytes a weight
