@@ -24,16 +24,21 @@ from volo_convert.formats.tflite import (
     operator_names,
     weight_dtype,
 )
-from volo_convert.options import DEFAULT_MIN_TOP1, MANY_VERIFY_IMAGES
+from volo_convert.options import (
+    CALIBRATION_SEED,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_MIN_TOP1,
+    MANY_VERIFY_IMAGES,
+)
 from volo_convert.synthetic import write_checkpoint
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.porting import port_weights
 
 TINY_SIZE = 64
-# The tiny model's bars: measured top-1 agreement 97-100% (int8-dynamic) and 94-98% (int8)
-# over 64 synthetic images, mean abs logit diff 0.02-0.05 on logits of std about 1.
-TINY_MIN_TOP1 = 0.9
-TINY_MAX_MEAN_ABS = {"int8-dynamic": 0.1, "int8": 0.15}
+# The tiny model's logits have a std of 2.7 and a median top-2 margin of 0.83. Measured over
+# its 64 images: int8-dynamic 97% top-1 agreement, mean abs diff 0.092; int8 calibrated on
+# the default set 94% (83% on 16 images instead of 32), mean abs diff 0.20-0.22.
+TINY_MAX_MEAN_ABS = {"int8-dynamic": 0.15, "int8": 0.3}
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +50,14 @@ def tiny_run(tiny_state_dict: dict) -> ReferenceRun:
 
 @pytest.fixture(scope="module")
 def tiny_files(tiny_state_dict: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The tiny model as float32, int8-dynamic and int8 (images) and int8 with uint8 pixels."""
+    """The tiny model as int8-dynamic and int8 (images), and as int8 taking uint8 pixels.
+
+    Its graph is a large share of its files, so sizes are checked on d1 (CLI tests).
+    """
     folder = tmp_path_factory.mktemp("quantized")
-    calibration_pixels = sample_pixels(16, TINY_SIZE, seed=99)
+    calibration_pixels = sample_pixels(DEFAULT_CALIBRATION_IMAGES, TINY_SIZE, CALIBRATION_SEED)
     files = {}
     for name, input_kind, dtype, io in [
-        ("float32", "images", "float32", "float32"),
         ("int8-dynamic", "images", "int8-dynamic", "float32"),
         ("int8", "images", "int8", "float32"),
         ("int8-pixels-uint8", "pixels", "int8", "int8"),
@@ -85,13 +92,6 @@ def test_quantized_files_use_builtin_ops_only(tiny_files: dict) -> None:
     assert file_metadata(full) == {"tflite_dtype": "int8", "input": "images"}
 
 
-def test_quantized_files_are_about_a_quarter_of_float32(tiny_files: dict) -> None:
-    float32_size = tiny_files["float32"].stat().st_size
-    for name in ("int8-dynamic", "int8"):
-        # the tiny model's graph is a larger share of its file than d1's (0.26x there)
-        assert tiny_files[name].stat().st_size < 0.45 * float32_size, name
-
-
 @pytest.mark.parametrize("name", ["int8-dynamic", "int8"])
 def test_quantized_files_meet_their_agreement_bars(
     tiny_files: dict, tiny_run: ReferenceRun, name: str
@@ -100,7 +100,7 @@ def test_quantized_files_meet_their_agreement_bars(
     assert runner.weight_dtype == name
     parity = check_parity(runner, tiny_run, atol=None, min_top1=DEFAULT_MIN_TOP1[name])
     assert parity.batch_size == MANY_VERIFY_IMAGES
-    assert parity.passed and parity.top1_agreement >= TINY_MIN_TOP1, parity
+    assert parity.passed, parity  # top-1 agreement at least the default bar
     assert 0 < parity.mean_abs_diff <= TINY_MAX_MEAN_ABS[name], parity
     assert parity.mean_abs_diff < parity.max_abs_diff
 
@@ -113,7 +113,8 @@ def test_int8_takes_camera_bytes_as_uint8(tiny_files: dict, tiny_run: ReferenceR
     )  # fmt: skip
     np.testing.assert_array_equal(contract.encode(tiny_run.pixels), tiny_run.pixels)
     parity = check_parity(runner, tiny_run, atol=None, min_top1=DEFAULT_MIN_TOP1["int8"])
-    assert parity.passed and parity.top1_agreement >= TINY_MIN_TOP1, parity
+    assert parity.passed, parity
+    assert parity.mean_abs_diff <= TINY_MAX_MEAN_ABS["int8"], parity
 
 
 def test_a_missed_top1_bar_fails_and_says_so(tiny_files: dict, tiny_run: ReferenceRun) -> None:
