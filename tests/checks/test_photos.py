@@ -127,7 +127,7 @@ def test_cli_verifies_on_photos_and_warns_once_per_bad_file(
     warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
     assert len(warnings) == 1, result.output
     assert warnings[0].startswith(f"Warning: {photos / 'cut.png'}: skipped, not a readable image")
-    assert "top-1 agreement 100.0%  (3 images)" in result.output
+    assert "top-1 agreement 100%  (3 images)" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["parity"]["batch_size"] == 3 and report["parity"]["max_abs_diff"] <= 1e-4
 
