@@ -22,6 +22,7 @@ from volo_convert.formats.tflite import (
     convert_to_tflite,
     file_metadata,
     operator_names,
+    smoothed_layer_norms,
     weight_dtype,
 )
 from volo_convert.options import (
@@ -191,3 +192,20 @@ def test_d1_at_224_in_full_int8_taking_uint8_pixels(tmp_path: Path) -> None:
     content = output.read_bytes()
     check_builtin_ops(content)
     assert len(content) <= 0.3 * 4 * report["parameters"]  # float32 stores 4 bytes a weight
+
+
+def test_layer_norm_smoothing_keeps_the_float_model_and_puts_weights_back(
+    tiny_state_dict: dict, tiny_run: ReferenceRun
+) -> None:
+    model = build_volo(TINY_CONFIG, TINY_SIZE)
+    port_weights(model, tiny_state_dict, weight_mappings(TINY_CONFIG))
+    images = tiny_run.images[:8]
+    before = [keras.ops.convert_to_numpy(weight).copy() for weight in model.weights]
+    with smoothed_layer_norms(model, images):
+        smoothed = [keras.ops.convert_to_numpy(weight) for weight in model.weights]
+        logits = np.asarray(model.predict_on_batch(images))
+    changed = sum(not np.array_equal(old, new) for old, new in zip(before, smoothed, strict=True))
+    assert changed == 3 * 15 + 5  # gamma, beta, kernel of 15 norms; 5 norm1s feed two kernels
+    assert np.abs(logits - tiny_run.outputs[:8]).max() <= 5e-5  # the same function
+    for old, weight in zip(before, model.weights, strict=True):
+        np.testing.assert_array_equal(old, keras.ops.convert_to_numpy(weight))

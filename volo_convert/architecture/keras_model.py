@@ -154,6 +154,34 @@ def model_input(model: keras.Model) -> str:
     return DEFAULT_INPUT
 
 
+# The Dense layers each LayerNorm's output feeds, by the norm's name suffix (through the
+# outlooker's average pooling and the class token's slice, which act per channel).
+_NORM_CONSUMERS = {
+    "_norm1": ("_attn_v", "_attn_attn", "_attn_qkv", "_attn_kv", "_attn_q"),
+    "_norm2": ("_mlp_dense_1",),
+}
+
+
+def norm_consumers(model: keras.Model) -> dict[str, tuple[str, ...]]:
+    """LayerNorm name -> the Dense layers that take its output, for a built or reloaded VOLO.
+
+    The final `norm` is included only when its output feeds nothing but the heads (not for
+    head `features`, whose output it is).
+    """
+    layer_names = {layer.name for layer in model.layers}
+    consumers = {}
+    for name in sorted(layer_names):
+        for suffix, dense_suffixes in _NORM_CONSUMERS.items():
+            if name.endswith(suffix):
+                prefix = name.removesuffix(suffix)
+                consumers[name] = tuple(
+                    prefix + dense for dense in dense_suffixes if prefix + dense in layer_names
+                )
+    if model_head(model) != "features":
+        consumers["norm"] = tuple(name for name in ("head", "aux_head") if name in layer_names)
+    return consumers
+
+
 def stage_output_layers(config: VoloConfig, head: str = DEFAULT_HEAD) -> dict[str, str]:
     """Stage name -> name of the Keras layer whose output ends that stage.
 

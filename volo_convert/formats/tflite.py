@@ -5,24 +5,27 @@ shape computation into constants. float16 files store the weights in half precis
 compute in float32 (the interpreter dequantizes them when it loads the file). int8-dynamic
 files store int8 weights and quantize activations on the fly. int8 files are calibrated on
 representative images and run every convolution and dense layer in integers; the ops in
-FLOAT_OPS stay in float32 (README, "Quantized TFLite", says what that bought).
+FLOAT_OPS stay in float32, and each LayerNorm's per-channel range is first moved into the
+dense layers it feeds (README, "Quantized TFLite", says what each measure bought).
 
 Each file carries a `volo_convert` metadata entry naming its dtype and input kind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from volo_convert.architecture.keras_model import model_input
+from volo_convert.architecture.keras_model import model_input, norm_consumers
 from volo_convert.errors import ConversionError, first_line
 from volo_convert.formats.contract import InputContract
 from volo_convert.formats.savedmodel import export_saved_model
@@ -30,6 +33,10 @@ from volo_convert.options import DEFAULT_INPUT, TFLITE_DTYPES, TFLITE_IO, check_
 
 TFLITE_BATCH_SIZE = 1
 METADATA_NAME = "volo_convert"
+# SmoothQuant's migration strength: half of each LayerNorm channel's range goes to the weights.
+SMOOTHING_STRENGTH = 0.5
+SMOOTHING_FLOOR = 1e-5  # keeps a channel that is zero everywhere from dividing by zero
+PROBE_BATCH = 4  # images per pass when reading LayerNorm peaks
 # Kept in float32 in int8 files: per-layer comparison with the quantization debugger put
 # the loss in the attention matmuls (up to 18 quantization steps of error per op), then
 # in LayerNorm's statistics; quantizing only the convolutions and dense layers took d1's
@@ -68,6 +75,57 @@ def _converter(folder: str) -> Any:
     converter = tf.lite.TFLiteConverter.from_saved_model(folder)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     return converter
+
+
+def _channel_peaks(model: keras.Model, layers: list[Any], inputs: np.ndarray) -> list[np.ndarray]:
+    """max |output| per channel of each of `layers`, over `inputs` run through `model`."""
+    probe = keras.Model(model.inputs, [layer.output for layer in layers])
+    peaks = [np.zeros(layer.output.shape[-1], np.float32) for layer in layers]
+    for start in range(0, len(inputs), PROBE_BATCH):
+        outputs = probe.predict_on_batch(inputs[start : start + PROBE_BATCH])
+        for index, values in enumerate(outputs):
+            values = np.abs(keras.ops.convert_to_numpy(values))
+            peaks[index] = np.maximum(peaks[index], values.reshape(-1, values.shape[-1]).max(0))
+    return peaks
+
+
+@contextlib.contextmanager
+def smoothed_layer_norms(model: keras.Model, calibration: np.ndarray) -> Iterator[None]:
+    """Within the block, each LayerNorm's per-channel range is moved into the dense layers.
+
+    SmoothQuant's migration (Xiao et al., 2023) at strength SMOOTHING_STRENGTH: channel j of
+    a LayerNorm's output is divided by s_j = peak_j^a / weight_peak_j^(1-a) (gamma and beta
+    divided) and the rows j of the kernels it feeds are multiplied by s_j. The float model
+    is the same; the int8 one quantizes flatter activations, whose outlier channels would
+    otherwise take the whole int8 range. Peaks are read on `calibration`. The weights are
+    put back afterwards.
+    """
+    norms = {
+        model.get_layer(norm): [model.get_layer(dense) for dense in denses]
+        for norm, denses in norm_consumers(model).items()
+    }
+    peaks = _channel_peaks(model, list(norms), calibration)
+    variables = [
+        variable
+        for layer, consumers in norms.items()
+        for variable in (layer.gamma, layer.beta, *(dense.kernel for dense in consumers))
+    ]
+    originals = [keras.ops.convert_to_numpy(variable) for variable in variables]
+    for (layer, consumers), peak in zip(norms.items(), peaks, strict=True):
+        kernels = [keras.ops.convert_to_numpy(dense.kernel) for dense in consumers]
+        weight_peak = np.max([np.abs(kernel).max(1) for kernel in kernels], axis=0)
+        scale = np.maximum(peak, SMOOTHING_FLOOR) ** SMOOTHING_STRENGTH / np.maximum(
+            weight_peak, SMOOTHING_FLOOR
+        ) ** (1 - SMOOTHING_STRENGTH)  # C
+        layer.gamma.assign(keras.ops.convert_to_numpy(layer.gamma) / scale)
+        layer.beta.assign(keras.ops.convert_to_numpy(layer.beta) / scale)
+        for dense, kernel in zip(consumers, kernels, strict=True):
+            dense.kernel.assign(kernel * scale[:, None])  # C_in, C_out
+    try:
+        yield
+    finally:
+        for variable, original in zip(variables, originals, strict=True):
+            variable.assign(original)
 
 
 def _float_nodes(content: bytes) -> list[str]:
@@ -172,8 +230,12 @@ def convert_to_tflite(
     if io != TFLITE_IO[0] and dtype != "int8":
         raise ConversionError(f"--tflite-io {io} needs --tflite-dtype int8 (full integer)")
     input_kind = model_input(model)
+    smoothing = (
+        smoothed_layer_norms(model, calibration) if dtype == "int8" else contextlib.nullcontext()
+    )
     with tempfile.TemporaryDirectory(prefix="volo-tflite-") as folder:
-        export_saved_model(model, Path(folder), batch_size=TFLITE_BATCH_SIZE)
+        with smoothing:
+            export_saved_model(model, Path(folder), batch_size=TFLITE_BATCH_SIZE)
         converter = _converter(folder)
         if dtype != "float32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8-dynamic: this alone
