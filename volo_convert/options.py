@@ -44,9 +44,9 @@ DEFAULT_VERIFY_IMAGES = 2  # float32 files: every logit within atol says more th
 # float16 and quantized files are judged, or described, by top-1 agreement: a fraction
 # needs enough images to mean something.
 MANY_VERIFY_IMAGES = 64
-# The bars for quantized files, from the agreement measured on d1, d2 and d3 (README,
-# "Quantized TFLite"): below what those gave on synthetic weights and images.
-DEFAULT_MIN_TOP1 = {"int8-dynamic": 0.9, "int8": 0.8}
+# The bars for quantized files (README, "Quantized TFLite"): working files measured 89-100%
+# on d1, d2 and d3 and broken ones 0-35%; 0.8 leaves room for trained weights' margins.
+DEFAULT_MIN_TOP1 = {"int8-dynamic": 0.8, "int8": 0.8}
 DEFAULT_SEED = 0
 # The default calibration set for int8: seeded synthetic images, a seed apart from the
 # verification images so the file is not judged on the images it was calibrated on.

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import TINY_CONFIG, error_line, run
+from PIL import Image
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.architecture.variants import VARIANTS
@@ -141,6 +142,28 @@ def test_cli_int8_dynamic_on_d1(d1_checkpoint: Path, tmp_path: Path) -> None:
     assert "LiteRT (ai-edge-litert" in report["runtime"]  # the test extra installs it
     check_builtin_ops(output.read_bytes())
     assert output.stat().st_size < 0.3 * 4 * report["parameters"]
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    gradient = np.linspace(0, 255, 48 * 64 * 3).reshape(48, 64, 3).astype(np.uint8)
+    for index in range(3):
+        Image.fromarray(np.roll(gradient, 16 * index, axis=1)).save(photos / f"{index}.png")
+    result = run("verify", output, d1_checkpoint, "--device", "cpu", "--images", photos)
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        "Error: --images gave 3 readable images, but a quantized file is judged on at least 64"
+    )
+    result = run("verify", output, d1_checkpoint, "--device", "cpu", "--input", "pixels")
+    assert result.exit_code == 2
+    assert (
+        error_line(result)
+        == f"Error: {output}: the model takes images, but --input pixels was given"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "d1_dynamic.tflite",
+        "photos",
+        "r.json",
+    ]
 
 
 @pytest.mark.parametrize(
