@@ -68,6 +68,21 @@ def _schema() -> Any:
     return schema_py_generated
 
 
+def _operator_name(flatbuffer: Any, opcode_index: int) -> str:
+    """The builtin name of an operator code (BATCH_MATMUL), or `custom:CODE` for a custom op."""
+    schema = _schema()
+    from tensorflow.lite.python.schema_util import get_builtin_code_from_operator_code
+
+    opcode = flatbuffer.OperatorCodes(opcode_index)
+    code = get_builtin_code_from_operator_code(opcode)
+    if code == schema.BuiltinOperator.CUSTOM:
+        return f"custom:{opcode.CustomCode().decode()}"
+    builtin_names = {
+        value: name for name, value in vars(schema.BuiltinOperator).items() if name.isupper()
+    }
+    return builtin_names[code]
+
+
 def _converter(folder: str) -> Any:
     """A converter from the SavedModel in `folder`, allowed builtin ops only."""
     import tensorflow as tf
@@ -134,18 +149,13 @@ def _float_nodes(content: bytes) -> list[str]:
     Every op of FLOAT_OPS, except those between the input and the first convolution
     (the pixel scaling, the stem's padding): quantized, they let the file take integers.
     """
-    schema = _schema()
-    from tensorflow.lite.python.schema_util import get_builtin_code_from_operator_code
-
-    names = {code: name for name, code in vars(schema.BuiltinOperator).items() if name.isupper()}
-    flatbuffer = schema.Model.GetRootAsModel(content, 0)
+    flatbuffer = _schema().Model.GetRootAsModel(content, 0)
     subgraph = flatbuffer.Subgraphs(0)
     input_chain = {subgraph.Inputs(0)}
     nodes = []
     for index in range(subgraph.OperatorsLength()):
         operator = subgraph.Operators(index)
-        opcode = flatbuffer.OperatorCodes(operator.OpcodeIndex())
-        name = names[get_builtin_code_from_operator_code(opcode)]
+        name = _operator_name(flatbuffer, operator.OpcodeIndex())
         outputs = [operator.Outputs(position) for position in range(operator.OutputsLength())]
         inputs = {operator.Inputs(position) for position in range(operator.InputsLength())}
         if name != "CONV_2D" and inputs & input_chain:
@@ -257,22 +267,10 @@ def convert_to_tflite(
 
 def operator_names(content: bytes) -> list[str]:
     """The distinct operators a TFLite flatbuffer uses: builtin names, else custom codes."""
-    schema = _schema()
-    from tensorflow.lite.python.schema_util import get_builtin_code_from_operator_code
-
-    builtin_names = {
-        code: name for name, code in vars(schema.BuiltinOperator).items() if name.isupper()
-    }
-    flatbuffer = schema.Model.GetRootAsModel(content, 0)
-    names = set()
-    for index in range(flatbuffer.OperatorCodesLength()):
-        opcode = flatbuffer.OperatorCodes(index)
-        code = get_builtin_code_from_operator_code(opcode)
-        if code == schema.BuiltinOperator.CUSTOM:
-            names.add(f"custom:{opcode.CustomCode().decode()}")
-        else:
-            names.add(builtin_names[code])
-    return sorted(names)
+    flatbuffer = _schema().Model.GetRootAsModel(content, 0)
+    return sorted(
+        {_operator_name(flatbuffer, index) for index in range(flatbuffer.OperatorCodesLength())}
+    )
 
 
 def check_builtin_ops(content: bytes) -> None:
