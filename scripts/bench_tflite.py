@@ -62,9 +62,14 @@ def interpreter(path: Path, threads: int):
 
 
 def load_memory(path: Path, threads: int) -> float:
-    """MiB by which peak RSS rises while the file is loaded and its tensors allocated."""
+    """MiB by which peak RSS rises while the file is loaded and its tensors allocated.
+
+    The libraries are imported first, so only the interpreter and the model count.
+    """
+    from volo_convert.formats.tflite import TFLiteRunner
+
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    interpreter(path, threads)
+    TFLiteRunner(path, num_threads=threads)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
 
@@ -72,7 +77,8 @@ def memory_in_subprocess(path: Path, threads: int) -> float:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, __file__, "--memory", str(path), "--threads", str(threads)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    return float(result.stdout.strip().splitlines()[-1])
+    reports = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    return json.loads(reports[-1])["load_mib"]
 
 
 def latencies(checkpoint: Path, workdir: Path, threads: int, rounds: int) -> dict[str, float]:
@@ -150,7 +156,7 @@ def main() -> None:
     parser.add_argument("--memory", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory is not None:
-        print(load_memory(args.memory, args.threads[0]))
+        print(json.dumps({"load_mib": load_memory(args.memory, args.threads[0])}))
         return
     if args.checkpoint is None:
         parser.error("the checkpoint is required")
