@@ -27,7 +27,7 @@ KERAS_FORMATS = ("h5", "keras")  # what a batch writes: one file per checkpoint
 # float32, float16 weights, int8 weights with float activations, full integer.
 TFLITE_DTYPES = ("float32", "float16", "int8-dynamic", "int8")
 QUANTIZED_DTYPES = ("int8-dynamic", "int8")  # judged by top-1 agreement, not by atol
-# A TFLite file's input and output: float32 (quantized inside), or int8 (uint8 for pixels).
+# An int8 TFLite file's input: float32 (quantized inside), or int8 (uint8 for pixels).
 TFLITE_IO = ("float32", "int8")
 # What the model takes: ImageNet-normalised float32 images, or RGB pixels in 0..255 that
 # the model scales and normalises itself.

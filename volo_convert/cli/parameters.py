@@ -168,8 +168,8 @@ TFLITE_IO_OPTION = click.option(
     type=click.Choice(TFLITE_IO),
     default=TFLITE_IO[0],
     show_default=True,
-    help="Input and output type of an int8 TFLite file: float32 (quantized inside), or int8 "
-    "(uint8 input with --input pixels).",
+    help="Input type of an int8 TFLite file: float32 (quantized inside), or int8 (uint8 with "
+    "--input pixels); its logits are float32 either way.",
 )
 CALIBRATION_IMAGES = click.option(
     "--calibration-images",
