@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -61,16 +60,26 @@ def interpreter(path: Path, threads: int):
     return TFLiteRunner(path, num_threads=threads)
 
 
-def load_memory(path: Path, threads: int) -> float:
-    """MiB by which peak RSS rises while the file is loaded and its tensors allocated.
+def _status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
-    The libraries are imported first, so only the interpreter and the model count.
+
+def load_memory(path: Path, threads: int) -> float:
+    """MiB by which peak RSS rises above the current RSS while the file is loaded.
+
+    The libraries are imported first and the peak is reset (clear_refs 5), so only the
+    interpreter, the model and its allocated tensors count, not the imports' own peak.
     """
     from volo_convert.formats.tflite import TFLiteRunner
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_mib("VmRSS")
     TFLiteRunner(path, num_threads=threads)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return _status_mib("VmHWM") - before
 
 
 def memory_in_subprocess(path: Path, threads: int) -> float:
