@@ -73,7 +73,7 @@ def main() -> None:
             result = convert(
                 checkpoint,
                 keras_file,
-                ConvertOptions(device="cpu", batch_size=args.batch_size, seed=args.seed),
+                ConvertOptions(device="cpu", verify_images=args.batch_size, seed=args.seed),
             )
             assert result.parity is not None, "verification was skipped"
             keras_to_truth, torch_to_truth = float64_distances(

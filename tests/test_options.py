@@ -28,8 +28,8 @@ from volo_convert.options import (
         ({"atol": 0.0}, "atol must be a positive, finite number, got 0.0"),
         ({"atol": float("nan")}, "atol must be a positive, finite number, got nan"),
         ({"atol": float("inf")}, "atol must be a positive, finite number, got inf"),
-        ({"batch_size": 0}, "batch size must be between 1 and 4096, got 0"),
-        ({"batch_size": 10**9}, "batch size must be between 1 and 4096, got 1000000000"),
+        ({"verify_images": 0}, "--verify-images must be between 1 and 4096, got 0"),
+        ({"verify_images": 10**9}, "--verify-images must be between 1 and 4096, got 1000000000"),
         ({"seed": 2**64}, "seed must be between 0 and 2**64 - 1, got 18446744073709551616"),
         ({"seed": -1}, "seed must be between 0 and 2**64 - 1, got -1"),
         (

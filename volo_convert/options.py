@@ -31,7 +31,15 @@ DEVICES = ("auto", "cpu", "cuda")
 SAVEDMODEL = "savedmodel"  # a folder: an output path without extension, or ending in "/"
 FORMATS = ("h5", "keras", SAVEDMODEL, "tflite")
 KERAS_FORMATS = ("h5", "keras")  # what a batch writes: one file per checkpoint
-TFLITE_DTYPES = ("float32", "float16")
+# float32, float16 weights, int8 weights with float activations, full integer.
+TFLITE_DTYPES = ("float32", "float16", "int8-dynamic", "int8")
+QUANTIZED_DTYPES = ("int8-dynamic", "int8")  # judged by top-1 agreement, not by atol
+# An int8 TFLite file's input: float32 (quantized inside), or int8 (uint8 for pixels).
+TFLITE_IO = ("float32", "int8")
+# What the model takes: ImageNet-normalised float32 images, or RGB pixels in 0..255 that
+# the model scales and normalises itself.
+INPUTS = ("images", "pixels")
+DEFAULT_INPUT = "images"
 # VOLO's pos_embed grid is the image at stride 16 (patch 8, then a 2x2 downsample).
 IMAGE_SIZE_MULTIPLE = 16
 
@@ -39,12 +47,18 @@ DEFAULT_ATOL = 1e-4
 # float16 weights carry 11 significant bits: they moved the logits of d1 and d2 by up to
 # 1.5e-2 (README, float16 tolerance), so such files get about three times that by default.
 FLOAT16_ATOL = 5e-2
-DEFAULT_BATCH_SIZE = 2
+DEFAULT_VERIFY_IMAGES = 2  # float32 files: every logit within atol says more than top-1
+# float16 and quantized files are judged, or described, by top-1 agreement: a fraction
+# needs enough images to mean something.
+MANY_VERIFY_IMAGES = 64
+# The bars for quantized files (README, "Quantized TFLite"): working files measured 89-100%
+# on d1, d2 and d3 and broken ones 0-35%; 0.8 leaves room for trained weights' margins.
+DEFAULT_MIN_TOP1 = {"int8-dynamic": 0.8, "int8": 0.8}
 DEFAULT_SEED = 0
 # Static bounds, checked by click before any work; the memory a verification batch needs is
 # then checked against the machine's available memory once the image size is known.
 MAX_SEED = 2**64 - 1  # torch.Generator's seed is an unsigned 64-bit integer
-MAX_BATCH_SIZE = 4096
+MAX_VERIFY_IMAGES = 4096
 MAX_IMAGE_SIZE = 4096  # 8x the largest release size (512)
 # Training-time regularisation, identity in inference. Upstream's fine-tuning recipes use
 # drop path 0.1 (d1), 0.2 (d2) and 0.5 (d3), larger for d4 and d5; dropout stays at 0.
@@ -59,6 +73,10 @@ TRAINING_GRADIENT_RTOL = 1e-2
 TRAINING_STEP_RTOL = 1e-2  # an SGD step inherits its gradient's error
 TRAINING_STATISTICS_RTOL = 1e-3
 TRAINING_LEARNING_RATE = 0.1
+# The default calibration set for int8: seeded synthetic images, a seed apart from the
+# verification images so the file is not judged on the images it was calibrated on.
+DEFAULT_CALIBRATION_IMAGES = 32
+CALIBRATION_SEED = 1000
 
 
 class Status(enum.StrEnum):
@@ -93,17 +111,33 @@ def check_rate(name: str, rate: float) -> None:
         raise ConversionError(f"{name} must be at least 0 and below 1, got {rate}")
 
 
-def default_atol(weight_dtype: str) -> float:
-    """The tolerance when none is given: looser for float16 weights."""
+def default_atol(weight_dtype: str) -> float | None:
+    """The tolerance when none is given: looser for float16, none for quantized files."""
+    if weight_dtype in QUANTIZED_DTYPES:
+        return None
     return FLOAT16_ATOL if weight_dtype == "float16" else DEFAULT_ATOL
+
+
+def default_min_top1(weight_dtype: str) -> float | None:
+    """The top-1 agreement bar when none is given: for quantized files only."""
+    return DEFAULT_MIN_TOP1.get(weight_dtype)
+
+
+def default_verify_images(weight_dtype: str) -> int:
+    """How many synthetic images verify a file when no count is given."""
+    return DEFAULT_VERIFY_IMAGES if weight_dtype == "float32" else MANY_VERIFY_IMAGES
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvertOptions:
     """Everything a conversion or verification can be told; checked once, when built.
 
-    `head` None means `full` for a conversion and, for a verification, the head the model
-    ends in. `atol` None means DEFAULT_ATOL, or FLOAT16_ATOL for float16 weights.
+    `head` and `input` None mean `full` and `images` for a conversion and, for a
+    verification, what the model has. `atol` None means DEFAULT_ATOL, FLOAT16_ATOL for
+    float16 weights and no atol bar for quantized files; `min_top1` None means no top-1
+    bar, or DEFAULT_MIN_TOP1 for quantized files. `verify_images` None means
+    `default_verify_images`. `images` are photo files or folders verified on instead of
+    the synthetic images; `calibration_images` those an int8 file is calibrated on.
     `explain` adds the per-stage diagnosis, which a failed parity check adds anyway.
     `training` adds the training-mode check (gradients and one SGD step) of a Keras model.
     `drop_path_rate` and `drop_rate` go into the converted model, for fine-tuning.
@@ -113,11 +147,16 @@ class ConvertOptions:
     image_size: int | None = None
     output_format: str | None = None
     tflite_dtype: str = TFLITE_DTYPES[0]
+    tflite_io: str = TFLITE_IO[0]
+    input: str | None = None
     atol: float | None = None
+    min_top1: float | None = None
     device: str = DEVICES[0]
     verify: bool = True
-    batch_size: int = DEFAULT_BATCH_SIZE
+    verify_images: int | None = None
     seed: int = DEFAULT_SEED
+    images: tuple[str, ...] = ()
+    calibration_images: tuple[str, ...] = ()
     ema: bool = False
     trust_checkpoint: bool = False
     overwrite: bool = False
@@ -133,17 +172,45 @@ class ConvertOptions:
         if self.output_format is not None:
             check_choice("format", self.output_format, FORMATS)
         check_choice("TFLite dtype", self.tflite_dtype, TFLITE_DTYPES)
+        check_choice("TFLite IO type", self.tflite_io, TFLITE_IO)
+        if self.tflite_io != TFLITE_IO[0] and self.tflite_dtype != "int8":
+            raise ConversionError(
+                f"--tflite-io {self.tflite_io} needs --tflite-dtype int8 (full integer)"
+            )
+        if self.calibration_images and self.tflite_dtype != "int8":
+            raise ConversionError("--calibration-images applies to --tflite-dtype int8 only")
+        if self.input is not None:
+            check_choice("input", self.input, INPUTS)
         check_choice("device", self.device, DEVICES)
         if self.head is not None:
             check_choice("head", self.head, HEADS)
         if self.atol is not None and not (math.isfinite(self.atol) and self.atol > 0):
             raise ConversionError(f"atol must be a positive, finite number, got {self.atol}")
-        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+        if self.min_top1 is not None and not 0 < self.min_top1 <= 1:
+            raise ConversionError(f"--min-top1 must be in (0, 1], got {self.min_top1}")
+        if self.verify_images is not None and not 1 <= self.verify_images <= MAX_VERIFY_IMAGES:
             raise ConversionError(
-                f"batch size must be between 1 and {MAX_BATCH_SIZE}, got {self.batch_size}"
+                f"--verify-images must be between 1 and {MAX_VERIFY_IMAGES}, "
+                f"got {self.verify_images}"
             )
         if not 0 <= self.seed <= MAX_SEED:
             raise ConversionError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
+        if (
+            self.tflite_dtype in QUANTIZED_DTYPES
+            and self.verify_images is not None
+            and self.verify_images < MANY_VERIFY_IMAGES
+        ):
+            raise ConversionError(
+                f"a quantized file is judged on at least {MANY_VERIFY_IMAGES} images, "
+                f"got --verify-images {self.verify_images}"
+            )
+        if self.tflite_dtype in QUANTIZED_DTYPES and self.head == "features":
+            raise ConversionError(
+                "a quantized file is judged by top-1 agreement, which the features head "
+                "has not; use --tflite-dtype float32 or float16 for features"
+            )
+        if self.images and self.verify_images is not None:
+            raise ConversionError("--images verifies on every photo given; drop --verify-images")
         if self.explain and not self.verify:
             raise ConversionError("--explain compares with PyTorch, so it needs verification")
         if self.training and not self.verify:
@@ -155,6 +222,11 @@ class ConvertOptions:
     def output_head(self) -> str:
         """The head a conversion writes."""
         return self.head or DEFAULT_HEAD
+
+    @property
+    def output_input(self) -> str:
+        """The input a conversion's model takes."""
+        return self.input or DEFAULT_INPUT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,13 +10,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import keras
+import numpy as np
 import torch
 
 from volo_convert import __version__
 from volo_convert.architecture.keras_model import build_volo, model_head
 from volo_convert.architecture.variants import VoloConfig
 from volo_convert.checks.diagnosis import diagnose
+from volo_convert.checks.images import normalize
 from volo_convert.checks.parity import check_parity
+from volo_convert.checks.photos import calibration_pixels, verification_pixels
 from volo_convert.checks.reference import (
     reference_memory_bytes,
     resolve_device,
@@ -30,6 +33,7 @@ from volo_convert.formats import (
     Predictor,
     artifact_format,
     check_backend,
+    input_contract,
     load_artifact,
     output_format,
     read_provenance,
@@ -38,14 +42,20 @@ from volo_convert.formats import (
     weight_dtype,
     write_provenance,
 )
+from volo_convert.formats.contract import InputContract
 from volo_convert.options import (
+    DEFAULT_ATOL,
     DEFAULT_CONVERT_OPTIONS,
     DEFAULT_HEAD,
     KERAS_FORMATS,
+    MANY_VERIFY_IMAGES,
+    QUANTIZED_DTYPES,
     SAVEDMODEL,
     TFLITE_DTYPES,
     ConvertOptions,
     default_atol,
+    default_min_top1,
+    default_verify_images,
 )
 from volo_convert.paths import check_output_path, move_into_place, staged_output
 from volo_convert.provenance import Provenance, VerificationRecord
@@ -58,6 +68,17 @@ from volo_convert.weights.porting import port_weights
 
 StageCallback = Callable[[str], None]
 WarningCallback = Callable[[str], None]
+
+
+def _collecting(warnings: list[str], on_warning: WarningCallback | None) -> WarningCallback:
+    """A warning callback that keeps each warning in `warnings` and passes it on."""
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
+    return warn
 
 
 def _notify(on_stage: StageCallback | None, stage: str) -> None:
@@ -78,15 +99,48 @@ def _keras_graph(model: Predictor, checkpoint: LoadedCheckpoint, head: str) -> k
     """`model` itself if it is Keras; else the Keras graph a SavedModel/TFLite came from."""
     if isinstance(model, keras.Model):
         return model
-    rebuilt = build_volo(checkpoint.config, checkpoint.image_size, head)
+    rebuilt = build_volo(
+        checkpoint.config, checkpoint.image_size, head, input_kind=input_contract(model).kind
+    )
     port_weights(rebuilt, checkpoint.state_dict, weight_mappings(checkpoint.config, head))
     return rebuilt
+
+
+def _verification_images(
+    options: ConvertOptions, checkpoint: LoadedCheckpoint, dtype: str, warn: WarningCallback
+) -> np.ndarray | None:
+    """The photos of `--images` to verify a `dtype` file on, or None for synthetic images.
+
+    The memory the verification needs is checked here, once the image count is known.
+    """
+    least = MANY_VERIFY_IMAGES if dtype in QUANTIZED_DTYPES else 1
+    size, variant = checkpoint.image_size, checkpoint.config.name
+    pixels = verification_pixels(options.images, size, variant, warn, least)
+    count = len(pixels) if pixels is not None else _synthetic_image_count(options, dtype)
+    _check_memory(checkpoint, count)
+    return pixels
+
+
+def _synthetic_image_count(options: ConvertOptions, dtype: str) -> int:
+    return options.verify_images or default_verify_images(dtype)
+
+
+def _calibration_inputs(
+    options: ConvertOptions, checkpoint: LoadedCheckpoint, warn: WarningCallback
+) -> np.ndarray | None:
+    """What an int8 file is calibrated on, as the model takes it; None for other files."""
+    if options.tflite_dtype != "int8":
+        return None
+    size, variant = checkpoint.image_size, checkpoint.config.name
+    pixels = calibration_pixels(options.calibration_images, size, variant, warn)
+    return pixels.astype(np.float32) if options.output_input == "pixels" else normalize(pixels)
 
 
 def _verify(
     model: Predictor,
     checkpoint: LoadedCheckpoint,
     options: ConvertOptions,
+    pixels: np.ndarray | None,
     device: torch.device,
     result: ConversionResult,
     on_stage: StageCallback | None,
@@ -94,37 +148,43 @@ def _verify(
     """Fills in `result`'s parity and timing, its diagnosis if asked for or failed, and
     the training check if asked for.
 
-    The reference runs once; parity and diagnosis both read that run. A SavedModel or
-    TFLite file has no stage outputs to read, so the Keras graph it was exported from is
-    diagnosed: if every stage of that passes, the export lost the parity. The training
-    check takes one stateless training step of the Keras `model` beside a fresh reference.
+    The reference runs once, on `pixels` (photos) or else the seeded synthetic images;
+    parity and diagnosis both read that run. A SavedModel or TFLite file has no stage
+    outputs to read, so the Keras graph it was exported from is diagnosed (against
+    DEFAULT_ATOL where the file has no atol bar): if every stage of that passes, the
+    export lost the parity. The training check takes one stateless training step of the
+    Keras `model` beside a fresh reference.
     """
     _notify(on_stage, "verifying")
     started = time.perf_counter()
+    dtype = weight_dtype(model)
     reference = run_reference(
         checkpoint.config,
         checkpoint.image_size,
         checkpoint.state_dict,
         head=result.head,
         device=device,
-        batch_size=options.batch_size,
+        pixels=pixels,
+        batch_size=_synthetic_image_count(options, dtype),
         seed=options.seed,
     )
-    atol = default_atol(weight_dtype(model)) if options.atol is None else options.atol
-    result.parity = check_parity(model, reference, atol)
+    atol = default_atol(dtype) if options.atol is None else options.atol
+    min_top1 = default_min_top1(dtype) if options.min_top1 is None else options.min_top1
+    result.parity = check_parity(model, reference, atol, min_top1)
     result.verify_seconds = time.perf_counter() - started
+    diagnosis_atol = DEFAULT_ATOL if atol is None else atol
     if options.explain or not result.parity.passed:
         _notify(on_stage, "diagnosing")
         graph = _keras_graph(model, checkpoint, result.head)
-        result.diagnosis = diagnose(graph, checkpoint.config, reference, atol)
+        result.diagnosis = diagnose(graph, checkpoint.config, reference, diagnosis_atol)
     if options.training:
         _notify(on_stage, "training")
         result.training = check_training_parity(
             model,
             checkpoint.config,
             checkpoint.state_dict,
-            atol=atol,
-            batch_size=options.batch_size,
+            atol=diagnosis_atol,
+            batch_size=_synthetic_image_count(options, dtype),
             seed=options.seed,
             device=device,
         )
@@ -143,7 +203,12 @@ def _build_and_port(
     mapped.release_all(checkpoint.state_dict.values())
     _notify(on_stage, "building")
     model = build_volo(
-        checkpoint.config, checkpoint.image_size, head, options.drop_path_rate, options.drop_rate
+        checkpoint.config,
+        checkpoint.image_size,
+        head,
+        options.drop_path_rate,
+        options.drop_rate,
+        options.output_input,
     )
     _notify(on_stage, "porting")
     with about(checkpoint_path):
@@ -169,12 +234,17 @@ def _writing_staged(temp_path: Path, output_path: Path, what: str) -> Iterator[N
 
 
 def _save(
-    model: keras.Model, temp_path: Path, output_path: Path, fmt: str, tflite_dtype: str
+    model: keras.Model,
+    temp_path: Path,
+    output_path: Path,
+    fmt: str,
+    options: ConvertOptions,
+    calibration: np.ndarray | None,
 ) -> None:
-    """Writes the staged file."""
+    """Writes the staged file; an int8 TFLite file is calibrated on `calibration`."""
     written = "SavedModel folder" if fmt == SAVEDMODEL else f"{fmt} file"
     with _writing_staged(temp_path, output_path, f"write the {written}"):
-        save_model(model, temp_path, fmt, tflite_dtype)
+        save_model(model, temp_path, fmt, options.tflite_dtype, options.tflite_io, calibration)
 
 
 def _check_outputs(
@@ -192,15 +262,15 @@ def _check_outputs(
         check_output_path(report_path, options.overwrite, inputs=inputs, others=others)
 
 
-def _check_memory(checkpoint: LoadedCheckpoint, options: ConvertOptions) -> None:
+def _check_memory(checkpoint: LoadedCheckpoint, image_count: int) -> None:
     """Refuses a verification batch the machine's available memory cannot hold."""
-    needed = reference_memory_bytes(checkpoint.config, checkpoint.image_size, options.batch_size)
+    needed = reference_memory_bytes(checkpoint.config, checkpoint.image_size, image_count)
     available = available_memory_bytes()
     if needed > available:
         raise ConversionError(
-            f"verifying {options.batch_size} images at {checkpoint.image_size}px needs about "
+            f"verifying {image_count} images at {checkpoint.image_size}px needs about "
             f"{needed / GIGABYTE:,.1f} GB, but this machine has {available / GIGABYTE:,.1f} GB "
-            "available; use a smaller --batch-size or --image-size"
+            "available; use fewer --verify-images or a smaller --image-size"
         )
 
 
@@ -218,9 +288,11 @@ def _provenance(
     if parity is not None and result.runtime is not None and result.verify_seconds is not None:
         verification = VerificationRecord(
             max_abs_diff=parity.max_abs_diff,
+            mean_abs_diff=parity.mean_abs_diff,
             max_rel_diff=parity.max_rel_diff,
             top1_agreement=parity.top1_agreement,
             atol=parity.atol,
+            min_top1=parity.min_top1,
             images=parity.batch_size,
             seed=options.seed,
             device=parity.device,
@@ -237,6 +309,8 @@ def _provenance(
         head=result.head,
         num_classes=result.num_classes,
         output_format=str(result.output_format),
+        tflite_dtype=result.tflite_dtype,
+        input=result.input,
         verification=verification,
         environment=environment(),
     )
@@ -256,6 +330,7 @@ def convert(
     options: ConvertOptions = DEFAULT_CONVERT_OPTIONS,
     on_stage: StageCallback | None = None,
     report_path: str | Path | None = None,
+    on_warning: WarningCallback | None = None,
 ) -> ConversionResult:
     """Converts one checkpoint to a model file and, unless told not to, verifies it.
 
@@ -272,7 +347,10 @@ def convert(
         options: see `ConvertOptions`.
         on_stage: called with each stage's name as it starts.
         report_path: where to write the figures as JSON (an output like the model).
+        on_warning: called with each warning (one line) as it arises.
     """
+    warnings: list[str] = []
+    warn = _collecting(warnings, on_warning)
     output_path = Path(output_path)
     report_path = None if report_path is None else Path(report_path)
     fmt = output_format(output_path, options.output_format)
@@ -288,8 +366,9 @@ def convert(
     started = time.perf_counter()
     _notify(on_stage, "loading")
     checkpoint = load_checkpoint(checkpoint_path, options)
-    if device is not None:
-        _check_memory(checkpoint, options)
+    file_dtype = options.tflite_dtype if fmt == "tflite" else TFLITE_DTYPES[0]
+    pixels = _verification_images(options, checkpoint, file_dtype, warn) if device else None
+    calibration = _calibration_inputs(options, checkpoint, warn)
     model = _build_and_port(checkpoint_path, checkpoint, options, on_stage)
     result = ConversionResult(
         checkpoint=str(checkpoint_path),
@@ -302,17 +381,22 @@ def convert(
         output_format=fmt,
         runtime=runtime_name(fmt) if options.verify else None,
         checkpoint_sha256=checkpoint.sha256,
+        warnings=warnings,
+        tflite_dtype=options.tflite_dtype if fmt == "tflite" else None,
+        input=InputContract(options.output_input).to_dict(),
     )
     staging_suffix = STAGING_SUFFIXES.get(fmt, "")
     with staged_output(output_path, folder=fmt == SAVEDMODEL, suffix=staging_suffix) as temp_path:
         _notify(on_stage, "saving")
-        _save(model, temp_path, output_path, fmt, options.tflite_dtype)
+        _save(model, temp_path, output_path, fmt, options, calibration)
         del model
         result.convert_seconds = time.perf_counter() - started
-        if device is not None:
+        if device is not None or fmt == "tflite":  # a TFLite input's scale is in the file
             _notify(on_stage, "reloading")
             reloaded = load_artifact(temp_path, fmt)
-            _verify(reloaded, checkpoint, options, device, result, on_stage)
+            result.input = input_contract(reloaded).to_dict()
+            if device is not None:
+                _verify(reloaded, checkpoint, options, pixels, device, result, on_stage)
             del reloaded
         if result.passed:
             _notify(on_stage, "recording")
@@ -377,12 +461,7 @@ def verify_file(
         on_warning: called with each warning (one line) as it arises.
     """
     warnings: list[str] = []
-
-    def warn(message: str) -> None:
-        warnings.append(message)
-        if on_warning is not None:
-            on_warning(message)
-
+    warn = _collecting(warnings, on_warning)
     report_path = None if report_path is None else Path(report_path)
     fmt = artifact_format(model_path)
     _check_outputs(None, report_path, [Path(model_path), Path(checkpoint_path)], options)
@@ -408,6 +487,11 @@ def verify_file(
         )
     with about(model_path):
         head = _artifact_head(model, checkpoint.config, options.head)
+    contract = input_contract(model)
+    if options.input is not None and options.input != contract.kind:
+        raise ConversionError(
+            f"{model_path}: the model takes {contract.kind}, but --input {options.input} was given"
+        )
     if head == "features":
         expected_outputs, meaning = checkpoint.config.embed_dims[-1], "feature channels"
     else:
@@ -430,8 +514,10 @@ def verify_file(
         checkpoint_sha256=checkpoint.sha256,
         recorded_sha256=recorded_sha256,
         warnings=warnings,
+        tflite_dtype=weight_dtype(model) if fmt == "tflite" else None,
+        input=contract.to_dict(),
     )
-    _check_memory(checkpoint, options)
-    _verify(model, checkpoint, options, device, result, on_stage)
+    pixels = _verification_images(options, checkpoint, weight_dtype(model), warn)
+    _verify(model, checkpoint, options, pixels, device, result, on_stage)
     _write_report(report_path, result)
     return result

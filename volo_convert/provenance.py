@@ -15,7 +15,11 @@ from typing import Any
 from volo_convert.errors import ConversionError
 
 PROVENANCE_NAME = "volo_convert_provenance"  # the attribute, zip entry, asset, metadata name
-SCHEMA_VERSION = 1
+# 2 added the input contract, the TFLite dtype and the top-1 bar; 1 is read as before.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, SCHEMA_VERSION)
+# What a schema-1 file took: the only input there was.
+IMAGES_INPUT = {"kind": "images", "dtype": "float32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +29,14 @@ class VerificationRecord:
     max_abs_diff: float
     max_rel_diff: float
     top1_agreement: float | None  # None for features
-    atol: float
+    atol: float | None  # None for quantized files, judged by top-1 agreement
     images: int
     seed: int
     device: str  # where the PyTorch reference ran
     runtime: str  # where the file ran
     seconds: float
+    mean_abs_diff: float | None = None  # None in schema 1
+    min_top1: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +44,9 @@ class Provenance:
     """Where a converted file comes from and how it was checked.
 
     `verification` is None for a file written with `--no-verify`; `environment` holds
-    the library versions and the machine (`environment.environment()`).
+    the library versions and the machine (`environment.environment()`). `input` is the
+    input contract (`formats.contract.InputContract.to_dict()`); `tflite_dtype` is None
+    for other formats.
     """
 
     converter_version: str
@@ -52,6 +60,8 @@ class Provenance:
     output_format: str
     verification: VerificationRecord | None
     environment: dict[str, str]
+    tflite_dtype: str | None = None
+    input: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(IMAGES_INPUT))
 
     def to_json(self) -> str:
         """The document as stored in a file: JSON with a schema version."""
@@ -66,10 +76,10 @@ class Provenance:
             schema = document.pop("schema")
         except (ValueError, KeyError, TypeError, AttributeError):
             raise damaged from None
-        if schema != SCHEMA_VERSION:
+        if schema not in READABLE_SCHEMAS:
             raise ConversionError(
                 f"{where}: its provenance record has schema {schema!r}, this volo-convert "
-                f"reads {SCHEMA_VERSION}"
+                f"reads {' and '.join(map(str, READABLE_SCHEMAS))}"
             )
         try:
             verification = document.pop("verification")
@@ -91,9 +101,11 @@ class Provenance:
                 if verification.top1_agreement is None
                 else f", top-1 agreement {verification.top1_agreement:.0%}"
             )
+            atol = "" if verification.atol is None else f" (atol {verification.atol:g})"
+            bar = "" if verification.min_top1 is None else f" (min {verification.min_top1:.0%})"
             verified = (
-                f"max abs diff {verification.max_abs_diff:.3g} (atol {verification.atol:g}), "
-                f"max rel diff {verification.max_rel_diff:.3g}{top1}, {verification.images} "
+                f"max abs diff {verification.max_abs_diff:.3g}{atol}, "
+                f"max rel diff {verification.max_rel_diff:.3g}{top1}{bar}, {verification.images} "
                 f"images (seed {verification.seed}), reference on {verification.device}, model "
                 f"in {verification.runtime}, {verification.seconds:.1f}s"
             )
@@ -107,10 +119,20 @@ class Provenance:
             (
                 "model",
                 f"VOLO {self.variant} at {self.image_size}px, {self.num_classes} classes, "
-                f"{self.head} head, {self.output_format}",
+                f"{self.head} head, {self.output_format}"
+                + ("" if self.tflite_dtype is None else f" {self.tflite_dtype}"),
             ),
+            ("input", describe_input(self.input)),
             ("verified", verified),
             ("libraries", libraries),
             ("machine", self.environment.get("machine", "unknown")),
         ]
         return "\n".join(f"{label:<10} {value}" for label, value in rows)
+
+
+def describe_input(contract: dict[str, Any]) -> str:
+    """One line for an input contract: kind, type and, if quantized, scale and zero point."""
+    line = f"{contract['kind']} ({contract['dtype']}"
+    if "scale" in contract:
+        line += f", scale {contract['scale']:.6g}, zero point {contract['zero_point']}"
+    return line + ")"

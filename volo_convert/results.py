@@ -11,8 +11,11 @@ from volo_convert.checks.diagnosis import Diagnosis, format_diagnosis
 from volo_convert.checks.parity import ParityResult
 from volo_convert.checks.training import TrainingParity, format_training
 from volo_convert.environment import environment
-from volo_convert.options import DEFAULT_HEAD, Status
+from volo_convert.options import DEFAULT_HEAD, DEFAULT_INPUT, Status
 from volo_convert.paths import write_text
+from volo_convert.provenance import describe_input
+
+DEFAULT_IO = (DEFAULT_INPUT, "float32")  # the input the summary need not mention
 
 
 @dataclasses.dataclass
@@ -41,6 +44,8 @@ class ConversionResult:
     recorded_sha256: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
     training: TrainingParity | None = None
+    tflite_dtype: str | None = None
+    input: dict[str, Any] | None = None  # InputContract.to_dict(): what the model takes
 
     @property
     def passed(self) -> bool:
@@ -62,10 +67,7 @@ class ConversionResult:
             return None
         if self.parity.passed and self.training is not None:
             return f"training parity failed: {self.training.failure_reason}"
-        reason = (
-            f"parity failed: max abs diff {self.parity.max_abs_diff:.3g} exceeds "
-            f"atol {self.parity.atol:g}"
-        )
+        reason = f"parity failed: {self.parity.failure}"
         if self.diagnosis is not None and self.diagnosis.first_failing_stage:
             reason += f"; first stage out of tolerance: {self.diagnosis.first_failing_stage}"
         return reason
@@ -80,21 +82,29 @@ class ConversionResult:
 
     def summary(self) -> str:
         """The figures as the CLI prints them: the model, timings, parity, diagnosis."""
+        what = f"{self.output_format} {self.tflite_dtype}" if self.tflite_dtype else None
         lines = [
             f"{self.checkpoint} -> {self.output}: VOLO {self.variant} at {self.image_size}px, "
             f"{self.num_classes} classes, {self.parameters:,} parameters, {self.head} head"
+            + (f", {what}" if what else "")
         ]
+        if self.input is not None and (self.input["kind"], self.input["dtype"]) != DEFAULT_IO:
+            lines.append(f"input           {describe_input(self.input)}")
         if self.convert_seconds is not None:
             lines.append(f"converted in {self.convert_seconds:.1f}s")
         if self.parity is None:
             lines.append("not verified (--no-verify)")
             return "\n".join(lines)
         parity = self.parity
-        lines.append(f"max abs diff    {parity.max_abs_diff:.3g}  (atol {parity.atol:g})")
+        atol = f"  (atol {parity.atol:g})" if parity.atol is not None else ""
+        lines.append(f"max abs diff    {parity.max_abs_diff:.3g}{atol}")
+        if self.tflite_dtype not in (None, "float32"):  # how far reduced precision drifts
+            lines.append(f"mean abs diff   {parity.mean_abs_diff:.3g}")
         lines.append(f"max rel diff    {parity.max_rel_diff:.3g}")
         if parity.top1_agreement is not None:
+            bar = f", min {parity.min_top1:.0%}" if parity.min_top1 is not None else ""
             lines.append(
-                f"top-1 agreement {parity.top1_agreement:.0%}  ({parity.batch_size} images)"
+                f"top-1 agreement {parity.top1_agreement:.0%}  ({parity.batch_size} images{bar})"
             )
         lines.append(
             f"verified in {self.verify_seconds:.1f}s, reference on {parity.device}, "

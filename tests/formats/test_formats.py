@@ -18,15 +18,17 @@ from conftest import TINY_CONFIG, run
 
 from volo_convert import pipeline
 from volo_convert.architecture.keras_model import build_volo
-from volo_convert.checks.parity import model_outputs
+from volo_convert.checks.parity import check_parity, model_outputs
 from volo_convert.checks.reference import ReferenceRun, run_reference
 from volo_convert.environment import environment
 from volo_convert.errors import ConversionError
 from volo_convert.formats import (
     artifact_format,
+    input_contract,
     load_artifact,
     output_format,
     read_provenance,
+    runtime_name,
     save_model,
     write_provenance,
 )
@@ -290,7 +292,7 @@ def test_cli_tflite_float16_uses_its_own_tolerance(d1_checkpoint: Path, tmp_path
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert f"(atol {FLOAT16_ATOL:g})" in result.output
-    assert "model in the TFLite interpreter" in result.output
+    assert "model in LiteRT (ai-edge-litert" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["output_format"] == "tflite"
     assert report["parity"]["atol"] == FLOAT16_ATOL
@@ -301,17 +303,18 @@ def test_cli_tflite_float16_uses_its_own_tolerance(d1_checkpoint: Path, tmp_path
     assert weight_dtype(content) == "float16"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["d1_fp16.tflite", "r.json"]
 
-    result = run("verify", output, d1_checkpoint, "--device", "cpu")
+    few = ("--verify-images", "8")  # the tolerance is what is checked again, not the count
+    result = run("verify", output, d1_checkpoint, "--device", "cpu", *few)
     assert result.exit_code == 0, result.output
     assert f"(atol {FLOAT16_ATOL:g})" in result.output
-    result = run("verify", output, d1_checkpoint, "--device", "cpu", "--atol", "1e-4")
+    result = run("verify", output, d1_checkpoint, "--device", "cpu", "--atol", "1e-4", *few)
     assert result.exit_code == 1
 
 
 def test_failed_savedmodel_write_leaves_nothing(
     d1_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def fails_halfway(model: keras.Model, path: Path, fmt: str, tflite_dtype: str) -> None:
+    def fails_halfway(model: keras.Model, path: Path, fmt: str, *tflite_settings: object) -> None:
         (path / "saved_model.pb").write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
@@ -453,3 +456,75 @@ def test_every_cli_output_records_its_source(d1_checkpoint: Path, tmp_path: Path
     assert run(d1_checkpoint, "-o", unverified, "--no-verify").exit_code == 0
     assert inspected(unverified)["verification"] is None
     assert "verified   no (--no-verify)" in run("inspect", unverified).output
+
+
+# Serves the SavedModel with TensorFlow alone, at batch 1 and 3, by its signature's names.
+SERVING_SCRIPT = """
+import sys
+sys.modules["volo_convert"] = None
+import numpy as np, tensorflow as tf
+folder, images_file, out_file = sys.argv[1:]
+images = np.load(images_file)
+serve = tf.saved_model.load(folder).signatures["serving_default"]
+names = list(serve.structured_input_signature[1]) + list(serve.structured_outputs)
+shape = serve.structured_input_signature[1]["images"].shape.as_list()
+one = serve(images=tf.constant(images[:1]))["logits"].numpy()
+three = serve(images=tf.constant(images[:3]))["logits"].numpy()
+np.savez(out_file, one=one, three=three, names=np.array(names), shape=np.array(shape, float))
+"""
+
+
+def test_savedmodel_serves_named_images_to_logits_at_any_batch(
+    tiny_model: keras.Model, tmp_path: Path, tiny_state_dict: dict
+) -> None:
+    folder = tmp_path / "serving"
+    folder.mkdir()
+    save_model(tiny_model, folder, "savedmodel")
+    reference = run_reference(TINY_CONFIG, TINY_SIZE, tiny_state_dict, device="cpu", batch_size=3)
+    np.save(tmp_path / "images.npy", reference.images)
+    subprocess.run(
+        [sys.executable, "-I", "-c", SERVING_SCRIPT, folder, tmp_path / "images.npy",
+         tmp_path / "out.npz"],
+        check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    served = np.load(tmp_path / "out.npz")
+    assert list(served["names"]) == ["images", "logits"]
+    assert np.isnan(served["shape"][0]) and list(served["shape"][1:]) == [TINY_SIZE, TINY_SIZE, 3]
+    assert served["one"].shape == (1, TINY_CONFIG.num_classes)
+    assert served["three"].shape == (3, TINY_CONFIG.num_classes)
+    assert np.abs(served["three"] - reference.outputs).max() <= FLOAT32_ATOL
+    assert np.abs(served["one"] - reference.outputs[:1]).max() <= FLOAT32_ATOL
+
+
+@pytest.mark.parametrize("fmt", ["h5", "keras", "savedmodel", "tflite"])
+def test_pixels_input_round_trips_in_every_format(
+    fmt: str, tiny_state_dict: dict, tmp_path: Path
+) -> None:
+    """uint8 camera pixels into the reloaded file; the reference gets them normalised."""
+    model = build_volo(TINY_CONFIG, TINY_SIZE, input_kind="pixels")
+    port_weights(model, tiny_state_dict, weight_mappings(TINY_CONFIG))
+    path = tmp_path / ("pixels" if fmt == "savedmodel" else f"pixels.{fmt}")
+    if fmt == "savedmodel":
+        path.mkdir()
+    save_model(model, path, fmt)
+    reference = run_reference(TINY_CONFIG, TINY_SIZE, tiny_state_dict, device="cpu", seed=5)
+    loaded = load_artifact(path, fmt)
+    assert input_contract(loaded).kind == "pixels"
+    assert reference.pixels.dtype == np.uint8
+    logits = np.asarray(keras.ops.convert_to_numpy(loaded.predict_on_batch(reference.pixels)))
+    assert np.abs(logits - reference.outputs).max() <= FLOAT32_ATOL
+    parity = check_parity(loaded, reference, FLOAT32_ATOL)  # feeds the pixels itself
+    assert parity.passed, parity
+
+
+def test_tflite_falls_back_to_tensorflows_interpreter(
+    tiny_tflite: dict[str, bytes], tmp_path: Path, tiny_run: ReferenceRun,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    path = tmp_path / "tiny.tflite"
+    path.write_bytes(tiny_tflite["float32"])
+    assert runtime_name("tflite").startswith("LiteRT (ai-edge-litert ")
+    assert check_parity(TFLiteRunner(path), tiny_run, FLOAT32_ATOL).passed
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # as if not installed
+    assert runtime_name("tflite") == "TensorFlow's TFLite interpreter (tf.lite.Interpreter)"
+    assert check_parity(TFLiteRunner(path), tiny_run, FLOAT32_ATOL).passed

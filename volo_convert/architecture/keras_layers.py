@@ -11,7 +11,12 @@ from typing import Any
 import keras
 from keras import ops
 
-from volo_convert.architecture.variants import OUTLOOK_KERNEL
+from volo_convert.architecture.variants import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OUTLOOK_KERNEL,
+    PIXEL_MAX,
+)
 
 PACKAGE = "volo_convert"
 KERNEL_AREA = OUTLOOK_KERNEL * OUTLOOK_KERNEL
@@ -67,6 +72,22 @@ def _fold_taps(taps: list[Any]) -> Any:
     odd_rows = ops.reshape(ops.stack([odd_even, odd_odd], axis=3), (-1, out_h, 2 * out_w, channels))
     rows = ops.stack([even_rows, odd_rows], axis=2)  # B, h, 2, W, C
     return ops.reshape(rows, (-1, 2 * out_h, 2 * out_w, channels))  # B, H, W, C
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PixelNormalization(keras.layers.Layer):
+    """RGB pixels in 0..255 (uint8 or float) -> ImageNet-normalised float32, B, S, S, 3.
+
+    `(x / 255 - mean) / std` as one multiply and one add per channel, so a quantized file
+    folds it into its first layers.
+    """
+
+    def call(self, pixels: Any) -> Any:
+        scale = [1.0 / (PIXEL_MAX * std) for std in IMAGENET_STD]
+        offset = [-mean / std for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+        return ops.cast(pixels, "float32") * ops.array(scale, "float32") + ops.array(
+            offset, "float32"
+        )
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

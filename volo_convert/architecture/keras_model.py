@@ -26,6 +26,7 @@ from volo_convert.architecture.keras_layers import (
     DropPath,
     MultiHeadSelfAttention,
     OutlookAggregation,
+    PixelNormalization,
     PositionEmbedding,
     TokenLabelingLogits,
     TokenSlice,
@@ -46,7 +47,9 @@ from volo_convert.options import (
     DEFAULT_DROP_PATH_RATE,
     DEFAULT_DROP_RATE,
     DEFAULT_HEAD,
+    DEFAULT_INPUT,
     HEADS,
+    INPUTS,
     check_choice,
     check_image_size,
     check_rate,
@@ -168,6 +171,41 @@ def model_head(model: keras.Model) -> str:
     )
 
 
+def model_input(model: keras.Model) -> str:
+    """What a built or reloaded Keras VOLO takes: `pixels` or `images` (one of INPUTS)."""
+    if any(isinstance(layer, PixelNormalization) for layer in model.layers):
+        return "pixels"
+    return DEFAULT_INPUT
+
+
+# The Dense layers each LayerNorm's output feeds, by the norm's name suffix (through the
+# outlooker's average pooling and the class token's slice, which act per channel).
+_NORM_CONSUMERS = {
+    "_norm1": ("_attn_v", "_attn_attn", "_attn_qkv", "_attn_kv", "_attn_q"),
+    "_norm2": ("_mlp_dense_1",),
+}
+
+
+def norm_consumers(model: keras.Model) -> dict[str, tuple[str, ...]]:
+    """LayerNorm name -> the Dense layers that take its output, for a built or reloaded VOLO.
+
+    The final `norm` is included only when its output feeds nothing but the heads (not for
+    head `features`, whose output it is).
+    """
+    layer_names = {layer.name for layer in model.layers}
+    consumers = {}
+    for name in sorted(layer_names):
+        for suffix, dense_suffixes in _NORM_CONSUMERS.items():
+            if name.endswith(suffix):
+                prefix = name.removesuffix(suffix)
+                consumers[name] = tuple(
+                    prefix + dense for dense in dense_suffixes if prefix + dense in layer_names
+                )
+    if model_head(model) != "features":
+        consumers["norm"] = tuple(name for name in ("head", "aux_head") if name in layer_names)
+    return consumers
+
+
 def stage_output_layers(config: VoloConfig, head: str = DEFAULT_HEAD) -> dict[str, str]:
     """Stage name -> name of the Keras layer whose output ends that stage.
 
@@ -191,6 +229,7 @@ def build_volo(
     head: str = DEFAULT_HEAD,
     drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
     drop_rate: float = DEFAULT_DROP_RATE,
+    input_kind: str = DEFAULT_INPUT,
 ) -> keras.Model:
     """Builds the Keras VOLO classifier.
 
@@ -201,17 +240,23 @@ def build_volo(
         drop_path_rate: stochastic depth of the last transformer block; the others get
             less (`block_drop_path_rate`). Training only.
         drop_rate: dropout after the position embedding. Training only.
+        input_kind: `images` (ImageNet-normalised) or `pixels` (RGB 0..255, normalised
+            inside).
 
     Returns:
-        A model mapping B, S, S, 3 normalised float32 images to B, num_classes logits,
-        or to B, C normalised class-token features for head `features`.
+        A model mapping B, S, S, 3 images (or pixels) to B, num_classes logits, or to
+        B, C normalised class-token features for head `features`.
     """
     check_image_size(image_size)
     check_choice("head", head, HEADS)
     check_rate("drop path rate", drop_path_rate)
     check_rate("drop rate", drop_rate)
+    check_choice("input", input_kind, INPUTS)
     dims, heads, mlp_ratio = config.embed_dims, config.num_heads, config.mlp_ratio
-    images = keras.Input((image_size, image_size, 3), name="images")
+    inputs = keras.Input((image_size, image_size, 3), name=input_kind)  # B, S, S, 3
+    images = (
+        PixelNormalization(name="pixel_normalization")(inputs) if input_kind == "pixels" else inputs
+    )
     x = _stem(images, config.stem_hidden_dim, dims[0])  # B, S/8, S/8, C1
     for block in range(config.layers[0]):
         x = _outlooker(x, dims[0], heads[0], mlp_ratio, f"stack0_block{block}")
@@ -229,7 +274,7 @@ def build_volo(
         tokens = _class_block(tokens, dims[-1], heads[-1], mlp_ratio, f"classifier{index}")
     tokens = _layer_norm("norm")(tokens)
     outputs = _head(tokens, config, head)
-    return keras.Model(images, outputs, name=f"volo_{config.name}_{image_size}")
+    return keras.Model(inputs, outputs, name=f"volo_{config.name}_{image_size}")
 
 
 @contextlib.contextmanager

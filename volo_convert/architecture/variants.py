@@ -18,6 +18,10 @@ POS_EMBED_STRIDE = IMAGE_SIZE_MULTIPLE  # patch 8, then the 2x2 downsample
 OUTLOOK_KERNEL = 3
 NUM_CLASS_BLOCKS = 2
 DEFAULT_NUM_CLASSES = 1000
+# The published preprocessing: RGB scaled to [0, 1], then normalised with ImageNet's mean/std.
+PIXEL_MAX = 255.0
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # The name of the last stage for each of HEADS: logits, or the class-token features.
 HEAD_OUTPUTS = {"full": "logits", "cls": "logits", "features": "features"}
 
@@ -89,7 +93,39 @@ _SIGNATURE_RANKS = {
 }
 _SIGNATURE_KEYS = tuple(_SIGNATURE_RANKS)
 _MLP_KEY = "network.0.0.mlp.fc1.weight"
+
+# The eval transform's crop_pct of each release (variant, image size): the shorter side is
+# resized to floor(size / crop_pct), then the centre size x size is cropped.
+RELEASE_CROP_PCT: dict[tuple[str, int], float] = {
+    ("d1", 224): 0.96,
+    ("d1", 384): 1.0,
+    ("d2", 224): 0.96,
+    ("d2", 384): 1.0,
+    ("d3", 224): 0.96,
+    ("d3", 448): 1.0,
+    ("d4", 224): 0.96,
+    ("d4", 448): 1.15,
+    ("d5", 224): 0.96,
+    ("d5", 448): 1.15,
+    ("d5", 512): 1.15,
+}
+DEFAULT_CROP_PCT = 0.96  # a variant without release files (test configurations): timm's 224 value
+
 _NETWORK_BLOCK = re.compile(r"^network\.(\d+)\.(\d+)\.")
+
+
+def crop_pct(variant: str, image_size: int) -> float:
+    """The eval crop_pct for `variant` at `image_size`.
+
+    A release size gets its published value; another size gets that of the variant's
+    release nearest in size (the smaller on a tie), so d4 at 384 crops like d4_448 and
+    d1 at 256 like d1_224. A variant without release files gets DEFAULT_CROP_PCT.
+    """
+    sizes = sorted(size for name, size in RELEASE_CROP_PCT if name == variant)
+    if not sizes:
+        return DEFAULT_CROP_PCT
+    nearest = min(sizes, key=lambda size: abs(size - image_size))
+    return RELEASE_CROP_PCT[(variant, nearest)]
 
 
 def get_variant(name: str) -> VoloConfig:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import keras
 import numpy as np
 
-from volo_convert.architecture.keras_model import stage_output_layers
+from volo_convert.architecture.keras_model import model_input, stage_output_layers
 from volo_convert.architecture.variants import HEAD_OUTPUTS, VoloConfig
 from volo_convert.checks.reference import ReferenceRun
 from volo_convert.options import DEFAULT_HEAD
@@ -102,7 +102,8 @@ def diagnose(
     model: keras.Model, config: VoloConfig, reference: ReferenceRun, atol: float
 ) -> Diagnosis:
     """Compares every stage of the Keras `model` with the reference run, on its images."""
-    keras_outputs = keras_stage_outputs(model, config, reference.images, reference.head)
+    inputs = reference.pixels if model_input(model) == "pixels" else reference.images
+    keras_outputs = keras_stage_outputs(model, config, inputs, reference.head)
     return compare_stages(keras_outputs, reference.stage_outputs, atol, reference.head)
 
 

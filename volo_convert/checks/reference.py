@@ -19,26 +19,32 @@ from volo_convert.architecture.variants import (
     STEM_STRIDE,
     VoloConfig,
 )
-from volo_convert.checks.images import sample_images
+from volo_convert.checks.images import normalize, sample_pixels
 from volo_convert.errors import ConversionError
 from volo_convert.options import (
-    DEFAULT_BATCH_SIZE,
     DEFAULT_HEAD,
     DEFAULT_SEED,
+    DEFAULT_VERIFY_IMAGES,
     DEVICES,
     check_choice,
 )
 from volo_convert.weights.checkpoint import COUNTER_SUFFIX
+
+# Images per reference forward pass: 64 verification images of d5 at 512 in one pass
+# would hold about 4 GB of attention maps.
+REFERENCE_CHUNK = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceRun:
     """The reference's output at every stage, in network order, on one batch of images.
 
-    `images` are B, S, S, 3 and normalised; `device` is where the reference ran. The
-    last stage is the model's output: `logits`, or `features` for head `features`.
+    `pixels` are B, S, S, 3 uint8 RGB; `images` the same, normalised, as the reference
+    took them. `device` is where the reference ran. The last stage is the model's output:
+    `logits`, or `features` for head `features`.
     """
 
+    pixels: np.ndarray
     images: np.ndarray
     stage_outputs: dict[str, np.ndarray]
     head: str
@@ -129,10 +135,15 @@ def reference_stage_outputs(
     reference: Volo, images: np.ndarray, device: torch.device
 ) -> dict[str, np.ndarray]:
     """Runs the reference on B, S, S, 3 images; returns each stage's output, in order."""
+    chunks = []
     with torch.inference_mode():
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)  # B, 3, S, S
-        outputs = reference.stage_outputs(batch)
-    return {stage: values.float().cpu().numpy() for stage, values in outputs.items()}
+        for start in range(0, len(images), REFERENCE_CHUNK):
+            batch = torch.from_numpy(images[start : start + REFERENCE_CHUNK])
+            outputs = reference.stage_outputs(batch.permute(0, 3, 1, 2).to(device))  # B, 3, S, S
+            chunks.append(
+                {stage: values.float().cpu().numpy() for stage, values in outputs.items()}
+            )
+    return {stage: np.concatenate([chunk[stage] for chunk in chunks]) for stage in chunks[0]}
 
 
 def run_reference(
@@ -142,21 +153,25 @@ def run_reference(
     *,
     head: str = DEFAULT_HEAD,
     device: torch.device | str = DEVICES[0],
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    pixels: np.ndarray | None = None,
+    batch_size: int = DEFAULT_VERIFY_IMAGES,
     seed: int = DEFAULT_SEED,
 ) -> ReferenceRun:
-    """Builds the reference from `state_dict` and runs it once on the seeded images.
+    """Builds the reference from `state_dict` and runs it once on the images.
 
     Args:
         config, image_size: the architecture.
         state_dict: the checkpoint's tensors (after any pos_embed resize).
         head: the head the reference ends in.
         device: where it runs: a torch device, or `auto`, `cpu` or `cuda`.
-        batch_size, seed: the image batch.
+        pixels: B, S, S, 3 uint8 RGB images (photos); None for seeded synthetic ones.
+        batch_size, seed: how many synthetic images, from which seed.
     """
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     use_exact_float32()
-    images = sample_images(batch_size, image_size, seed)
+    if pixels is None:
+        pixels = sample_pixels(batch_size, image_size, seed)
+    images = normalize(pixels)
     reference = build_reference(config, image_size, state_dict, torch_device, head)
     stage_outputs = reference_stage_outputs(reference, images, torch_device)
-    return ReferenceRun(images, stage_outputs, head, torch_device.type)
+    return ReferenceRun(pixels, images, stage_outputs, head, torch_device.type)

@@ -22,15 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from volo_convert.architecture.keras_model import drop_rates_at_zero, model_head
+from volo_convert.architecture.keras_model import drop_rates_at_zero, model_head, model_input
 from volo_convert.architecture.variants import STEM_STRIDE, VoloConfig
-from volo_convert.checks.images import sample_images
+from volo_convert.checks.images import normalize, sample_pixels
 from volo_convert.checks.reference import build_reference, resolve_device, use_exact_float32
 from volo_convert.errors import ConversionError
 from volo_convert.options import (
     DEFAULT_ATOL,
-    DEFAULT_BATCH_SIZE,
     DEFAULT_SEED,
+    DEFAULT_VERIFY_IMAGES,
     TRAINING_GRADIENT_RTOL,
     TRAINING_LEARNING_RATE,
     TRAINING_STATISTICS_RTOL,
@@ -345,7 +345,7 @@ def check_training_parity(
     *,
     mappings: list[WeightMapping] | None = None,
     atol: float = DEFAULT_ATOL,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = DEFAULT_VERIFY_IMAGES,
     seed: int = DEFAULT_SEED,
     learning_rate: float = TRAINING_LEARNING_RATE,
     device: torch.device | str = "cpu",
@@ -370,10 +370,12 @@ def check_training_parity(
     head = model_head(model)
     mappings = mappings if mappings is not None else weight_mappings(config, head)
     image_size = model.input_shape[1]
-    images = sample_images(batch_size, image_size, seed)
+    pixels = sample_pixels(batch_size, image_size, seed)
+    images = normalize(pixels)
     labels = fixed_labels(batch_size, model.output_shape[-1], seed)
 
-    keras_step = keras_training_step(model, images, labels, learning_rate)
+    keras_inputs = pixels.astype(np.float32) if model_input(model) == "pixels" else images
+    keras_step = keras_training_step(model, keras_inputs, labels, learning_rate)
     torch_step = torch_training_step(
         config, state_dict, head, images, labels, learning_rate, torch_device
     )

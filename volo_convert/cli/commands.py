@@ -13,13 +13,16 @@ import click
 
 from volo_convert import __version__
 from volo_convert.cli.parameters import (
+    CALIBRATION_IMAGES,
     CONTEXT_SETTINGS,
     DROP_PATH_RATE,
     DROP_RATE,
     EXPLAIN,
+    INPUT,
     JUNIT,
     OVERWRITE,
     REPORT,
+    TFLITE_IO_OPTION,
     TRAINING,
     TRUST_CHECKPOINT,
     DefaultCommandGroup,
@@ -107,8 +110,12 @@ def cli() -> None:
     type=click.Choice(TFLITE_DTYPES),
     default=TFLITE_DTYPES[0],
     show_default=True,
-    help="Weight precision of a .tflite output.",
+    help="Precision of a .tflite output: float32, float16 weights, int8 weights with float "
+    "activations (int8-dynamic), or full integer (int8, calibrated).",
 )
+@TFLITE_IO_OPTION
+@CALIBRATION_IMAGES
+@INPUT
 @checkpoint_options
 @verification_options
 @REPORT
@@ -141,12 +148,16 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
       volo-convert d1_224_84.2.pth.tar -o d1_feat.keras --head features --drop-path-rate 0.1
       volo-convert d1_224_84.2.pth.tar -o d1_savedmodel/
       volo-convert d1_224_84.2.pth.tar -o d1_fp16.tflite --tflite-dtype float16
+      volo-convert d1_224_84.2.pth.tar -o d1_int8.tflite --tflite-dtype int8 \\
+          --calibration-images photos/ --input pixels --tflite-io int8
     """
     from volo_convert.pipeline import convert as run_convert
 
     options = ConvertOptions(**fields)
     with StageDisplay() as display:
-        result = run_convert(checkpoint, output, options, display, report_path=report)
+        result = run_convert(
+            checkpoint, output, options, display, report_path=report, on_warning=display.warn
+        )
     _finish(result, report)
 
 
@@ -161,6 +172,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @OVERWRITE
 @head_option(None, "The head MODEL must end in (default: whichever it ends in).")
 @TRAINING
+@INPUT
 @handles_errors
 def verify(
     model_file: Path, checkpoint: Path, report: Path | None, junit: Path | None, **fields: Any

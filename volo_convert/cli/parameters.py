@@ -20,19 +20,24 @@ from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.native_logs import show_everything
 from volo_convert.options import (
     DEFAULT_ATOL,
-    DEFAULT_BATCH_SIZE,
+    DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_DROP_PATH_RATE,
     DEFAULT_DROP_RATE,
+    DEFAULT_MIN_TOP1,
     DEFAULT_SEED,
+    DEFAULT_VERIFY_IMAGES,
     DEVICES,
     EXIT_BAD_INPUT,
     EXIT_BROKEN_PIPE,
     EXIT_INTERNAL_ERROR,
     FLOAT16_ATOL,
     HEADS,
-    MAX_BATCH_SIZE,
+    INPUTS,
+    MANY_VERIFY_IMAGES,
     MAX_IMAGE_SIZE,
     MAX_SEED,
+    MAX_VERIFY_IMAGES,
+    TFLITE_IO,
 )
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -124,7 +129,14 @@ ATOL = click.option(
     "--atol",
     type=click.FloatRange(min=0.0, min_open=True),
     help="Largest allowed absolute difference between the converted and PyTorch logits.  "
-    f"[default: {DEFAULT_ATOL:g}; {FLOAT16_ATOL:g} for float16 TFLite]",
+    f"[default: {DEFAULT_ATOL:g}; {FLOAT16_ATOL:g} for float16 TFLite; none for int8]",
+)
+MIN_TOP1 = click.option(
+    "--min-top1",
+    type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+    help="Smallest allowed top-1 agreement with PyTorch, as a fraction.  [default: "
+    + ", ".join(f"{value:g} for {dtype}" for dtype, value in DEFAULT_MIN_TOP1.items())
+    + "; none for float files]",
 )
 DEVICE = click.option(
     "--device",
@@ -133,12 +145,20 @@ DEVICE = click.option(
     show_default=True,
     help="Where the PyTorch reference runs (auto: a GPU when present).",
 )
-BATCH_SIZE = click.option(
+VERIFY_IMAGES = click.option(
+    "--verify-images",
     "--batch-size",
-    type=click.IntRange(min=1, max=MAX_BATCH_SIZE),
-    default=DEFAULT_BATCH_SIZE,
-    show_default=True,
-    help="Number of seeded test images.",
+    "verify_images",
+    type=click.IntRange(min=1, max=MAX_VERIFY_IMAGES),
+    help="Number of seeded synthetic verification images.  "
+    f"[default: {DEFAULT_VERIFY_IMAGES}; {MANY_VERIFY_IMAGES} for float16 and int8 TFLite]",
+)
+IMAGES = click.option(
+    "--images",
+    multiple=True,
+    type=click.Path(path_type=str),
+    help="Verify on these JPEG/PNG photos (a folder: its images; repeatable) instead of the "
+    "synthetic images; prepared as timm's eval transform for VOLO.",
 )
 SEED = click.option(
     "--seed",
@@ -208,7 +228,30 @@ JUNIT = click.option(
     "test reports.",
 )
 
-verification_options = option_group(ATOL, DEVICE, BATCH_SIZE, SEED)
+INPUT = click.option(
+    "--input",
+    type=click.Choice(INPUTS),
+    help="images: ImageNet-normalised float32 input; pixels: RGB values 0..255 (uint8 or "
+    "float32), scaled and normalised inside the model.  [default: images; verify: what MODEL "
+    "takes]",
+)
+TFLITE_IO_OPTION = click.option(
+    "--tflite-io",
+    type=click.Choice(TFLITE_IO),
+    default=TFLITE_IO[0],
+    show_default=True,
+    help="Input type of an int8 TFLite file: float32 (quantized inside), or int8 (uint8 with "
+    "--input pixels); its logits are float32 either way.",
+)
+CALIBRATION_IMAGES = click.option(
+    "--calibration-images",
+    multiple=True,
+    type=click.Path(path_type=str),
+    help="JPEG/PNG photos (a folder: its images; repeatable) to calibrate an int8 TFLite file "
+    f"on.  [default: {DEFAULT_CALIBRATION_IMAGES} seeded synthetic images]",
+)
+
+verification_options = option_group(ATOL, MIN_TOP1, DEVICE, VERIFY_IMAGES, SEED, IMAGES)
 checkpoint_options = option_group(VARIANT, IMAGE_SIZE, EMA, TRUST_CHECKPOINT)
 
 

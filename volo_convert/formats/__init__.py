@@ -3,8 +3,9 @@
 Keras files run under the current Keras backend; SavedModel folders and TFLite files run
 with TensorFlow's own loader and the TFLite interpreter, without this package's layers.
 Every loaded model has `input_shape`, `output_shape` and `predict_on_batch`, like a Keras
-model, and a `weight_dtype`. Every format also stores a provenance record (`provenance.py`)
-its own native way, which `write_provenance` and `read_provenance` reach.
+model; `weight_dtype` and `input_contract` read what a loaded file holds and takes. Every
+format also stores a provenance record (`provenance.py`) its own native way, which
+`write_provenance` and `read_provenance` reach.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any, Protocol
 import keras
 import numpy as np
 
+from volo_convert.architecture.keras_model import model_input
 from volo_convert.errors import ConversionError
 from volo_convert.formats import keras_file, savedmodel, tflite
-from volo_convert.options import FORMATS, SAVEDMODEL, TFLITE_DTYPES, check_choice
+from volo_convert.formats.contract import InputContract
+from volo_convert.options import FORMATS, SAVEDMODEL, TFLITE_DTYPES, TFLITE_IO, check_choice
 from volo_convert.paths import SAVEDMODEL_MARKER, check_input
 from volo_convert.provenance import Provenance
 
@@ -89,16 +92,23 @@ def check_backend(fmt: str) -> None:
 
 
 def save_model(
-    model: keras.Model, path: Path, fmt: str, tflite_dtype: str = TFLITE_DTYPES[0]
+    model: keras.Model,
+    path: Path,
+    fmt: str,
+    tflite_dtype: str = TFLITE_DTYPES[0],
+    tflite_io: str = TFLITE_IO[0],
+    calibration: np.ndarray | None = None,
 ) -> None:
-    """Writes `model` to `path` in format `fmt` (`tflite_dtype` for TFLite files).
+    """Writes `model` to `path` in format `fmt`.
 
-    The caller has checked the backend (`check_backend`) before doing any work.
+    A TFLite file is written in `tflite_dtype` with `tflite_io` input, int8 ones calibrated
+    on `calibration` (B, S, S, 3 inputs of the model). The caller has checked the backend
+    (`check_backend`) before doing any work.
     """
     if fmt == SAVEDMODEL:
         savedmodel.export_saved_model(model, path)
     elif fmt == "tflite":
-        path.write_bytes(tflite.convert_to_tflite(model, tflite_dtype))
+        path.write_bytes(tflite.convert_to_tflite(model, tflite_dtype, tflite_io, calibration))
     else:
         keras_file.save(model, path, fmt)
 
@@ -146,8 +156,15 @@ def read_provenance(path: str | Path) -> Provenance | None:
 
 
 def weight_dtype(model: Predictor) -> str:
-    """The precision a loaded model stores its weights in: float16 TFLite, else float32."""
+    """A loaded model's precision: a TFLite file's dtype (TFLITE_DTYPES), else float32."""
     return getattr(model, "weight_dtype", "float32")
+
+
+def input_contract(model: Predictor) -> InputContract:
+    """What a loaded model takes: read from the file, or from a Keras model's layers."""
+    if isinstance(model, keras.Model):
+        return InputContract(model_input(model))
+    return model.input_contract
 
 
 def runtime_name(fmt: str) -> str:
@@ -155,5 +172,5 @@ def runtime_name(fmt: str) -> str:
     if fmt == SAVEDMODEL:
         return "TensorFlow (tf.saved_model.load)"
     if fmt == "tflite":
-        return "the TFLite interpreter"
+        return tflite.interpreter_name()
     return f"Keras ({keras.backend.backend()} backend)"

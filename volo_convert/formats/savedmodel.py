@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from volo_convert.architecture.keras_model import model_input
 from volo_convert.errors import ConversionError, first_line
+from volo_convert.formats.contract import InputContract
+from volo_convert.options import DEFAULT_INPUT
 from volo_convert.provenance import PROVENANCE_NAME
 
 SERVING_SIGNATURE = "serving_default"
 ASSETS_FOLDER = "assets"  # files a SavedModel ships with; TensorFlow loads without them
 PROVENANCE_ASSET = f"{PROVENANCE_NAME}.json"
+# The input kind, which the signature's float32 images cannot show, written with the model.
+METADATA_FILE = Path(ASSETS_FOLDER) / "volo_convert.json"
 
 
 def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = None) -> None:
@@ -20,6 +26,7 @@ def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = 
 
     `model.export` would store every weight twice (keras-team/keras#23553), so the module
     saved here tracks the very TensorFlow variables that the traced forward pass captures.
+    `images` are float32, normalised or, for a model that takes pixels, 0..255.
 
     Args:
         model: the Keras model (TensorFlow backend).
@@ -39,6 +46,8 @@ def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = 
         tf.saved_model.save(module, str(path), signatures=signatures)
     except tf.errors.OpError as error:  # a full disk, say: reported as the OSError it is
         raise OSError(first_line(error)) from None
+    (path / METADATA_FILE).parent.mkdir(exist_ok=True)
+    (path / METADATA_FILE).write_text(json.dumps({"input": model_input(model)}) + "\n")
 
 
 def write_provenance(path: Path, document: str) -> None:
@@ -81,11 +90,15 @@ class SavedModelRunner:
             next(iter(outputs.items())),
         )
         self.input_shape = tuple(input_spec.shape)  # None, S, S, 3
+        metadata_file = Path(path) / METADATA_FILE
+        metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+        self.input_contract = InputContract(metadata.get("input", DEFAULT_INPUT))
         self.output_shape = tuple(output_spec.shape)  # None, K
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
         """B, S, S, 3 images -> B, K logits."""
         import tensorflow as tf
 
-        outputs = self._function(**{self._input_name: tf.constant(images)})
+        batch = tf.constant(self.input_contract.encode(images))
+        outputs = self._function(**{self._input_name: batch})
         return outputs[self._output_name].numpy()

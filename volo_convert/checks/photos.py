@@ -1,0 +1,126 @@
+"""Real photographs for verification and calibration: JPEG/PNG files or folders of them.
+
+Each photo is prepared as timm's eval transform prepares VOLO's inputs: the shorter side
+resized to floor(image_size / crop_pct) with bicubic interpolation, then the centre
+image_size x image_size cropped. What is returned are the 8-bit RGB pixels;
+`images.normalize` turns them into the model's normalised input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from volo_convert.architecture.variants import crop_pct
+from volo_convert.checks.images import sample_pixels
+from volo_convert.errors import ConversionError, first_line, os_error_reason
+from volo_convert.options import CALIBRATION_SEED, DEFAULT_CALIBRATION_IMAGES
+from volo_convert.paths import check_input
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+WarningCallback = Callable[[str], None]
+
+
+def photo_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The files `paths` name: a file as given, a folder as its JPEG/PNG files, sorted.
+
+    Each path goes through the input policy (`paths.check_input`): a missing path, a
+    FIFO or device, an unreadable folder or a folder without images is a ConversionError.
+    """
+    files = []
+    for path in paths:
+        path = check_input(path, folder_ok=True, what="a JPEG/PNG photo or a folder of them")
+        if not path.is_dir():
+            files.append(path)
+            continue
+        try:
+            found = sorted(
+                child
+                for child in path.iterdir()
+                if child.is_file() and child.suffix.lower() in PHOTO_SUFFIXES
+            )
+        except OSError as error:
+            raise ConversionError(f"{path}: cannot be read ({os_error_reason(error)})") from None
+        if not found:
+            raise ConversionError(
+                f"{path}: the folder holds no images ({', '.join(PHOTO_SUFFIXES)})"
+            )
+        files += found
+    return files
+
+
+def prepare_photo(path: Path, image_size: int, crop_pct: float) -> np.ndarray:
+    """One photo as S, S, 3 uint8 RGB pixels, resized and centre-cropped as timm's eval.
+
+    Raises OSError (PIL's UnidentifiedImageError is one) if the file is no readable image.
+    """
+    from PIL import Image
+
+    with Image.open(path) as photo:
+        photo = photo.convert("RGB")
+        width, height = photo.size
+        short_side = math.floor(image_size / crop_pct)
+        if width <= height:  # torchvision's Resize(int): the long side keeps the aspect ratio
+            size = (short_side, int(short_side * height / width))
+        else:
+            size = (int(short_side * width / height), short_side)
+        photo = photo.resize(size, Image.Resampling.BICUBIC)
+        left = round((size[0] - image_size) / 2.0)
+        top = round((size[1] - image_size) / 2.0)
+        photo = photo.crop((left, top, left + image_size, top + image_size))
+        return np.asarray(photo, dtype=np.uint8)
+
+
+def load_photos(
+    paths: Sequence[str | Path], image_size: int, crop_pct: float, warn: WarningCallback
+) -> np.ndarray:
+    """Every readable photo among `paths` (files or folders) as B, S, S, 3 uint8 pixels.
+
+    A file that is no readable image is skipped, and `warn` is called with a line naming
+    it; if none is left, that is a ConversionError.
+    """
+    pixels = []
+    for path in photo_files(paths):
+        try:
+            pixels.append(prepare_photo(path, image_size, crop_pct))
+        except (OSError, ValueError) as error:
+            warn(f"{path}: skipped, not a readable image ({first_line(error)})")
+    if not pixels:
+        named = ", ".join(str(path) for path in paths)
+        raise ConversionError(f"{named}: no readable JPEG or PNG image among them")
+    return np.stack(pixels)
+
+
+def verification_pixels(
+    paths: Sequence[str | Path], image_size: int, variant: str, warn: WarningCallback, least: int
+) -> np.ndarray | None:
+    """The photos at `paths` to verify on, or None (no paths) for the synthetic images.
+
+    `least` is how many readable photos the verdict needs: a quantized file's top-1
+    agreement needs MANY_VERIFY_IMAGES of them.
+    """
+    if not paths:
+        return None
+    pixels = load_photos(paths, image_size, crop_pct(variant, image_size), warn)
+    if len(pixels) < least:
+        raise ConversionError(
+            f"--images gave {len(pixels)} readable images, but a quantized file is judged on "
+            f"at least {least}"
+        )
+    return pixels
+
+
+def calibration_pixels(
+    paths: Sequence[str | Path], image_size: int, variant: str, warn: WarningCallback
+) -> np.ndarray:
+    """What an int8 file is calibrated on: the photos at `paths`, else the default set.
+
+    The default is DEFAULT_CALIBRATION_IMAGES seeded synthetic images, a seed apart from
+    the verification images.
+    """
+    if paths:
+        return load_photos(paths, image_size, crop_pct(variant, image_size), warn)
+    return sample_pixels(DEFAULT_CALIBRATION_IMAGES, image_size, CALIBRATION_SEED)

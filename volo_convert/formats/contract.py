@@ -1,0 +1,53 @@
+"""A model file's input contract: what it takes, in which type, and how to feed it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from volo_convert.architecture.variants import IMAGENET_MEAN, IMAGENET_STD, PIXEL_MAX
+from volo_convert.options import DEFAULT_INPUT
+
+# What each input kind holds, as the report spells it.
+INPUT_VALUES = {
+    "images": "RGB scaled to [0, 1], then normalised with ImageNet mean and std",
+    "pixels": f"RGB values in 0..{PIXEL_MAX:g}; the model scales and normalises them",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputContract:
+    """What a model takes: B, S, S, 3 `images` or `pixels`, as `dtype`.
+
+    A quantized input (int8, uint8) holds `round(value / scale) + zero_point`, where
+    value is what a float input of the same kind would hold.
+    """
+
+    kind: str = DEFAULT_INPUT
+    dtype: str = "float32"
+    scale: float | None = None
+    zero_point: int | None = None
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        """B, S, S, 3 float images or pixels (or uint8 pixels) -> what the model is fed."""
+        if self.scale is None or self.zero_point is None:
+            return values.astype(self.dtype)
+        limits = np.iinfo(self.dtype)
+        quantized = np.round(values.astype(np.float64) / self.scale) + self.zero_point
+        return np.clip(quantized, limits.min, limits.max).astype(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The contract as the report writes it, with the preprocessing spelled out."""
+        contract: dict[str, Any] = {
+            "kind": self.kind,
+            "dtype": self.dtype,
+            "layout": "B, S, S, 3 (RGB, channels last)",
+            "values": INPUT_VALUES[self.kind],
+        }
+        if self.kind == "images":
+            contract["mean"], contract["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        if self.scale is not None:
+            contract["scale"], contract["zero_point"] = self.scale, self.zero_point
+        return contract
