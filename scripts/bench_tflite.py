@@ -97,7 +97,7 @@ def latencies(checkpoint: Path, workdir: Path, threads: int, rounds: int) -> dic
     from volo_convert.checks.images import normalize, sample_pixels
     from volo_convert.checks.reference import build_reference
     from volo_convert.options import ConvertOptions
-    from volo_convert.pipeline import load_checkpoint
+    from volo_convert.weights.loading import load_checkpoint
 
     torch.set_num_threads(threads)
     loaded = load_checkpoint(checkpoint, ConvertOptions())

@@ -358,10 +358,11 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         "Invalid value for '--seed': 18446744073709551616 is not in the range "
         "0<=x<=18446744073709551615.",
     ),
-    "batch-size-out-of-range": (
+    "verify-images-out-of-range": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),
-        ["--batch-size", "1000000000"],
-        "Invalid value for '--batch-size': 1000000000 is not in the range 1<=x<=4096.",
+        ["--verify-images", "1000000000"],
+        "Invalid value for '--verify-images' / '--batch-size': 1000000000 is not in the range "
+        "1<=x<=4096.",
     ),
     "image-size-too-large": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),
@@ -560,7 +561,7 @@ def test_accepted_form_converts_and_verifies(
     assert result.exit_code == 0, result.output
     figures = json.loads(report.read_text())
     assert figures["status"] == "passed"
-    assert figures["parity"]["max_abs_diff"] <= 2e-5
+    assert figures["parity"]["max_abs_diff"] <= 5e-5  # float32 noise, at half the default atol
     assert figures["num_classes"] == (37 if form == "fine-tuned-classes" else 1000)
 
 
@@ -592,7 +593,7 @@ def test_interrupted_save_leaves_no_partial_output(
 def test_keyboard_interrupt_during_save_leaves_nothing(
     d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def interrupted_save(model: object, path: Path, fmt: str, tflite_dtype: str) -> None:
+    def interrupted_save(model: object, path: Path, *formats: object) -> None:
         path.write_bytes(b"half a model")
         raise KeyboardInterrupt
 
@@ -780,7 +781,7 @@ def test_verification_batch_beyond_the_machine_memory_is_refused(
     assert result.exit_code == 2
     assert re.fullmatch(
         r"Error: verifying 2 images at 4096px needs about [\d,.]+ GB, but this machine has "
-        r"[\d,.]+ GB available; use a smaller --batch-size or --image-size",
+        r"[\d,.]+ GB available; use fewer --verify-images or a smaller --image-size",
         error_line(result),
     )
     assert list(out_dir.iterdir()) == []

@@ -14,7 +14,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, run
+from conftest import TINY_CONFIG, error_line, run, snapshot
 
 from volo_convert import pipeline
 from volo_convert.architecture.keras_model import build_volo
@@ -405,14 +405,32 @@ def test_inspect_reads_the_record_without_torch(tiny_model: keras.Model, tmp_pat
 
     result = run("inspect", path)
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[:5] == [
+    assert result.output.splitlines()[:6] == [
         "converter  volo-convert 0.1.0, 2026-01-02T03:04:05+00:00",
         "source     tiny.pth.tar",
         f"sha256     {'ab' * 32}",
         "model      VOLO tiny at 64px, 10 classes, full head, h5",
+        "input      images (float32)",
         "verified   max abs diff 1.5e-06 (atol 0.0001), max rel diff 2e-07, top-1 agreement "
         "100%, 2 images (seed 0), reference on cpu, model in Keras (tensorflow backend), 1.2s",
     ]
+
+
+def test_a_schema_1_record_still_reads_as_an_images_model() -> None:
+    """Files written before the input contract was recorded took normalised images."""
+    document = json.loads(SAMPLE_PROVENANCE.to_json())
+    assert document["schema"] == 2 and document["input"]["kind"] == "images"
+    for key in ("input", "tflite_dtype"):
+        del document[key]
+    for key in ("mean_abs_diff", "min_top1"):
+        del document["verification"][key]
+    old = Provenance.from_json(json.dumps({**document, "schema": 1}), "old.h5")
+    assert old == SAMPLE_PROVENANCE
+    with pytest.raises(ConversionError) as raised:
+        Provenance.from_json(json.dumps({**document, "schema": 3}), "new.h5")
+    assert str(raised.value) == (
+        "new.h5: its provenance record has schema 3, this volo-convert reads 1 and 2"
+    )
 
 
 def test_inspect_refuses_files_without_a_record(tiny_model: keras.Model, tmp_path: Path) -> None:
@@ -431,6 +449,32 @@ def test_inspect_refuses_files_without_a_record(tiny_model: keras.Model, tmp_pat
     assert result.output == f"Error: {damaged}: its provenance record is damaged\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.h5", "plain.keras"]
     assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize("fmt", ["savedmodel", "tflite"])
+def test_verify_refuses_a_damaged_input_record(
+    fmt: str, tiny_model: keras.Model, tiny_tflite: dict[str, bytes], d1_checkpoint: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The input kind a file records is read, never trusted: a damaged one is exit 2."""
+    if fmt == "tflite":
+        path = tmp_path / "tiny.tflite"
+        document = b'"input": "images"'
+        assert tiny_tflite["float32"].count(document) == 1
+        path.write_bytes(tiny_tflite["float32"].replace(document, b'"input": "camera"'))
+        message = f"{path}: records an unknown input kind 'camera'"
+    else:
+        path = tmp_path / "tiny"
+        path.mkdir()
+        save_model(tiny_model, path, fmt)
+        record = path / "assets" / "volo_convert.json"
+        record.write_text('{"input": ')
+        message = f"{record}: cannot be read (Expecting value: line 1 column 11 (char 10))"
+    before = snapshot(tmp_path)
+    result = run("verify", path, d1_checkpoint, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == f"Error: {message}"
+    assert snapshot(tmp_path) == before
 
 
 def test_every_cli_output_records_its_source(d1_checkpoint: Path, tmp_path: Path) -> None:

@@ -180,10 +180,10 @@ def verify(
     """Check an existing model against its PyTorch checkpoint (for CI).
 
     MODEL is a .h5 or .keras file (run under the Keras backend KERAS_BACKEND names), a
-    SavedModel folder or a .tflite file. Exits 0 when the logits agree within --atol, 1
-    when they do not. A checkpoint whose SHA-256 is not the one MODEL records is checked
-    all the same, after a warning. --training also checks that a Keras file trains like
-    PyTorch.
+    SavedModel folder or a .tflite file. Exits 0 when the logits agree within --atol (a
+    quantized file: when top-1 agreement reaches --min-top1), 1 when they do not. A
+    checkpoint whose SHA-256 is not the one MODEL records is checked all the same, after a
+    warning. --training also checks that a Keras file trains like PyTorch.
 
     \b
     Example:
@@ -193,6 +193,7 @@ def verify(
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --training
       KERAS_BACKEND=torch volo-convert verify d1.keras d1_224_84.2.pth.tar
       volo-convert verify d1_fp16.tflite d1_224_84.2.pth.tar
+      volo-convert verify d1_int8.tflite d1_224_84.2.pth.tar --images photos/
     """
     from volo_convert.junit import error_case, write_junit
     from volo_convert.pipeline import verify_file

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from volo_convert.architecture.variants import IMAGENET_MEAN, IMAGENET_STD, PIXEL_MAX
-from volo_convert.options import DEFAULT_INPUT
+from volo_convert.errors import ConversionError
+from volo_convert.options import DEFAULT_INPUT, INPUTS
 
 # What each input kind holds, as the report spells it.
 INPUT_VALUES = {
@@ -51,3 +53,10 @@ class InputContract:
         if self.scale is not None:
             contract["scale"], contract["zero_point"] = self.scale, self.zero_point
         return contract
+
+
+def check_input_kind(kind: object, where: str | Path) -> str:
+    """`kind` as a file recorded it, refused unless it is one of INPUTS."""
+    if kind not in INPUTS:
+        raise ConversionError(f"{where}: records an unknown input kind {kind!r}")
+    return str(kind)

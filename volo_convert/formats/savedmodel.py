@@ -10,7 +10,7 @@ import numpy as np
 
 from volo_convert.architecture.keras_model import model_input
 from volo_convert.errors import ConversionError, first_line
-from volo_convert.formats.contract import InputContract
+from volo_convert.formats.contract import InputContract, check_input_kind
 from volo_convert.options import DEFAULT_INPUT
 from volo_convert.provenance import PROVENANCE_NAME
 
@@ -68,6 +68,17 @@ def read_provenance(path: Path) -> str | None:
         raise ConversionError(f"{asset}: cannot be read ({first_line(error)})") from None
 
 
+def _recorded_input(metadata_file: Path) -> str:
+    """The input kind the metadata file records; DEFAULT_INPUT for folders without one."""
+    if not metadata_file.is_file():
+        return DEFAULT_INPUT
+    try:
+        kind = json.loads(metadata_file.read_text(encoding="utf-8"))["input"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConversionError(f"{metadata_file}: cannot be read ({first_line(error)})") from None
+    return check_input_kind(kind, metadata_file)
+
+
 class SavedModelRunner:
     """A SavedModel's serving signature, loaded with `tf.saved_model.load` alone."""
 
@@ -90,9 +101,7 @@ class SavedModelRunner:
             next(iter(outputs.items())),
         )
         self.input_shape = tuple(input_spec.shape)  # None, S, S, 3
-        metadata_file = Path(path) / METADATA_FILE
-        metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
-        self.input_contract = InputContract(metadata.get("input", DEFAULT_INPUT))
+        self.input_contract = InputContract(_recorded_input(Path(path) / METADATA_FILE))
         self.output_shape = tuple(output_spec.shape)  # None, K
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:

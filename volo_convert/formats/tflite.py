@@ -29,7 +29,7 @@ import numpy as np
 
 from volo_convert.architecture.keras_model import model_input, norm_consumers
 from volo_convert.errors import ConversionError, first_line
-from volo_convert.formats.contract import InputContract
+from volo_convert.formats.contract import InputContract, check_input_kind
 from volo_convert.formats.savedmodel import export_saved_model
 from volo_convert.native_logs import TFLITE_LINES, known_lines_held_back
 from volo_convert.options import DEFAULT_INPUT, TFLITE_DTYPES, TFLITE_IO, check_choice
@@ -316,6 +316,8 @@ def weight_dtype(content: bytes) -> str:
     """The file's TFLite dtype: from its metadata, else float16 if it stores such tensors."""
     recorded = file_metadata(content).get("tflite_dtype")
     if recorded is not None:
+        if recorded not in TFLITE_DTYPES:
+            raise ValueError(f"unknown TFLite dtype {recorded!r}")
         return recorded
     schema = _schema()
     flatbuffer = schema.Model.GetRootAsModel(content, 0)
@@ -400,12 +402,17 @@ class TFLiteRunner:
                     input_details["index"], [1, *input_details["shape"][1:]]
                 )
             self._interpreter.allocate_tensors()
-        self.weight_dtype = weight_dtype(content)
+        try:
+            self.weight_dtype = weight_dtype(content)
+            kind = file_metadata(content).get("input", DEFAULT_INPUT)
+        except (ValueError, AttributeError) as error:  # JSON, UTF-8, a non-object document
+            raise ConversionError(
+                f"{path}: its {METADATA_NAME} metadata is damaged ({first_line(error)})"
+            ) from None
         self._input_index = input_details["index"]
         self._output_index = output_details["index"]
         self._output_scale, self._output_zero_point = output_details["quantization"]
-        kind = file_metadata(content).get("input", DEFAULT_INPUT)
-        self.input_contract = _tensor_contract(input_details, kind)
+        self.input_contract = _tensor_contract(input_details, check_input_kind(kind, path))
         self.input_shape = (None, *(int(size) for size in input_details["shape"][1:]))
         self.output_shape = (None, *(int(size) for size in output_details["shape"][1:]))
 
