@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 from conftest import SMALL_IMAGE_SIZE
 
@@ -46,8 +47,9 @@ def test_convert_then_verify_as_the_readme_shows(d1_checkpoint: Path, tmp_path: 
     assert check.checkpoint_sha256 == check.recorded_sha256 == result.checkpoint_sha256
 
     other = write_checkpoint(tmp_path / "other.pth.tar", VARIANTS["d1"], SMALL_IMAGE_SIZE, seed=9)
-    with pytest.warns(VerificationWarning, match=r"other.pth.tar is not the checkpoint"):
+    with pytest.warns(VerificationWarning, match=r"other.pth.tar is not the checkpoint") as caught:
         mismatch = volo_convert.verify(model_file, other)
+    assert caught[0].filename == __file__  # the warning points at the user's line
     assert not mismatch.passed and mismatch.status == "failed"
     assert mismatch.parity.max_abs_diff > 1
     assert mismatch.diagnosis.first_failing_stage == "stem"
@@ -68,3 +70,24 @@ def test_the_api_is_imported_on_first_use() -> None:
         [sys.executable, "-c", LAZY_API], capture_output=True, text=True, check=True
     )
     assert completed.stdout.splitlines() == ["False False", "True volo_convert.api True"]
+
+
+def test_photos_given_as_one_path_and_a_bad_photo_warns(
+    d1_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`images` takes one path or several; an unreadable photo warns at the user's line."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    gradient = np.linspace(0, 255, 48 * 40 * 3).reshape(40, 48, 3).astype(np.uint8)
+    Image.fromarray(gradient).save(photos / "gradient.png")
+    (photos / "cut.png").write_bytes((photos / "gradient.png").read_bytes()[:50])
+    with pytest.warns(VerificationWarning, match=r"cut.png: skipped, not a readable") as caught:
+        result = volo_convert.convert(
+            d1_checkpoint, tmp_path / "d1.h5", images=photos, device="cpu"
+        )
+    assert caught[0].filename == __file__
+    assert result.passed and result.parity.batch_size == 1
+    assert result.parity.max_abs_diff <= 1e-4
+    assert len(result.warnings) == 1

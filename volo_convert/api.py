@@ -8,6 +8,7 @@ raises a `ConversionError`; a failed parity check is a result whose `passed` is 
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,16 @@ from volo_convert.results import ConversionResult
 
 
 class VerificationWarning(UserWarning):
-    """`verify` goes on despite something odd: another checkpoint than the model records."""
+    """The work goes on despite something odd: another checkpoint than the model records,
+    a photo that could not be read."""
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, VerificationWarning, stacklevel=5)  # the caller of `verify`
+    """Warns at the user's line: the first frame outside volo_convert."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("volo_convert"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, VerificationWarning, stacklevel=level)
 
 
 def convert(
@@ -41,7 +47,9 @@ def convert(
         on_stage: called with each stage's name (`loading`, `building`, ...) as it starts.
         **options: fields of `ConvertOptions`, e.g. `head="features"`, `overwrite=True`.
     """
-    return pipeline.convert(checkpoint, output, ConvertOptions(**options), on_stage)
+    return pipeline.convert(
+        checkpoint, output, ConvertOptions(**options), on_stage, on_warning=_warn
+    )
 
 
 def verify(

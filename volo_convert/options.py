@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 
 from volo_convert.errors import ConversionError
 
@@ -167,6 +168,10 @@ class ConvertOptions:
     drop_rate: float = DEFAULT_DROP_RATE
 
     def __post_init__(self) -> None:
+        for field in ("images", "calibration_images"):  # one path, or any sequence of them
+            paths = getattr(self, field)
+            paths = (paths,) if isinstance(paths, str | os.PathLike) else paths
+            object.__setattr__(self, field, tuple(str(path) for path in paths))
         if self.image_size is not None:
             check_image_size(self.image_size)
         if self.output_format is not None:
