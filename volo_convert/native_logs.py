@@ -48,6 +48,11 @@ TFLITE_LINES = (
     r"\bnode_def_util\.cc:\d+\] NodeDef mentions attribute Truncate which is not in the op ",
     r"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$",
 )
+# Lines of a Keras training step under TensorFlow: a note that an integer op (the optimizer's
+# step counter) runs on Eigen, not oneDNN, on CPUs without AVX-512.
+TRAINING_LINES = (
+    r"\butil\.cc:\d+\] oneDNN supports DT_INT32 only on platforms with AVX-512\. Falling back ",
+)
 
 # Runs in its own interpreter: copies stdin to stdout line by line, except the lines that
 # match a pattern (given as arguments), which go to stderr. It ignores SIGINT so that a

@@ -27,6 +27,7 @@ from volo_convert.architecture.variants import STEM_STRIDE, VoloConfig
 from volo_convert.checks.images import normalize, sample_pixels
 from volo_convert.checks.reference import build_reference, resolve_device, use_exact_float32
 from volo_convert.errors import ConversionError
+from volo_convert.native_logs import TRAINING_LINES, known_lines_held_back
 from volo_convert.options import (
     DEFAULT_ATOL,
     DEFAULT_SEED,
@@ -247,12 +248,13 @@ def keras_training_step(
     """One SGD step of `model` on B, S, S, 3 images, with drop rates at 0; names are
     Keras paths. Stateless: `model` keeps its weights.
     """
-    with drop_rates_at_zero(model):
-        logits, loss, gradients, updates = _keras_gradients(model, images, labels)
-    trainable = model.trainable_variables
-    # The step is taken on copies, so the model keeps its weights.
-    stepped = [keras.Variable(keras.ops.copy(variable.value)) for variable in trainable]
-    keras.optimizers.SGD(learning_rate).apply(gradients, stepped)
+    with known_lines_held_back(TRAINING_LINES):
+        with drop_rates_at_zero(model):
+            logits, loss, gradients, updates = _keras_gradients(model, images, labels)
+        trainable = model.trainable_variables
+        # The step is taken on copies, so the model keeps its weights.
+        stepped = [keras.Variable(keras.ops.copy(variable.value)) for variable in trainable]
+        keras.optimizers.SGD(learning_rate).apply(gradients, stepped)
     after = zip([*trainable, *model.non_trainable_variables], [*stepped, *updates], strict=True)
     return TrainingStep(
         _numpy(logits),
