@@ -1,0 +1,143 @@
+"""What every benchmark here states beside its figures: how loaded the machine was, and its limit.
+
+One load guard for all scripts: a benchmark refuses to start when the 1-minute load average is
+above `--max-load` (0.5 by default, for the 2-core machines we share), unless `--allow-busy` is
+given, in which case it runs and its table is flagged. The machine's own limit is measured the
+same way for every script: a large float32 (and bfloat16) matmul in PyTorch and in TensorFlow,
+each in a fresh process, so a ratio always has its ceiling next to it.
+
+    python scripts/quiet_machine.py --threads 2     # print the load and the matmul rates
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+DEFAULT_MAX_LOAD = 0.5  # 1-minute load average on 2 cores; above it a figure is not a result
+EXIT_BUSY = 4  # a benchmark refused to start on a busy machine
+
+# Each program prints GFLOP/s of an N x N matmul (2 N^3 FLOP), the median of 7 timed runs.
+_MATMUL_PROGRAMS = {
+    "torch": """
+import statistics, sys, time, torch
+size, threads, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
+torch.set_num_threads(threads)
+a = torch.randn(size, size).to(dtype); b = torch.randn(size, size).to(dtype)
+for _ in range(3): a @ b
+times = []
+for _ in range(7):
+    started = time.perf_counter(); a @ b; times.append(time.perf_counter() - started)
+print(2 * size**3 / statistics.median(times) / 1e9)
+""",
+    "tensorflow": """
+import os, statistics, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf
+size, threads, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(tf, sys.argv[3])
+tf.config.threading.set_intra_op_parallelism_threads(threads)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+a = tf.cast(tf.random.normal((size, size)), dtype)
+b = tf.cast(tf.random.normal((size, size)), dtype)
+matmul = tf.function(lambda x, y: tf.matmul(x, y))
+for _ in range(3): matmul(a, b).numpy()
+times = []
+for _ in range(7):
+    started = time.perf_counter(); matmul(a, b).numpy(); times.append(time.perf_counter() - started)
+print(2 * size**3 / statistics.median(times) / 1e9)
+""",
+}
+MATMUL_SIZES = {"torch": 4096, "tensorflow": 2048}  # the sizes at which each reaches its peak
+
+
+@dataclass(frozen=True)
+class Load:
+    """The 1-minute load average when a benchmark started, and whether that was too busy."""
+
+    average: float
+    max_load: float
+
+    @property
+    def busy(self) -> bool:
+        return self.average > self.max_load
+
+    def note(self) -> str:
+        """One line for the top of a table."""
+        line = f"1-min load average {self.average:.2f} at the start ({os.cpu_count()} cores)"
+        if self.busy:
+            line += f": ABOVE {self.max_load}, a busy machine; these figures are not a result"
+        return line
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The two options every benchmark takes about the load."""
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=DEFAULT_MAX_LOAD,
+        help=f"refuse to start above this 1-minute load average (default {DEFAULT_MAX_LOAD})",
+    )
+    parser.add_argument(
+        "--allow-busy", action="store_true", help="run on a busy machine, and flag the table"
+    )
+
+
+def require_quiet(args: argparse.Namespace) -> Load:
+    """The load now; exits with EXIT_BUSY when it is too high and --allow-busy is not given."""
+    load = Load(os.getloadavg()[0], args.max_load)
+    if load.busy and not args.allow_busy:
+        print(
+            f"refusing to measure: {load.note()}; wait for a quiet machine, "
+            "or pass --allow-busy to flag the figures",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_BUSY)
+    return load
+
+
+def matmul_rate(framework: str, threads: int, dtype: str = "float32") -> float:
+    """GFLOP/s of a large matmul in `framework` ("torch" or "tensorflow"), in a fresh process."""
+    size = MATMUL_SIZES[framework]
+    command = [sys.executable, "-c", _MATMUL_PROGRAMS[framework], str(size), str(threads), dtype]
+    printed = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return float(printed.split()[-1])
+
+
+def matmul_rates(threads: int, dtypes: tuple[str, ...] = ("float32",)) -> dict[str, float]:
+    """Maps "framework dtype" to GFLOP/s, for both frameworks and each dtype."""
+    return {
+        f"{framework} {dtype}": matmul_rate(framework, threads, dtype)
+        for dtype in dtypes
+        for framework in _MATMUL_PROGRAMS
+    }
+
+
+def limit_line(rates: dict[str, float]) -> str:
+    """The machine's matmul rates as one line."""
+    shown = ", ".join(f"{name} {gflops:.0f}" for name, gflops in rates.items())
+    return f"machine limit, large matmul GFLOP/s: {shown}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 matmuls too")
+    parser.add_argument("--json", action="store_true")
+    add_load_arguments(parser)
+    args = parser.parse_args()
+    load = require_quiet(args)
+    dtypes = ("float32", "bfloat16") if args.bfloat16 else ("float32",)
+    rates = matmul_rates(args.threads, dtypes)
+    if args.json:
+        print(json.dumps({"load_average": load.average, "busy": load.busy, "gflops": rates}))
+    else:
+        print(load.note())
+        print(limit_line(rates))
+
+
+if __name__ == "__main__":
+    main()
