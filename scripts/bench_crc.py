@@ -11,10 +11,11 @@ the page cache after the first round.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
+
+from quiet_machine import add_load_arguments, require_quiet
 
 from volo_convert.environment import environment_line
 from volo_convert.weights.checkpoint import SCAN_CHUNK_BYTES, _scan
@@ -32,8 +33,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--rounds", type=int, default=7)
+    add_load_arguments(parser)
     args = parser.parse_args()
-    load = os.getloadavg()[0]
+    load = require_quiet(args)
     passes = {
         "plain read": plain_read,
         "SHA-256 + CRC pass": lambda path: _scan(path, zip_container=True),
@@ -46,8 +48,7 @@ def main() -> None:
             timings[name].append(time.perf_counter() - started)
     size = args.checkpoint.stat().st_size
     print(f"environment: {environment_line()}")
-    if load > 0.5 * os.cpu_count():
-        print(f"WARNING: load average {load:.2f} at the start: a loaded machine, not a result")
+    print(load.note())
     print(f"{args.checkpoint.name}: {size / 1e9:.2f} GB, median of {args.rounds} rounds\n")
     print("| pass | median s | GB/s |")
     print("|---|---|---|")

@@ -4,7 +4,8 @@ Converts CHECKPOINT to each format (under TensorFlow), then measures each file i
 process under the backend or runtime it is deployed with: load time (the file only, not
 the library imports), median inference time on one image (batch 1) over --runs calls
 after three warm-up calls, and the max abs logit difference from the PyTorch reference
-on the verification images (seeded, --batch-size of them).
+on the verification images (seeded, --batch-size of them). It refuses to start on a busy
+machine (scripts/quiet_machine.py) unless --allow-busy, which flags the table.
 
 Usage:
     python scripts/bench_formats.py d1_224_84.2.pth.tar --workdir bench-formats \\
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from quiet_machine import Load, add_load_arguments, require_quiet
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -120,10 +123,13 @@ def measure_in_subprocess(
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def markdown(rows: list[tuple[str, int, dict[str, float]]], args: argparse.Namespace) -> str:
+def markdown(
+    rows: list[tuple[str, int, dict[str, float]]], args: argparse.Namespace, load: Load
+) -> str:
     from volo_convert.environment import environment_line
 
     lines = [
+        f"**{load.note()}.**" if load.busy else f"{load.note()}.",
         f"Checkpoint `{args.checkpoint.name}`, batch 1, {args.threads} threads, median of "
         f"{args.runs} runs; max abs diff over {args.batch_size} seeded images.",
         f"Environment: {environment_line()}.",
@@ -148,6 +154,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="images for the parity")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    add_load_arguments(parser)
     args = parser.parse_args()
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.workdir, args.runs, args.threads)))
@@ -155,6 +162,7 @@ def main() -> None:
     if args.checkpoint is None:
         parser.error("the checkpoint is required")
 
+    load = require_quiet(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
     write_inputs(args.checkpoint, args.workdir, args.batch_size)
     convert_all(args.checkpoint, args.workdir)
@@ -166,7 +174,7 @@ def main() -> None:
         path = args.workdir / name
         figures = measure_in_subprocess(path, backend, args.workdir, args.runs, args.threads)
         rows.append((label, size_bytes(path), figures))
-    table = markdown(rows, args)
+    table = markdown(rows, args, load)
     print(table)
     if args.markdown is not None:
         args.markdown.write_text(table)

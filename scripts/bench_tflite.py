@@ -10,8 +10,8 @@ then measures, on batch 1 and for each thread count:
   the interpreter and allocating its tensors.
 
 A figure from a busy machine is not a result: the 1-minute load average is recorded at the
-start and the run is refused above --max-load (0.5 on 2 cores) unless --allow-loaded, in
-which case the table is headed as taken on a loaded machine.
+start and the run is refused above --max-load (0.5 on 2 cores) unless --allow-busy, in
+which case the table is headed as taken on a busy machine (scripts/quiet_machine.py).
 
 Usage:
     volo-convert synthesize release --only d1_224_84.2.pth.tar
@@ -30,11 +30,12 @@ import sys
 import time
 from pathlib import Path
 
+from quiet_machine import Load, add_load_arguments, require_quiet
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "float16", "int8-dynamic", "int8")
-EXIT_LOADED = 3
 
 
 def tflite_path(workdir: Path, dtype: str) -> Path:
@@ -127,15 +128,11 @@ def latencies(checkpoint: Path, workdir: Path, threads: int, rounds: int) -> dic
     return {name: 1000 * statistics.median(values) for name, values in timings.items()}
 
 
-def markdown(rows: list[dict], args: argparse.Namespace, load: float, loaded: bool) -> str:
+def markdown(rows: list[dict], args: argparse.Namespace, load: Load) -> str:
     from volo_convert.environment import environment_line
     from volo_convert.formats.tflite import interpreter_name
 
-    heading = (
-        f"**Taken on a loaded machine (1-min load average {load:.2f} at the start): not a result.**"
-        if loaded
-        else f"1-min load average at the start: {load:.2f}."
-    )
+    heading = f"**{load.note()}.**" if load.busy else f"{load.note()}."
     lines = [
         heading,
         f"Checkpoint `{args.checkpoint.name}`, batch 1, median of {args.rounds} alternating "
@@ -159,8 +156,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("bench-tflite"))
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--max-load", type=float, default=0.5)
-    parser.add_argument("--allow-loaded", action="store_true", help="run, but flag the table")
+    add_load_arguments(parser)
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--memory", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -170,15 +166,7 @@ def main() -> None:
     if args.checkpoint is None:
         parser.error("the checkpoint is required")
 
-    load = os.getloadavg()[0]
-    loaded = load > args.max_load
-    if loaded and not args.allow_loaded:
-        print(
-            f"refusing to measure: 1-min load average {load:.2f} is above {args.max_load}; "
-            "wait for a quiet machine, or pass --allow-loaded to flag the figures",
-            file=sys.stderr,
-        )
-        sys.exit(EXIT_LOADED)
+    load = require_quiet(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
     convert_all(args.checkpoint, args.workdir)
     rows = []
@@ -202,9 +190,9 @@ def main() -> None:
                     "ratio": latency / float32_ms,
                 }
             )
-    table = markdown(rows, args, load, loaded)
+    table = markdown(rows, args, load)
     print(table)
-    print(json.dumps({"load_average": load, "loaded": loaded}), file=sys.stderr)
+    print(json.dumps({"load_average": load.average, "busy": load.busy}), file=sys.stderr)
     if args.markdown is not None:
         args.markdown.write_text(table)
 
