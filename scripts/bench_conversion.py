@@ -1,9 +1,11 @@
 """Cost of a conversion (no verification) against the floor any converter must pay.
 
-The floor is a fresh Python that imports torch, tensorflow and keras, reads the checkpoint
-with `torch.load` and writes the same tensors with h5py. Floor and converter run in turn
-as child processes (alternating, so load on a shared machine hits both alike); each
-child's wall time and peak RSS come from `os.wait4`, so they are that process's own.
+The floor (quiet_machine.IO_FLOOR_PROGRAM) is a fresh Python that imports torch, tensorflow
+and keras, reads the checkpoint with `torch.load` and writes the same tensors with h5py.
+Floor and converter run in turn as child processes (alternating, so load on a shared machine
+hits both alike); each child's wall time and peak RSS come from `os.wait4`, so they are that
+process's own. The machine's 1-minute load average is checked first and printed above the
+table (quiet_machine.py).
 The peak of the imports alone is measured too: what a converter holds above it, divided
 by the checkpoint's size, is the number of copies of the weights at its worst moment.
 
@@ -15,44 +17,28 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from quiet_machine import add_load_arguments, io_floor_command, measure, require_quiet
 
 from volo_convert.environment import environment_line
 
-FLOOR_PROGRAM = """
-import sys
-import h5py, keras, tensorflow, torch
-state_dict = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
-with h5py.File(sys.argv[2], "w") as output:
-    for name, tensor in state_dict.items():
-        output.create_dataset(name, data=tensor.numpy())
-"""
 IMPORTS_PROGRAM = "import h5py, keras, tensorflow, torch"
 MEGABYTE = 1024 * 1024
-
-
-def measure(command: list[str]) -> tuple[float, int]:
-    """Runs `command`; returns its wall seconds and its peak RSS in bytes."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()}")
-    return seconds, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--runs", type=int, default=3)
+    add_load_arguments(parser)
     args = parser.parse_args()
+    load = require_quiet(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+    print(load.note())
     print(f"environment: {environment_line()}; median of {args.runs} alternating runs")
     print()
     print(
@@ -65,7 +51,7 @@ def main() -> None:
         for checkpoint in args.checkpoints:
             commands = {
                 "imports": [sys.executable, "-c", IMPORTS_PROGRAM],
-                "floor": [sys.executable, "-c", FLOOR_PROGRAM, str(checkpoint), str(output)],
+                "floor": io_floor_command(checkpoint, output),
                 "convert": [
                     sys.executable,
                     "-m",

@@ -1,6 +1,8 @@
 """The whole release: synthetic checkpoints for all eleven names, batch-converted and verified.
 
-Writes the checkpoints if missing (`volo-convert synthesize`, about 6.5 GB), runs
+Writes the checkpoints if missing (`volo-convert synthesize`, about 6.5 GB), checks that the
+machine is quiet (quiet_machine.py), measures the I/O floor of each file (imports, torch.load,
+an h5py write of the same tensors, each in a fresh process as the batch's workers are), runs
 `volo-convert batch` on them in a fresh output folder (`--force`), then prints the
 per-checkpoint conversion and verification cost from its report.json, and the totals.
 
@@ -14,9 +16,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from quiet_machine import add_load_arguments, io_floor_command, measure, require_quiet
+
+from volo_convert.batch.runner import find_checkpoints
 from volo_convert.environment import environment_line
 
 MEGABYTE = 1024 * 1024
@@ -27,11 +33,19 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
+    add_load_arguments(parser)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cli = [sys.executable, "-m", "volo_convert"]
 
     subprocess.run([*cli, "synthesize", str(args.checkpoints)], check=True)
+    load = require_quiet(args)
+    with tempfile.TemporaryDirectory() as workdir:
+        floor_output = Path(workdir) / "floor.h5"
+        floor_seconds = sum(
+            measure(io_floor_command(checkpoint, floor_output))[0]
+            for checkpoint in find_checkpoints([args.checkpoints])
+        )
     started = time.perf_counter()
     batch_args = ["batch", str(args.checkpoints), "-o", str(args.out), "--device", args.device]
     batch = subprocess.Popen([*cli, *batch_args, "--force"])
@@ -40,6 +54,7 @@ def main() -> None:
     report = json.loads((args.out / "report.json").read_text())
 
     print()
+    print(load.note())
     print(f"environment: {environment_line()}; default threads")
     print()
     print(
@@ -62,6 +77,10 @@ def main() -> None:
         f"{summary['largest_peak_rss_bytes'] / MEGABYTE:,.0f} MB; batch driver peak RSS "
         f"{summary['driver_peak_rss_bytes'] / MEGABYTE:,.0f} MB; worst max abs diff "
         f"{summary['worst_max_abs_diff']:.3g}"
+    )
+    print(
+        f"I/O floor (imports, torch.load and an h5py write of each file, one process each): "
+        f"{floor_seconds / 60:.1f} min"
     )
 
 

@@ -4,7 +4,8 @@ One load guard for all scripts: a benchmark refuses to start when the 1-minute l
 above `--max-load` (0.5 by default, for the 2-core machines we share), unless `--allow-busy` is
 given, in which case it runs and its table is flagged. The machine's own limit is measured the
 same way for every script: a large float32 (and bfloat16) matmul in PyTorch and in TensorFlow,
-each in a fresh process, so a ratio always has its ceiling next to it.
+each in a fresh process, so a ratio always has its ceiling next to it; for the conversion
+scripts, the I/O floor (imports, torch.load, an h5py write of the same tensors).
 
     python scripts/quiet_machine.py --threads 2     # print the load and the matmul rates
 """
@@ -16,7 +17,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_MAX_LOAD = 0.5  # 1-minute load average on 2 cores; above it a figure is not a result
 EXIT_BUSY = 4  # a benchmark refused to start on a busy machine
@@ -52,6 +55,17 @@ print(2 * size**3 / statistics.median(times) / 1e9)
 """,
 }
 MATMUL_SIZES = {"torch": 4096, "tensorflow": 2048}  # the sizes at which each reaches its peak
+
+# The I/O floor of a conversion: import the libraries, read the checkpoint with torch.load and
+# write the same tensors with h5py. No converter can take less.
+IO_FLOOR_PROGRAM = """
+import sys
+import h5py, keras, tensorflow, torch
+state_dict = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+with h5py.File(sys.argv[2], "w") as output:
+    for name, tensor in state_dict.items():
+        output.create_dataset(name, data=tensor.numpy())
+"""
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,22 @@ def matmul_rates(threads: int, dtypes: tuple[str, ...] = ("float32",)) -> dict[s
         for dtype in dtypes
         for framework in _MATMUL_PROGRAMS
     }
+
+
+def measure(command: list[str]) -> tuple[float, int]:
+    """Runs `command` as a child; returns its wall seconds and its own peak RSS in bytes."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()}")
+    return seconds, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def io_floor_command(checkpoint: Path, output: Path) -> list[str]:
+    """The command that measures the I/O floor of converting `checkpoint` (see IO_FLOOR_PROGRAM)."""
+    return [sys.executable, "-c", IO_FLOOR_PROGRAM, str(checkpoint), str(output)]
 
 
 def limit_line(rates: dict[str, float]) -> str:

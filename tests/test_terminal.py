@@ -95,10 +95,10 @@ def test_a_terminal_shows_one_live_status_line(d1_checkpoint: Path, tmp_path: Pa
     screen = [line.rsplit("\r", 1)[-1] for line in output.replace("\r\n", "\n").split("\n")]
     screen = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line).strip() for line in screen]
     screen = [line for line in screen if line]
-    assert [line.split()[0] for line in screen[:7]] == [
+    # A .h5 file is written straight from the checkpoint: porting happens while saving.
+    assert [line.split()[0] for line in screen[:6]] == [
         "loading",
         "building",
-        "porting",
         "saving",
         "reloading",
         "verifying",

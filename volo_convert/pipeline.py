@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from volo_convert import __version__
-from volo_convert.architecture.keras_model import build_volo, model_head
+from volo_convert.architecture.keras_model import build_skeleton, build_volo, model_head
 from volo_convert.architecture.variants import VoloConfig
 from volo_convert.checks.diagnosis import diagnose
 from volo_convert.checks.images import normalize
@@ -29,6 +29,7 @@ from volo_convert.checks.training import check_training_parity
 from volo_convert.environment import GIGABYTE, available_memory_bytes, environment
 from volo_convert.errors import ConversionError, about, os_error_reason
 from volo_convert.formats import (
+    SKELETON_FORMATS,
     STAGING_SUFFIXES,
     Predictor,
     artifact_format,
@@ -63,8 +64,12 @@ from volo_convert.results import ConversionResult, write_report
 from volo_convert.signals import pause_if_asked
 from volo_convert.weights.loading import LoadedCheckpoint, load_checkpoint
 from volo_convert.weights.mapping import weight_mappings
-from volo_convert.weights.memory import MappedCheckpoint
-from volo_convert.weights.porting import port_weights
+from volo_convert.weights.porting import (
+    assign_weights,
+    port_weights,
+    ported_weights,
+    variable_shapes,
+)
 
 StageCallback = Callable[[str], None]
 WarningCallback = Callable[[str], None]
@@ -194,15 +199,20 @@ def _build_and_port(
     checkpoint_path: str | Path,
     checkpoint: LoadedCheckpoint,
     options: ConvertOptions,
+    fmt: str,
     on_stage: StageCallback | None,
-) -> keras.Model:
-    """The Keras model filled from the checkpoint, holding the weights once in memory."""
+) -> tuple[keras.Model, Iterator[tuple[str, np.ndarray]] | None]:
+    """The Keras model, and for SKELETON_FORMATS the weights still to be written.
+
+    For those formats the model is a skeleton and the weights come lazily, one tensor at
+    a time, as the file is written; for the others they are assigned here. Either way
+    each tensor's pages are handed back once it is moved, so the weights are held once.
+    """
     head = options.output_head
-    # Hand back each mapped tensor's pages once read, so the weights are held once, in Keras.
-    mapped = MappedCheckpoint(checkpoint_path)
-    mapped.release_all(checkpoint.state_dict.values())
     _notify(on_stage, "building")
-    model = build_volo(
+    release = checkpoint.mapped.release
+    build = build_skeleton if fmt in SKELETON_FORMATS else build_volo
+    model = build(
         checkpoint.config,
         checkpoint.image_size,
         head,
@@ -210,15 +220,18 @@ def _build_and_port(
         options.drop_rate,
         options.output_input,
     )
-    _notify(on_stage, "porting")
     with about(checkpoint_path):
-        port_weights(
-            model,
+        weights = ported_weights(
+            variable_shapes(model),
             checkpoint.state_dict,
             weight_mappings(checkpoint.config, head),
-            on_tensor=lambda torch_key: mapped.release(checkpoint.state_dict[torch_key]),
+            on_tensor=lambda torch_key: release(checkpoint.state_dict[torch_key]),
         )
-    return model
+    if fmt in SKELETON_FORMATS:
+        return model, weights
+    _notify(on_stage, "porting")
+    assign_weights(model, weights)
+    return model, None
 
 
 @contextlib.contextmanager
@@ -235,16 +248,20 @@ def _writing_staged(temp_path: Path, output_path: Path, what: str) -> Iterator[N
 
 def _save(
     model: keras.Model,
+    weights: Iterator[tuple[str, np.ndarray]] | None,
     temp_path: Path,
     output_path: Path,
     fmt: str,
     options: ConvertOptions,
     calibration: np.ndarray | None,
 ) -> None:
-    """Writes the staged file; an int8 TFLite file is calibrated on `calibration`."""
+    """Writes the staged file, from `weights` when given (`model` is then a skeleton); an
+    int8 TFLite file is calibrated on `calibration`."""
     written = "SavedModel folder" if fmt == SAVEDMODEL else f"{fmt} file"
     with _writing_staged(temp_path, output_path, f"write the {written}"):
-        save_model(model, temp_path, fmt, options.tflite_dtype, options.tflite_io, calibration)
+        save_model(
+            model, temp_path, fmt, options.tflite_dtype, options.tflite_io, calibration, weights
+        )
 
 
 def _check_outputs(
@@ -369,7 +386,7 @@ def convert(
     file_dtype = options.tflite_dtype if fmt == "tflite" else TFLITE_DTYPES[0]
     pixels = _verification_images(options, checkpoint, file_dtype, warn) if device else None
     calibration = _calibration_inputs(options, checkpoint, warn)
-    model = _build_and_port(checkpoint_path, checkpoint, options, on_stage)
+    model, weights = _build_and_port(checkpoint_path, checkpoint, options, fmt, on_stage)
     result = ConversionResult(
         checkpoint=str(checkpoint_path),
         output=str(output_path),
@@ -388,8 +405,8 @@ def convert(
     staging_suffix = STAGING_SUFFIXES.get(fmt, "")
     with staged_output(output_path, folder=fmt == SAVEDMODEL, suffix=staging_suffix) as temp_path:
         _notify(on_stage, "saving")
-        _save(model, temp_path, output_path, fmt, options, calibration)
-        del model
+        _save(model, weights, temp_path, output_path, fmt, options, calibration)
+        del model, weights
         result.convert_seconds = time.perf_counter() - started
         if device is not None or fmt == "tflite":  # a TFLite input's scale is in the file
             _notify(on_stage, "reloading")

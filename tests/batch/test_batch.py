@@ -86,7 +86,8 @@ def test_a_log_shows_each_file_and_stage_with_its_duration(first_batch: tuple) -
     _, _, result = first_batch
     lines = result.output.splitlines()
     stages = [line.split() for line in lines if line.startswith(f"{CORRUPT}: ")]
-    assert [words[1] for words in stages] == ["hashing", "starting", "loading", "exiting", "error"]
+    # A fresh run hashes each checkpoint once, in the worker, as it loads it.
+    assert [words[1] for words in stages] == ["starting", "loading", "exiting", "error"]
     assert all(re.fullmatch(r"\d+\.\ds", words[2]) for words in stages[:-1])
     good = [line.split()[1] for line in lines if line.startswith(f"{GOOD}: ")]
     assert good[-3:] == ["recording", "exiting", "passed"]

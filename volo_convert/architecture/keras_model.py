@@ -19,6 +19,7 @@ from typing import Any
 
 import keras
 from keras import layers
+from keras.src.backend.common import global_state
 
 from volo_convert.architecture.keras_layers import (
     ClassAttention,
@@ -58,6 +59,8 @@ from volo_convert.options import (
 # Porting fills every kernel, so they start as zeros: drawing random values for d5's 300M
 # weights would take about 4 s of a 10 s build, and as long again on every reload.
 KERNEL_INITIALIZER = "zeros"
+# Where Keras lists the variables a StatelessScope left for later (a private list).
+UNINITIALIZED_VARIABLES = "uninitialized_variables"
 _dense = functools.partial(layers.Dense, kernel_initializer=KERNEL_INITIALIZER)
 _conv2d = functools.partial(layers.Conv2D, kernel_initializer=KERNEL_INITIALIZER)
 
@@ -275,6 +278,31 @@ def build_volo(
     tokens = _layer_norm("norm")(tokens)
     outputs = _head(tokens, config, head)
     return keras.Model(inputs, outputs, name=f"volo_{config.name}_{image_size}")
+
+
+def build_skeleton(
+    config: VoloConfig,
+    image_size: int,
+    head: str = DEFAULT_HEAD,
+    drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
+    drop_rate: float = DEFAULT_DROP_RATE,
+    input_kind: str = DEFAULT_INPUT,
+) -> keras.Model:
+    """`build_volo`'s graph with variables that hold no values: names, shapes and config only.
+
+    For writing a file straight from the checkpoint's tensors, with no weight in memory
+    and no assign. The variables' deferred initialisation is forgotten, so no later
+    `keras.StatelessScope` fills them; the skeleton cannot run.
+    """
+    with keras.StatelessScope(initialize_variables=False):
+        model = build_volo(config, image_size, head, drop_path_rate, drop_rate, input_kind)
+    skeleton_ids = {id(variable) for variable in model.weights}
+    pending = global_state.get_global_attribute(UNINITIALIZED_VARIABLES) or []
+    global_state.set_global_attribute(
+        UNINITIALIZED_VARIABLES,
+        [variable for variable in pending if id(variable) not in skeleton_ids],
+    )
+    return model
 
 
 @contextlib.contextmanager

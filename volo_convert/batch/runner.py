@@ -9,9 +9,10 @@ file's true peak. The driver never imports torch; only the workers do.
 After every file, `report.json` and `report.md` are rewritten in the output folder, so an
 interrupted batch resumes where it stopped: a checkpoint is skipped when the report says
 it passed from a file with the same SHA-256 and the output still holds the very bytes
-that were written (size and SHA-256 of each file). A stop signal reaches the worker too
-(it dies with its driver even when the driver is killed outright), removes what the
-worker staged, and the report says what was done so far.
+that were written (size and SHA-256 of each file). The driver hashes a checkpoint only to
+compare it with such a row; on a fresh run the conversion's own hash fills the report. A
+stop signal reaches the worker too (it dies with its driver even when the driver is killed
+outright), removes what the worker staged, and the report says what was done so far.
 """
 
 from __future__ import annotations
@@ -145,19 +146,24 @@ def _convert_one(
     atol: float,
     notify: BatchStageCallback,
 ) -> BatchEntry:
-    """The report row of one checkpoint: skipped as done, converted, or why it failed."""
+    """The report row of one checkpoint: skipped as done, converted, or why it failed.
+
+    The checkpoint is hashed here only when an earlier run left a row to compare with;
+    otherwise the worker's conversion hashes it, as it reads it, for the row.
+    """
     entry = BatchEntry(file=checkpoint.name, output=output.name, sha256=None, status=Status.ERROR)
-    notify(checkpoint, "hashing")
     try:
         check_input(checkpoint)
-        entry.sha256 = file_sha256(checkpoint)
+        if previous is not None:
+            notify(checkpoint, "hashing")
+            entry.sha256 = file_sha256(checkpoint)
     except ConversionError as error:
         return dataclasses.replace(entry, reason=one_line(str(error)))
     except OSError as error:
         return dataclasses.replace(
             entry, reason=f"{checkpoint}: cannot be read ({first_line(error)})"
         )
-    if _is_done(previous, entry.sha256, output, atol):
+    if entry.sha256 is not None and _is_done(previous, entry.sha256, output, atol):
         return dataclasses.replace(previous, file=checkpoint.name, status=Status.SKIPPED)
     notify(checkpoint, "starting")
     return convert_isolated(

@@ -11,6 +11,7 @@ format also stores a provenance record (`provenance.py`) its own native way, whi
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +29,9 @@ from volo_convert.provenance import Provenance
 FORMAT_SUFFIXES = {".h5": "h5", ".keras": "keras", ".tflite": "tflite"}
 STAGING_SUFFIXES = {fmt: suffix for suffix, fmt in FORMAT_SUFFIXES.items()}  # Keras needs it
 TENSORFLOW_FORMATS = (SAVEDMODEL, "tflite")
+# Written value by value from the checkpoint (`save_model`'s `weights`), so the model
+# given is a skeleton: no weight is held in Keras or assigned.
+SKELETON_FORMATS = ("h5",)
 
 
 class Predictor(Protocol):
@@ -98,19 +102,24 @@ def save_model(
     tflite_dtype: str = TFLITE_DTYPES[0],
     tflite_io: str = TFLITE_IO[0],
     calibration: np.ndarray | None = None,
+    weights: Iterable[tuple[str, np.ndarray]] | None = None,
 ) -> None:
     """Writes `model` to `path` in format `fmt`.
 
     A TFLite file is written in `tflite_dtype` with `tflite_io` input, int8 ones calibrated
-    on `calibration` (B, S, S, 3 inputs of the model). The caller has checked the backend
-    (`check_backend`) before doing any work.
+    on `calibration` (B, S, S, 3 inputs of the model). For SKELETON_FORMATS, `weights`
+    (variable path, value) gives the values and `model` may be a skeleton; other formats
+    take them from `model`. The caller has checked the backend (`check_backend`) before
+    doing any work.
     """
+    if weights is not None and fmt not in SKELETON_FORMATS:
+        raise ValueError(f"{fmt} files are written from a model that holds its weights")
     if fmt == SAVEDMODEL:
         savedmodel.export_saved_model(model, path)
     elif fmt == "tflite":
         path.write_bytes(tflite.convert_to_tflite(model, tflite_dtype, tflite_io, calibration))
     else:
-        keras_file.save(model, path, fmt)
+        keras_file.save(model, path, fmt, weights)
 
 
 def load_artifact(path: str | Path, fmt: str | None = None) -> Predictor:

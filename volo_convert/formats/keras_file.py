@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
-import logging
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import h5py
 import keras
+import numpy as np
 
 from volo_convert.errors import ConversionError, first_line
+from volo_convert.formats.keras_h5 import model_values, write_h5
 from volo_convert.provenance import PROVENANCE_NAME
 
 PROVENANCE_ENTRY = f"{PROVENANCE_NAME}.json"  # beside config.json in a .keras zip
 
 
-def save(model: keras.Model, path: Path, fmt: str) -> None:
-    """Writes `model` as a `.h5` or `.keras` file (`fmt`) at `path`."""
-    if fmt != "h5":
-        model.save(path)
+def save(
+    model: keras.Model,
+    path: Path,
+    fmt: str,
+    weights: Iterable[tuple[str, np.ndarray]] | None = None,
+) -> None:
+    """Writes `model` as a `.h5` or `.keras` file (`fmt`) at `path`.
+
+    A `.h5` file is written by `keras_h5`, with `weights` (variable path, value) as the
+    values when given, so `model` may then be a skeleton.
+    """
+    if fmt == "h5":
+        write_h5(model, model_values(model) if weights is None else weights, path)
         return
-    # The user chose .h5 explicitly; Keras' "legacy format" advice is noise here.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        model.save(path)
-    finally:
-        absl_logger.setLevel(level)
+    model.save(path)
 
 
 def load(path: str | Path) -> keras.Model:

@@ -10,7 +10,7 @@ import pickle
 import struct
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -341,14 +341,22 @@ def load_state_dict(
     return CheckpointContent(state_dict, sha256)
 
 
-def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    """Raises a ConversionError naming the tensors that hold NaN or Inf."""
-    bad = [
-        key
-        for key, tensor in state_dict.items()
+def check_finite(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | Path,
+    on_checked: Callable[[torch.Tensor], None] | None = None,
+) -> None:
+    """Raises a ConversionError naming the tensors that hold NaN or Inf.
+
+    `on_checked` is called with each tensor once read (to hand its pages back).
+    """
+    bad = []
+    for key, tensor in state_dict.items():
         # numpy, not torch: one pass per tensor without torch's per-op thread start-up
-        if tensor.is_floating_point() and not np.isfinite(tensor.numpy()).all()
-    ]
+        if tensor.is_floating_point() and not np.isfinite(tensor.numpy()).all():
+            bad.append(key)
+        if on_checked is not None:
+            on_checked(tensor)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ConversionError(f"{path}: weights hold NaN or Inf values in {shown}")

@@ -13,6 +13,7 @@ from volo_convert.errors import about
 from volo_convert.options import ConvertOptions
 from volo_convert.weights.checkpoint import check_finite, load_state_dict, tensor_shapes
 from volo_convert.weights.mapping import weight_mappings
+from volo_convert.weights.memory import MappedCheckpoint
 from volo_convert.weights.porting import check_checkpoint
 from volo_convert.weights.resolution import resize_pos_embed
 
@@ -21,13 +22,15 @@ from volo_convert.weights.resolution import resize_pos_embed
 class LoadedCheckpoint:
     """A checkpoint's tensors and the architecture they fit, resized to `image_size`.
 
-    `sha256` is the hash of the file they were read from.
+    `sha256` is the hash of the file they were read from; `mapped` hands back the pages
+    of its memory-mapped tensors once they are read.
     """
 
     state_dict: dict[str, torch.Tensor]
     config: VoloConfig
     image_size: int
     sha256: str
+    mapped: MappedCheckpoint
 
     def parameter_count(self, head: str) -> int:
         """Weights of the model ending in `head`: the checkpoint tensors it keeps.
@@ -58,8 +61,10 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
         if options.variant is not None:
             config = get_variant(options.variant).with_num_classes(config.num_classes)
         check_checkpoint(shapes, weight_mappings(config), parameter_shapes(config, image_size))
-    check_finite(state_dict, path)
+    # Reading every value maps its pages in; each tensor hands them back once checked.
+    mapped = MappedCheckpoint(path)
+    check_finite(state_dict, path, on_checked=mapped.release)
     if options.image_size is not None and options.image_size != image_size:
         state_dict["pos_embed"] = resize_pos_embed(state_dict["pos_embed"], options.image_size)
         image_size = options.image_size
-    return LoadedCheckpoint(state_dict, config, image_size, sha256)
+    return LoadedCheckpoint(state_dict, config, image_size, sha256, mapped)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,7 +67,3 @@ class MappedCheckpoint:
         last_page = end // mmap.PAGESIZE * mmap.PAGESIZE
         if last_page > first_page:
             self.madvise(first_page, last_page - first_page, MADV_DONTNEED)
-
-    def release_all(self, tensors: Iterable[torch.Tensor]) -> None:
-        for tensor in tensors:
-            self.release(tensor)

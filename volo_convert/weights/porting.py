@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import keras
 import numpy as np
@@ -114,6 +114,79 @@ def check_checkpoint(
         raise ConversionError("; ".join(shape_errors[:MAX_LISTED]))
 
 
+def _checked_moves(
+    keras_shapes: Mapping[str, tuple[int, ...]],
+    state_dict: Mapping[str, torch.Tensor],
+    mappings: list[WeightMapping],
+) -> list[WeightMapping]:
+    """The mappings that fill a variable, once coverage and every shape are checked.
+
+    Shapes are compared on views of no data, so no tensor is read here.
+    """
+    check_coverage(list(state_dict), list(keras_shapes), mappings)
+    moves = [mapping for mapping in mappings if mapping.keras_path]
+    shape_errors = []
+    for mapping in moves:
+        source_shape = tuple(state_dict[mapping.torch_key].shape)
+        expected = tuple(keras_shapes[mapping.keras_path])
+        try:
+            shape = _transformed_shape(mapping.transform, source_shape)
+        except ValueError:  # fewer dimensions than the transform's axes
+            shape = None
+        if shape != expected:
+            shape_errors.append(
+                f"{mapping.torch_key} has shape {source_shape}, "
+                f"{_after_transform(mapping.transform, source_shape)}, but "
+                f"{mapping.keras_path} expects {expected}"
+            )
+    if shape_errors:
+        raise ConversionError("; ".join(shape_errors[:MAX_LISTED]))
+    return moves
+
+
+def ported_weights(
+    keras_shapes: Mapping[str, tuple[int, ...]],
+    state_dict: Mapping[str, torch.Tensor],
+    mappings: list[WeightMapping],
+    on_tensor: Callable[[str], None] | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Each Keras variable's path and value, converted from `state_dict` one at a time.
+
+    Coverage and every shape are checked before this returns, so a bad pairing fails
+    before anything is written. The values come lazily, in the tables' order: each is a
+    view (or transposed view) of the checkpoint tensor, read only by whoever consumes it,
+    so one tensor is in flight at a time.
+
+    Args:
+        keras_shapes: Keras variable path -> shape, of the model to fill.
+        state_dict: torch tensor name -> float32 tensor.
+        mappings: the expanded mapping tables.
+        on_tensor: called with each torch key once its value has been consumed.
+    """
+    moves = _checked_moves(keras_shapes, state_dict, mappings)
+
+    def values() -> Iterator[tuple[str, np.ndarray]]:
+        for mapping in moves:
+            source = state_dict[mapping.torch_key].numpy()
+            yield mapping.keras_path, TRANSFORMS[mapping.transform](source)
+            if on_tensor is not None:
+                on_tensor(mapping.torch_key)
+
+    return values()
+
+
+def variable_shapes(model: keras.Model) -> dict[str, tuple[int, ...]]:
+    """Keras variable path -> shape, for every weight of `model`."""
+    return {variable.path: tuple(variable.shape) for variable in model.weights}
+
+
+def assign_weights(model: keras.Model, weights: Iterator[tuple[str, np.ndarray]]) -> None:
+    """Assigns each (variable path, value) of `weights` to `model`'s variable."""
+    variables = {variable.path: variable for variable in model.weights}
+    for keras_path, array in weights:
+        variables[keras_path].assign(array)
+
+
 def port_weights(
     model: keras.Model,
     state_dict: Mapping[str, torch.Tensor],
@@ -128,28 +201,5 @@ def port_weights(
         mappings: the expanded mapping tables.
         on_tensor: called with each torch key once its tensor is ported.
     """
-    variables = {variable.path: variable for variable in model.weights}
-    check_coverage(list(state_dict), list(variables), mappings)
-    shape_errors = []
-    ported = []
-    for mapping in (mapping for mapping in mappings if mapping.keras_path):
-        variable = variables[mapping.keras_path]
-        source = state_dict[mapping.torch_key].numpy()
-        try:
-            array = TRANSFORMS[mapping.transform](source)
-        except ValueError:  # fewer dimensions than the transform's axes
-            array = None
-        if array is None or tuple(array.shape) != tuple(variable.shape):
-            shape_errors.append(
-                f"{mapping.torch_key} has shape {tuple(source.shape)}, "
-                f"{_after_transform(mapping.transform, tuple(source.shape))}, but "
-                f"{mapping.keras_path} expects {tuple(variable.shape)}"
-            )
-        else:
-            ported.append((variable, array, mapping.torch_key))
-    if shape_errors:
-        raise ConversionError("; ".join(shape_errors[:MAX_LISTED]))
-    for variable, array, torch_key in ported:
-        variable.assign(array)
-        if on_tensor is not None:
-            on_tensor(torch_key)
+    weights = ported_weights(variable_shapes(model), state_dict, mappings, on_tensor)
+    assign_weights(model, weights)
