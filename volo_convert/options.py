@@ -35,6 +35,13 @@ KERAS_FORMATS = ("h5", "keras")  # what a batch writes: one file per checkpoint
 # float32, float16 weights, int8 weights with float activations, full integer.
 TFLITE_DTYPES = ("float32", "float16", "int8-dynamic", "int8")
 QUANTIZED_DTYPES = ("int8-dynamic", "int8")  # judged by top-1 agreement, not by atol
+# What a Keras model or SavedModel computes in: float32, or bfloat16 with float32 weights
+# (Keras' mixed_bfloat16 policy), faster on CPUs with bfloat16 instructions.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+DEFAULT_COMPUTE_DTYPE = "float32"
+# A file's precision, which sets how it is verified: a TFLITE_DTYPES entry, or bfloat16.
+# These are judged by top-1 agreement and described by max and mean abs diff, with no atol.
+TOP1_JUDGED = (*QUANTIZED_DTYPES, "bfloat16")
 # An int8 TFLite file's input: float32 (quantized inside), or int8 (uint8 for pixels).
 TFLITE_IO = ("float32", "int8")
 # What the model takes: ImageNet-normalised float32 images, or RGB pixels in 0..255 that
