@@ -82,7 +82,7 @@ class Provenance:
         if schema not in READABLE_SCHEMAS:
             raise ConversionError(
                 f"{where}: its provenance record has schema {schema!r}, this volo-convert "
-                f"reads {' and '.join(map(str, READABLE_SCHEMAS))}"
+                f"reads {', '.join(map(str, READABLE_SCHEMAS[:-1]))} and {READABLE_SCHEMAS[-1]}"
             )
         try:
             verification = document.pop("verification")
