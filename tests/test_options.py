@@ -8,10 +8,14 @@ from volo_convert.errors import ConversionError
 from volo_convert.options import (
     DEFAULT_ATOL,
     FLOAT16_ATOL,
+    MANY_VERIFY_IMAGES,
     BatchOptions,
     ConvertOptions,
     Status,
     default_atol,
+    default_min_top1,
+    default_verify_images,
+    file_precision,
 )
 
 
@@ -42,6 +46,11 @@ from volo_convert.options import (
         ),
         ({"drop_path_rate": 1.0}, "drop path rate must be at least 0 and below 1, got 1.0"),
         ({"drop_rate": -0.1}, "drop rate must be at least 0 and below 1, got -0.1"),
+        ({"compute_dtype": "float16"}, "unknown compute dtype 'float16', expected one of"),
+        (
+            {"compute_dtype": "bfloat16", "training": True},
+            "--training holds every tensor to a float32 tolerance, which bfloat16 compute",
+        ),
     ],
 )
 def test_bad_options_are_refused_when_built(fields: dict, message: str) -> None:
@@ -55,6 +64,15 @@ def test_defaults_are_valid_and_name_the_conversion_head() -> None:
     assert options.output_head == "full"
     assert ConvertOptions(head="features").output_head == "features"
     assert (default_atol("float32"), default_atol("float16")) == (DEFAULT_ATOL, FLOAT16_ATOL)
+
+
+def test_bfloat16_is_judged_like_a_quantized_file() -> None:
+    assert default_atol("bfloat16") is None
+    assert default_min_top1("bfloat16") == 0.9
+    assert default_verify_images("bfloat16") == MANY_VERIFY_IMAGES
+    assert file_precision("float32", "bfloat16") == "bfloat16"
+    assert file_precision("int8", "float32") == "int8"
+    assert ConvertOptions().output_compute_dtype == "float32"
 
 
 def test_batch_writes_keras_files_only() -> None:

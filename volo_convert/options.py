@@ -35,6 +35,13 @@ KERAS_FORMATS = ("h5", "keras")  # what a batch writes: one file per checkpoint
 # float32, float16 weights, int8 weights with float activations, full integer.
 TFLITE_DTYPES = ("float32", "float16", "int8-dynamic", "int8")
 QUANTIZED_DTYPES = ("int8-dynamic", "int8")  # judged by top-1 agreement, not by atol
+# What a Keras model or SavedModel computes in: float32, or bfloat16 with float32 weights
+# (Keras' mixed_bfloat16 policy), faster on CPUs with bfloat16 instructions.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+DEFAULT_COMPUTE_DTYPE = "float32"
+# A file's precision, which sets how it is verified: a TFLITE_DTYPES entry, or bfloat16.
+# These are judged by top-1 agreement and described by max and mean abs diff, with no atol.
+TOP1_JUDGED = (*QUANTIZED_DTYPES, "bfloat16")
 # An int8 TFLite file's input: float32 (quantized inside), or int8 (uint8 for pixels).
 TFLITE_IO = ("float32", "int8")
 # What the model takes: ImageNet-normalised float32 images, or RGB pixels in 0..255 that
@@ -54,7 +61,10 @@ DEFAULT_VERIFY_IMAGES = 2  # float32 files: every logit within atol says more th
 MANY_VERIFY_IMAGES = 64
 # The bars for quantized files (README, "Quantized TFLite"): working files measured 89-100%
 # on d1, d2 and d3 and broken ones 0-35%; 0.8 leaves room for trained weights' margins.
-DEFAULT_MIN_TOP1 = {"int8-dynamic": 0.8, "int8": 0.8}
+# bfloat16 rounds far less than int8 (README, "bfloat16 compute"): a working file keeps
+# nearly every top-1, a broken one few, and 0.9 still allows for the close calls of
+# synthetic images, whose top-2 margins are smaller than a trained model's on photos.
+DEFAULT_MIN_TOP1 = {"int8-dynamic": 0.8, "int8": 0.8, "bfloat16": 0.9}
 DEFAULT_SEED = 0
 # Static bounds, checked by click before any work; the memory a verification batch needs is
 # then checked against the machine's available memory once the image size is known.
@@ -112,21 +122,33 @@ def check_rate(name: str, rate: float) -> None:
         raise ConversionError(f"{name} must be at least 0 and below 1, got {rate}")
 
 
-def default_atol(weight_dtype: str) -> float | None:
-    """The tolerance when none is given: looser for float16, none for quantized files."""
-    if weight_dtype in QUANTIZED_DTYPES:
+def file_precision(tflite_dtype: str, compute_dtype: str) -> str:
+    """What a file's numerics are judged as: its TFLite dtype, else its compute dtype."""
+    return tflite_dtype if tflite_dtype != TFLITE_DTYPES[0] else compute_dtype
+
+
+def judged_by_top1(precision: str) -> str | None:
+    """How a file of `precision` is named where top-1 agreement judges it; None if atol does."""
+    if precision not in TOP1_JUDGED:
         return None
-    return FLOAT16_ATOL if weight_dtype == "float16" else DEFAULT_ATOL
+    return "a quantized file" if precision in QUANTIZED_DTYPES else f"a {precision} file"
 
 
-def default_min_top1(weight_dtype: str) -> float | None:
-    """The top-1 agreement bar when none is given: for quantized files only."""
-    return DEFAULT_MIN_TOP1.get(weight_dtype)
+def default_atol(precision: str) -> float | None:
+    """The tolerance when none is given: looser for float16, none for TOP1_JUDGED files."""
+    if precision in TOP1_JUDGED:
+        return None
+    return FLOAT16_ATOL if precision == "float16" else DEFAULT_ATOL
 
 
-def default_verify_images(weight_dtype: str) -> int:
+def default_min_top1(precision: str) -> float | None:
+    """The top-1 agreement bar when none is given: for TOP1_JUDGED files only."""
+    return DEFAULT_MIN_TOP1.get(precision)
+
+
+def default_verify_images(precision: str) -> int:
     """How many synthetic images verify a file when no count is given."""
-    return DEFAULT_VERIFY_IMAGES if weight_dtype == "float32" else MANY_VERIFY_IMAGES
+    return DEFAULT_VERIFY_IMAGES if precision == "float32" else MANY_VERIFY_IMAGES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +164,8 @@ class ConvertOptions:
     `explain` adds the per-stage diagnosis, which a failed parity check adds anyway.
     `training` adds the training-mode check (gradients and one SGD step) of a Keras model.
     `drop_path_rate` and `drop_rate` go into the converted model, for fine-tuning.
+    `compute_dtype` None means float32 for a conversion and, for a verification, what the
+    model computes in; bfloat16 is judged by top-1 agreement, like a quantized file.
     """
 
     variant: str | None = None
@@ -166,6 +190,7 @@ class ConvertOptions:
     training: bool = False
     drop_path_rate: float = DEFAULT_DROP_PATH_RATE
     drop_rate: float = DEFAULT_DROP_RATE
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("images", "calibration_images"):  # one path, or any sequence of them
@@ -200,20 +225,9 @@ class ConvertOptions:
             )
         if not 0 <= self.seed <= MAX_SEED:
             raise ConversionError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
-        if (
-            self.tflite_dtype in QUANTIZED_DTYPES
-            and self.verify_images is not None
-            and self.verify_images < MANY_VERIFY_IMAGES
-        ):
-            raise ConversionError(
-                f"a quantized file is judged on at least {MANY_VERIFY_IMAGES} images, "
-                f"got --verify-images {self.verify_images}"
-            )
-        if self.tflite_dtype in QUANTIZED_DTYPES and self.head == "features":
-            raise ConversionError(
-                "a quantized file is judged by top-1 agreement, which the features head "
-                "has not; use --tflite-dtype float32 or float16 for features"
-            )
+        if self.compute_dtype is not None:
+            check_choice("compute dtype", self.compute_dtype, COMPUTE_DTYPES)
+        self.check_precision(file_precision(self.tflite_dtype, self.output_compute_dtype))
         if self.images and self.verify_images is not None:
             raise ConversionError("--images verifies on every photo given; drop --verify-images")
         if self.explain and not self.verify:
@@ -222,6 +236,44 @@ class ConvertOptions:
             raise ConversionError("--training compares with PyTorch, so it needs verification")
         check_rate("drop path rate", self.drop_path_rate)
         check_rate("drop rate", self.drop_rate)
+
+    def check_precision(self, precision: str, head: str | None = None) -> None:
+        """Refuses what a file of `precision` cannot be verified with.
+
+        A conversion calls it once its options are built; a verification again with the
+        precision and head of the file it loaded (`head` None: the one asked for).
+        """
+        judged = judged_by_top1(precision)
+        if judged is None:
+            return
+        if self.verify_images is not None and self.verify_images < MANY_VERIFY_IMAGES:
+            raise ConversionError(
+                f"{judged} is judged on at least {MANY_VERIFY_IMAGES} images, "
+                f"got --verify-images {self.verify_images}"
+            )
+        if (head or self.head) == "features":
+            remedy = (
+                "--compute-dtype float32"
+                if precision in COMPUTE_DTYPES
+                else "--tflite-dtype float32 or float16"
+            )
+            raise ConversionError(
+                f"{judged} is judged by top-1 agreement, which the features head has not; "
+                f"use {remedy} for features"
+            )
+        if precision not in COMPUTE_DTYPES:
+            return
+        for flag, given in (("--training", self.training), ("--explain", self.explain)):
+            if given:
+                raise ConversionError(
+                    f"{flag} holds every tensor to a float32 tolerance, which {precision} compute "
+                    f"cannot meet; drop {flag}, or use --compute-dtype float32"
+                )
+
+    @property
+    def output_compute_dtype(self) -> str:
+        """What a conversion's model computes in."""
+        return self.compute_dtype or DEFAULT_COMPUTE_DTYPE
 
     @property
     def output_head(self) -> str:

@@ -34,9 +34,11 @@ from volo_convert.formats import (
     Predictor,
     artifact_format,
     check_backend,
+    compute_dtype,
     input_contract,
     load_artifact,
     output_format,
+    precision,
     read_provenance,
     runtime_name,
     save_model,
@@ -46,17 +48,17 @@ from volo_convert.formats import (
 from volo_convert.formats.contract import InputContract
 from volo_convert.options import (
     DEFAULT_ATOL,
+    DEFAULT_COMPUTE_DTYPE,
     DEFAULT_CONVERT_OPTIONS,
     DEFAULT_HEAD,
     KERAS_FORMATS,
-    MANY_VERIFY_IMAGES,
-    QUANTIZED_DTYPES,
     SAVEDMODEL,
     TFLITE_DTYPES,
     ConvertOptions,
     default_atol,
     default_min_top1,
     default_verify_images,
+    file_precision,
 )
 from volo_convert.paths import check_output_path, move_into_place, staged_output
 from volo_convert.provenance import Provenance, VerificationRecord
@@ -101,8 +103,9 @@ def _check_trainable(fmt: str, options: ConvertOptions) -> None:
 
 
 def _keras_graph(model: Predictor, checkpoint: LoadedCheckpoint, head: str) -> keras.Model:
-    """`model` itself if it is Keras; else the Keras graph a SavedModel/TFLite came from."""
-    if isinstance(model, keras.Model):
+    """`model` itself if it is a float32 Keras model; else the float32 Keras graph a
+    SavedModel, a TFLite file or a bfloat16 model came from."""
+    if isinstance(model, keras.Model) and compute_dtype(model) == DEFAULT_COMPUTE_DTYPE:
         return model
     rebuilt = build_volo(
         checkpoint.config, checkpoint.image_size, head, input_kind=input_contract(model).kind
@@ -112,22 +115,22 @@ def _keras_graph(model: Predictor, checkpoint: LoadedCheckpoint, head: str) -> k
 
 
 def _verification_images(
-    options: ConvertOptions, checkpoint: LoadedCheckpoint, dtype: str, warn: WarningCallback
+    options: ConvertOptions, checkpoint: LoadedCheckpoint, file_kind: str, warn: WarningCallback
 ) -> np.ndarray | None:
-    """The photos of `--images` to verify a `dtype` file on, or None for synthetic images.
+    """The photos of `--images` to verify a file of precision `file_kind` on, or None for
+    synthetic images.
 
     The memory the verification needs is checked here, once the image count is known.
     """
-    least = MANY_VERIFY_IMAGES if dtype in QUANTIZED_DTYPES else 1
     size, variant = checkpoint.image_size, checkpoint.config.name
-    pixels = verification_pixels(options.images, size, variant, warn, least)
-    count = len(pixels) if pixels is not None else _synthetic_image_count(options, dtype)
+    pixels = verification_pixels(options.images, size, variant, warn, file_kind)
+    count = len(pixels) if pixels is not None else _synthetic_image_count(options, file_kind)
     _check_memory(checkpoint, count)
     return pixels
 
 
-def _synthetic_image_count(options: ConvertOptions, dtype: str) -> int:
-    return options.verify_images or default_verify_images(dtype)
+def _synthetic_image_count(options: ConvertOptions, file_kind: str) -> int:
+    return options.verify_images or default_verify_images(file_kind)
 
 
 def _calibration_inputs(
@@ -155,14 +158,15 @@ def _verify(
 
     The reference runs once, on `pixels` (photos) or else the seeded synthetic images;
     parity and diagnosis both read that run. A SavedModel or TFLite file has no stage
-    outputs to read, so the Keras graph it was exported from is diagnosed (against
-    DEFAULT_ATOL where the file has no atol bar): if every stage of that passes, the
-    export lost the parity. The training check takes one stateless training step of the
-    Keras `model` beside a fresh reference.
+    outputs to read, and a bfloat16 model's would all miss an atol, so the float32 Keras
+    graph it came from is diagnosed (against DEFAULT_ATOL where the file has no atol
+    bar): if every stage of that passes, the export or the precision lost the parity. The
+    training check takes one stateless training step of the Keras `model` beside a fresh
+    reference.
     """
     _notify(on_stage, "verifying")
     started = time.perf_counter()
-    dtype = weight_dtype(model)
+    dtype = precision(model)
     reference = run_reference(
         checkpoint.config,
         checkpoint.image_size,
@@ -219,6 +223,7 @@ def _build_and_port(
         options.drop_path_rate,
         options.drop_rate,
         options.output_input,
+        options.output_compute_dtype,
     )
     with about(checkpoint_path):
         weights = ported_weights(
@@ -328,6 +333,7 @@ def _provenance(
         output_format=str(result.output_format),
         tflite_dtype=result.tflite_dtype,
         input=result.input,
+        compute_dtype=result.compute_dtype,
         verification=verification,
         environment=environment(),
     )
@@ -375,6 +381,11 @@ def convert(
         raise ConversionError(
             f"--tflite-dtype {options.tflite_dtype} applies to .tflite outputs only"
         )
+    if options.output_compute_dtype != DEFAULT_COMPUTE_DTYPE and fmt == "tflite":
+        raise ConversionError(
+            f"--compute-dtype {options.output_compute_dtype} applies to Keras files and "
+            "SavedModels, not .tflite; use --tflite-dtype for a smaller TFLite file"
+        )
     check_backend(fmt)
     _check_trainable(fmt, options)
     _check_outputs(output_path, report_path, [Path(checkpoint_path)], options, fmt)
@@ -383,8 +394,8 @@ def convert(
     started = time.perf_counter()
     _notify(on_stage, "loading")
     checkpoint = load_checkpoint(checkpoint_path, options)
-    file_dtype = options.tflite_dtype if fmt == "tflite" else TFLITE_DTYPES[0]
-    pixels = _verification_images(options, checkpoint, file_dtype, warn) if device else None
+    file_kind = file_precision(options.tflite_dtype, options.output_compute_dtype)
+    pixels = _verification_images(options, checkpoint, file_kind, warn) if device else None
     calibration = _calibration_inputs(options, checkpoint, warn)
     model, weights = _build_and_port(checkpoint_path, checkpoint, options, fmt, on_stage)
     result = ConversionResult(
@@ -401,6 +412,7 @@ def convert(
         warnings=warnings,
         tflite_dtype=options.tflite_dtype if fmt == "tflite" else None,
         input=InputContract(options.output_input).to_dict(),
+        compute_dtype=options.output_compute_dtype,
     )
     staging_suffix = STAGING_SUFFIXES.get(fmt, "")
     with staged_output(output_path, folder=fmt == SAVEDMODEL, suffix=staging_suffix) as temp_path:
@@ -513,6 +525,13 @@ def verify_file(
         expected_outputs, meaning = checkpoint.config.embed_dims[-1], "feature channels"
     else:
         expected_outputs, meaning = checkpoint.config.num_classes, "classes"
+    file_compute_dtype = compute_dtype(model)
+    if options.compute_dtype is not None and options.compute_dtype != file_compute_dtype:
+        raise ConversionError(
+            f"{model_path}: the model computes in {file_compute_dtype}, but --compute-dtype "
+            f"{options.compute_dtype} was given"
+        )
+    options.check_precision(precision(model), head)
     if model.output_shape[-1] != expected_outputs:
         raise ConversionError(
             f"{model_path}: the model has {model.output_shape[-1]} outputs, but the checkpoint "
@@ -533,8 +552,9 @@ def verify_file(
         warnings=warnings,
         tflite_dtype=weight_dtype(model) if fmt == "tflite" else None,
         input=contract.to_dict(),
+        compute_dtype=file_compute_dtype,
     )
-    pixels = _verification_images(options, checkpoint, weight_dtype(model), warn)
+    pixels = _verification_images(options, checkpoint, precision(model), warn)
     _verify(model, checkpoint, options, pixels, device, result, on_stage)
     _write_report(report_path, result)
     return result

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from volo_convert.errors import ConversionError
+from volo_convert.options import DEFAULT_COMPUTE_DTYPE
 
 PROVENANCE_NAME = "volo_convert_provenance"  # the attribute, zip entry, asset, metadata name
-# 2 added the input contract, the TFLite dtype and the top-1 bar; 1 is read as before.
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, SCHEMA_VERSION)
+# 2 added the input contract, the TFLite dtype and the top-1 bar; 3 the compute dtype.
+# Older ones are read as before: what they lack takes the only value there was.
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, SCHEMA_VERSION)
 # What a schema-1 file took: the only input there was.
 IMAGES_INPUT = {"kind": "images", "dtype": "float32"}
 
@@ -29,7 +31,7 @@ class VerificationRecord:
     max_abs_diff: float
     max_rel_diff: float
     top1_agreement: float | None  # None for features
-    atol: float | None  # None for quantized files, judged by top-1 agreement
+    atol: float | None  # None for quantized and bfloat16 files, judged by top-1 agreement
     images: int
     seed: int
     device: str  # where the PyTorch reference ran
@@ -46,7 +48,7 @@ class Provenance:
     `verification` is None for a file written with `--no-verify`; `environment` holds
     the library versions and the machine (`environment.environment()`). `input` is the
     input contract (`formats.contract.InputContract.to_dict()`); `tflite_dtype` is None
-    for other formats.
+    for other formats. `compute_dtype` is what the model computes in (`options.COMPUTE_DTYPES`).
     """
 
     converter_version: str
@@ -62,6 +64,7 @@ class Provenance:
     environment: dict[str, str]
     tflite_dtype: str | None = None
     input: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(IMAGES_INPUT))
+    compute_dtype: str = DEFAULT_COMPUTE_DTYPE  # schemas 1 and 2 knew no other
 
     def to_json(self) -> str:
         """The document as stored in a file: JSON with a schema version."""
@@ -79,7 +82,7 @@ class Provenance:
         if schema not in READABLE_SCHEMAS:
             raise ConversionError(
                 f"{where}: its provenance record has schema {schema!r}, this volo-convert "
-                f"reads {' and '.join(map(str, READABLE_SCHEMAS))}"
+                f"reads {', '.join(map(str, READABLE_SCHEMAS[:-1]))} and {READABLE_SCHEMAS[-1]}"
             )
         try:
             verification = document.pop("verification")
@@ -120,7 +123,12 @@ class Provenance:
                 "model",
                 f"VOLO {self.variant} at {self.image_size}px, {self.num_classes} classes, "
                 f"{self.head} head, {self.output_format}"
-                + ("" if self.tflite_dtype is None else f" {self.tflite_dtype}"),
+                + ("" if self.tflite_dtype is None else f" {self.tflite_dtype}")
+                + (
+                    ""
+                    if self.compute_dtype == DEFAULT_COMPUTE_DTYPE
+                    else f", {self.compute_dtype} compute"
+                ),
             ),
             ("input", describe_input(self.input)),
             ("verified", verified),

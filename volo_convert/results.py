@@ -11,7 +11,13 @@ from volo_convert.checks.diagnosis import Diagnosis, format_diagnosis
 from volo_convert.checks.parity import ParityResult
 from volo_convert.checks.training import TrainingParity, format_training
 from volo_convert.environment import environment
-from volo_convert.options import DEFAULT_HEAD, DEFAULT_INPUT, Status
+from volo_convert.options import (
+    DEFAULT_COMPUTE_DTYPE,
+    DEFAULT_HEAD,
+    DEFAULT_INPUT,
+    Status,
+    file_precision,
+)
 from volo_convert.paths import write_text
 from volo_convert.provenance import describe_input
 
@@ -46,6 +52,7 @@ class ConversionResult:
     training: TrainingParity | None = None
     tflite_dtype: str | None = None
     input: dict[str, Any] | None = None  # InputContract.to_dict(): what the model takes
+    compute_dtype: str = DEFAULT_COMPUTE_DTYPE  # what the model computes in
 
     @property
     def passed(self) -> bool:
@@ -83,6 +90,8 @@ class ConversionResult:
     def summary(self) -> str:
         """The figures as the CLI prints them: the model, timings, parity, diagnosis."""
         what = f"{self.output_format} {self.tflite_dtype}" if self.tflite_dtype else None
+        if self.compute_dtype != DEFAULT_COMPUTE_DTYPE:
+            what = f"{self.output_format}, {self.compute_dtype} compute"
         lines = [
             f"{self.checkpoint} -> {self.output}: VOLO {self.variant} at {self.image_size}px, "
             f"{self.num_classes} classes, {self.parameters:,} parameters, {self.head} head"
@@ -98,7 +107,8 @@ class ConversionResult:
         parity = self.parity
         atol = f"  (atol {parity.atol:g})" if parity.atol is not None else ""
         lines.append(f"max abs diff    {parity.max_abs_diff:.3g}{atol}")
-        if self.tflite_dtype not in (None, "float32"):  # how far reduced precision drifts
+        precision = file_precision(self.tflite_dtype or "float32", self.compute_dtype)
+        if precision != "float32":  # how far reduced precision drifts
             lines.append(f"mean abs diff   {parity.mean_abs_diff:.3g}")
         lines.append(f"max rel diff    {parity.max_rel_diff:.3g}")
         if parity.top1_agreement is not None:

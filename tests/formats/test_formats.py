@@ -416,10 +416,13 @@ def test_inspect_reads_the_record_without_torch(tiny_model: keras.Model, tmp_pat
     ]
 
 
-def test_a_schema_1_record_still_reads_as_an_images_model() -> None:
-    """Files written before the input contract was recorded took normalised images."""
+def test_schema_1_and_2_records_still_read_as_float32_images_models() -> None:
+    """Files written before the input contract and the compute dtype were recorded took
+    normalised images and computed in float32."""
     document = json.loads(SAMPLE_PROVENANCE.to_json())
-    assert document["schema"] == 2 and document["input"]["kind"] == "images"
+    assert document["schema"] == 3 and document["compute_dtype"] == "float32"
+    del document["compute_dtype"]
+    assert Provenance.from_json(json.dumps({**document, "schema": 2}), "2.h5") == SAMPLE_PROVENANCE
     for key in ("input", "tflite_dtype"):
         del document[key]
     for key in ("mean_abs_diff", "min_top1"):
@@ -427,9 +430,9 @@ def test_a_schema_1_record_still_reads_as_an_images_model() -> None:
     old = Provenance.from_json(json.dumps({**document, "schema": 1}), "old.h5")
     assert old == SAMPLE_PROVENANCE
     with pytest.raises(ConversionError) as raised:
-        Provenance.from_json(json.dumps({**document, "schema": 3}), "new.h5")
+        Provenance.from_json(json.dumps({**document, "schema": 4}), "new.h5")
     assert str(raised.value) == (
-        "new.h5: its provenance record has schema 3, this volo-convert reads 1 and 2"
+        "new.h5: its provenance record has schema 4, this volo-convert reads 1, 2 and 3"
     )
 
 

@@ -1,7 +1,9 @@
 """Custom Keras layers of VOLO, written with `keras.ops` and `keras.random` only (backend-neutral).
 
 Attention tensors stay at rank 5 or below: TensorFlow's CPU softmax aborts above that,
-and TFLite's kernels are limited in rank.
+and TFLite's kernels are limited in rank. Under a mixed policy (bfloat16 compute) every
+softmax runs in float32 on float32 logits (`_softmax_float32`), its weights then go back to
+the compute dtype for the matmul that uses them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ def _unfold_taps(x: Any, out_h: int, out_w: int) -> list[Any]:
         cols = ops.reshape(row_tap, (-1, out_h, out_w + 1, 2, channels))  # B, h, w+1, 2, C
         taps += [cols[:, :, :out_w, 0], cols[:, :, :out_w, 1], cols[:, :, 1:, 0]]
     return taps
+
+
+def _softmax_float32(logits: Any, compute_dtype: str, scale: float = 1.0) -> Any:
+    """softmax(`logits` x `scale`) over the last axis, in float32, cast to `compute_dtype`.
+
+    bfloat16's 8 significant bits would round the exponents' differences; the casts are
+    no-ops for a float32 layer.
+    """
+    logits = ops.cast(logits, "float32")
+    attn = ops.softmax(logits * scale if scale != 1.0 else logits, axis=-1)
+    return ops.cast(attn, compute_dtype)
 
 
 def _add_next_window(last_tap: Any, first_tap: Any, axis: int) -> Any:
@@ -110,10 +123,10 @@ class OutlookAggregation(keras.layers.Layer):
         head_dim = channels // self.num_heads
         num_windows = out_h * out_w
 
-        attn = ops.reshape(
+        attn_logits = ops.reshape(
             attn_logits, (-1, num_windows * self.num_heads, KERNEL_AREA, KERNEL_AREA)
         )  # B, N*heads, k*k, k*k
-        attn = ops.softmax(attn * (head_dim**-0.5), axis=-1)
+        attn = _softmax_float32(attn_logits, self.compute_dtype, head_dim**-0.5)
 
         padded = ops.pad(values, [(0, 0), (1, 1), (1, 1), (0, 0)])  # B, H+2, W+2, C
         windows = ops.stack(_unfold_taps(padded, out_h, out_w), axis=3)  # B, h, w, k*k, C
@@ -150,8 +163,8 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         qkv = ops.reshape(qkv, (-1, height * width, 3, self.num_heads, head_dim))
         qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # 3, B, heads, N, C/heads
         query, key, value = qkv[0], qkv[1], qkv[2]
-        attn = ops.matmul(query, ops.transpose(key, (0, 1, 3, 2))) * (head_dim**-0.5)
-        attn = ops.softmax(attn, axis=-1)  # B, heads, N, N
+        attn_logits = ops.matmul(query, ops.transpose(key, (0, 1, 3, 2)))  # B, heads, N, N
+        attn = _softmax_float32(attn_logits, self.compute_dtype, head_dim**-0.5)
         x = ops.transpose(ops.matmul(attn, value), (0, 2, 1, 3))  # B, N, heads, C/heads
         return ops.reshape(x, (-1, height, width, channels))
 
@@ -179,7 +192,8 @@ class ClassAttention(keras.layers.Layer):
         kv = ops.transpose(kv, (2, 0, 3, 1, 4))  # 2, B, heads, N, C/heads
         key, value = kv[0], kv[1]
         query = ops.reshape(query, (-1, self.num_heads, 1, head_dim)) * (head_dim**-0.5)
-        attn = ops.softmax(ops.matmul(query, ops.transpose(key, (0, 1, 3, 2))), axis=-1)
+        attn_logits = ops.matmul(query, ops.transpose(key, (0, 1, 3, 2)))  # B, heads, 1, N
+        attn = _softmax_float32(attn_logits, self.compute_dtype)
         x = ops.transpose(ops.matmul(attn, value), (0, 2, 1, 3))  # B, 1, heads, C/heads
         return ops.reshape(x, (-1, 1, channels))
 

@@ -4,6 +4,14 @@ Names follow `stem_*`, `stack{stage}_block{index}_*`, `downsample`, `pos_embed`,
 `cls_token`, `classifier{index}_*`, `norm`, `head`, `aux_head`; the output layer is
 `logits` (heads `full` and `cls`) or `features` (head `features`).
 
+Every layer gets its dtype policy explicitly, so the global policy of the caller's process
+neither changes the model nor is changed by it. Under compute dtype bfloat16 the layers that
+compute (convolutions, the Dense layers inside the blocks, the attention cores, the
+activations) take Keras' `mixed_bfloat16` policy: float32 variables, bfloat16 compute. The
+residual stream (its adds, the LayerNorms, the position embedding, the layers that only
+move tokens) and the heads stay float32, so the logits are float32; the saved config
+carries each layer's policy, so a reloaded file computes as the converted one did.
+
 Training-time layers exist only where their rate is above 0, as upstream's `nn.Identity`
 stand-ins: `stack{stage}_block{index}_drop_path_{1,2}` on the transformer blocks' residual
 branches and `pos_drop` after the position embedding. The stem's BatchNorm layers use batch
@@ -45,6 +53,8 @@ from volo_convert.architecture.variants import (
 )
 from volo_convert.errors import ConversionError
 from volo_convert.options import (
+    COMPUTE_DTYPES,
+    DEFAULT_COMPUTE_DTYPE,
     DEFAULT_DROP_PATH_RATE,
     DEFAULT_DROP_RATE,
     DEFAULT_HEAD,
@@ -64,99 +74,129 @@ UNINITIALIZED_VARIABLES = "uninitialized_variables"
 _dense = functools.partial(layers.Dense, kernel_initializer=KERNEL_INITIALIZER)
 _conv2d = functools.partial(layers.Conv2D, kernel_initializer=KERNEL_INITIALIZER)
 
+# Keras' dtype policy for each of COMPUTE_DTYPES: mixed_bfloat16 keeps float32 variables.
+COMPUTE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+# The policy of the residual stream and the heads under any compute dtype. They hold under
+# 2% of d1's multiply-adds, and bfloat16's 8 significant bits there would add up over the
+# blocks and round the logits.
+EXACT_POLICY = "float32"
+
 
 def _layer_norm(name: str) -> layers.LayerNormalization:
-    return layers.LayerNormalization(epsilon=NORM_EPS, name=name)
+    return layers.LayerNormalization(epsilon=NORM_EPS, dtype=EXACT_POLICY, name=name)
 
 
-def _mlp(x: Any, dim: int, mlp_ratio: int, prefix: str) -> Any:
-    """Dense -> exact GELU -> Dense, named `{prefix}_mlp_*`."""
-    x = _dense(dim * mlp_ratio, name=f"{prefix}_mlp_dense_1")(x)
-    x = layers.Activation(keras.activations.gelu, name=f"{prefix}_mlp_gelu")(x)
-    return _dense(dim, name=f"{prefix}_mlp_dense_2")(x)
+def _add(name: str) -> layers.Add:
+    """A residual add, kept float32 so that the stream it carries is."""
+    return layers.Add(dtype=EXACT_POLICY, name=name)
 
 
-def _stem(images: Any, hidden_dim: int, embed_dim: int) -> Any:
+def _mlp(x: Any, dim: int, mlp_ratio: int, prefix: str, policy: str) -> Any:
+    """Dense -> exact GELU -> Dense, named `{prefix}_mlp_*`, computing under `policy`."""
+    x = _dense(dim * mlp_ratio, dtype=policy, name=f"{prefix}_mlp_dense_1")(x)
+    x = layers.Activation(keras.activations.gelu, dtype=policy, name=f"{prefix}_mlp_gelu")(x)
+    return _dense(dim, dtype=policy, name=f"{prefix}_mlp_dense_2")(x)
+
+
+def _stem(images: Any, hidden_dim: int, embed_dim: int, policy: str) -> Any:
     """Conv7x7/2 -> 2x conv3x3, each with BN and ReLU, then the 4x4/4 patch projection."""
     x = images
     for index, (kernel_size, stride) in enumerate(((7, STEM_STRIDE), (3, 1), (3, 1)), start=1):
-        x = layers.ZeroPadding2D(kernel_size // 2, name=f"stem_pad{index}")(x)
+        x = layers.ZeroPadding2D(kernel_size // 2, dtype=policy, name=f"stem_pad{index}")(x)
         x = _conv2d(
-            hidden_dim, kernel_size, strides=stride, use_bias=False, name=f"stem_conv{index}"
+            hidden_dim,
+            kernel_size,
+            strides=stride,
+            use_bias=False,
+            dtype=policy,
+            name=f"stem_conv{index}",
         )(x)
-        x = layers.BatchNormalization(
-            momentum=1.0 - BATCHNORM_MOMENTUM, epsilon=NORM_EPS, name=f"stem_bn{index}"
+        x = layers.BatchNormalization(  # Keras normalises in float32 under mixed policies
+            momentum=1.0 - BATCHNORM_MOMENTUM,
+            epsilon=NORM_EPS,
+            dtype=policy,
+            name=f"stem_bn{index}",
         )(x)
-        x = layers.ReLU(name=f"stem_relu{index}")(x)
+        x = layers.ReLU(dtype=policy, name=f"stem_relu{index}")(x)
     patch_stride = PATCH_SIZE // STEM_STRIDE
-    return _conv2d(embed_dim, patch_stride, strides=patch_stride, name="stem_proj")(x)
+    return _conv2d(embed_dim, patch_stride, strides=patch_stride, dtype=policy, name="stem_proj")(x)
 
 
-def _outlooker(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
+def _outlooker(x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str, policy: str) -> Any:
     """Outlooker block on B, H, W, C."""
     normed = _layer_norm(f"{prefix}_norm1")(x)
-    values = _dense(dim, use_bias=False, name=f"{prefix}_attn_v")(normed)
-    pooled = layers.AveragePooling2D(2, strides=2, name=f"{prefix}_attn_pool")(normed)
-    attn_logits = _dense(OUTLOOK_KERNEL**4 * num_heads, name=f"{prefix}_attn_attn")(
+    values = _dense(dim, use_bias=False, dtype=policy, name=f"{prefix}_attn_v")(normed)
+    pooled = layers.AveragePooling2D(2, strides=2, dtype=policy, name=f"{prefix}_attn_pool")(normed)
+    attn_logits = _dense(OUTLOOK_KERNEL**4 * num_heads, dtype=policy, name=f"{prefix}_attn_attn")(
         pooled
     )  # B, H/2, W/2, heads*k^4
-    attn = OutlookAggregation(num_heads, name=f"{prefix}_attn_outlook")([values, attn_logits])
-    attn = _dense(dim, name=f"{prefix}_attn_proj")(attn)
-    x = layers.Add(name=f"{prefix}_add_1")([x, attn])
-    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(x), dim, mlp_ratio, prefix)
-    return layers.Add(name=f"{prefix}_add_2")([x, mlp])
+    attn = OutlookAggregation(num_heads, dtype=policy, name=f"{prefix}_attn_outlook")(
+        [values, attn_logits]
+    )
+    attn = _dense(dim, dtype=policy, name=f"{prefix}_attn_proj")(attn)
+    x = _add(f"{prefix}_add_1")([x, attn])
+    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(x), dim, mlp_ratio, prefix, policy)
+    return _add(f"{prefix}_add_2")([x, mlp])
 
 
-def _drop_path(branch: Any, rate: float, name: str) -> Any:
+def _drop_path(branch: Any, rate: float, name: str, policy: str) -> Any:
     """`branch` through a DropPath layer, or as it is when `rate` is 0."""
-    return DropPath(rate, name=name)(branch) if rate > 0 else branch
+    return DropPath(rate, dtype=policy, name=name)(branch) if rate > 0 else branch
 
 
 def _transformer(
-    x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str, drop_path: float
+    x: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str, drop_path: float, policy: str
 ) -> Any:
     """Transformer block on B, H, W, C; both residual branches get drop path `drop_path`."""
-    qkv = _dense(3 * dim, use_bias=False, name=f"{prefix}_attn_qkv")(
+    qkv = _dense(3 * dim, use_bias=False, dtype=policy, name=f"{prefix}_attn_qkv")(
         _layer_norm(f"{prefix}_norm1")(x)
     )
-    attn = MultiHeadSelfAttention(num_heads, name=f"{prefix}_attn_mhsa")(qkv)
-    attn = _dense(dim, name=f"{prefix}_attn_proj")(attn)
-    attn = _drop_path(attn, drop_path, f"{prefix}_drop_path_1")
-    x = layers.Add(name=f"{prefix}_add_1")([x, attn])
-    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(x), dim, mlp_ratio, prefix)
-    mlp = _drop_path(mlp, drop_path, f"{prefix}_drop_path_2")
-    return layers.Add(name=f"{prefix}_add_2")([x, mlp])
+    attn = MultiHeadSelfAttention(num_heads, dtype=policy, name=f"{prefix}_attn_mhsa")(qkv)
+    attn = _dense(dim, dtype=policy, name=f"{prefix}_attn_proj")(attn)
+    attn = _drop_path(attn, drop_path, f"{prefix}_drop_path_1", policy)
+    x = _add(f"{prefix}_add_1")([x, attn])
+    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(x), dim, mlp_ratio, prefix, policy)
+    mlp = _drop_path(mlp, drop_path, f"{prefix}_drop_path_2", policy)
+    return _add(f"{prefix}_add_2")([x, mlp])
 
 
-def _class_block(tokens: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str) -> Any:
+def _class_block(
+    tokens: Any, dim: int, num_heads: int, mlp_ratio: int, prefix: str, policy: str
+) -> Any:
     """Class-attention block on B, 1+N, C: only the class token (index 0) is updated."""
     normed = _layer_norm(f"{prefix}_norm1")(tokens)
-    kv = _dense(2 * dim, use_bias=False, name=f"{prefix}_attn_kv")(normed)
-    query = _dense(dim, use_bias=False, name=f"{prefix}_attn_q")(
-        TokenSlice(0, 1, name=f"{prefix}_attn_cls")(normed)
+    kv = _dense(2 * dim, use_bias=False, dtype=policy, name=f"{prefix}_attn_kv")(normed)
+    query = _dense(dim, use_bias=False, dtype=policy, name=f"{prefix}_attn_q")(
+        TokenSlice(0, 1, dtype=EXACT_POLICY, name=f"{prefix}_attn_cls")(normed)
     )
-    attn = ClassAttention(num_heads, name=f"{prefix}_attn_class")([query, kv])
-    attn = _dense(dim, name=f"{prefix}_attn_proj")(attn)
-    cls_token = TokenSlice(0, 1, name=f"{prefix}_cls")(tokens)
-    cls_token = layers.Add(name=f"{prefix}_add_1")([cls_token, attn])
-    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(cls_token), dim, mlp_ratio, prefix)
-    cls_token = layers.Add(name=f"{prefix}_add_2")([cls_token, mlp])
-    patch_tokens = TokenSlice(1, None, name=f"{prefix}_patches")(tokens)
-    return layers.Concatenate(axis=1, name=f"{prefix}_merge")([cls_token, patch_tokens])
+    attn = ClassAttention(num_heads, dtype=policy, name=f"{prefix}_attn_class")([query, kv])
+    attn = _dense(dim, dtype=policy, name=f"{prefix}_attn_proj")(attn)
+    cls_token = TokenSlice(0, 1, dtype=EXACT_POLICY, name=f"{prefix}_cls")(tokens)
+    cls_token = _add(f"{prefix}_add_1")([cls_token, attn])
+    mlp = _mlp(_layer_norm(f"{prefix}_norm2")(cls_token), dim, mlp_ratio, prefix, policy)
+    cls_token = _add(f"{prefix}_add_2")([cls_token, mlp])
+    patch_tokens = TokenSlice(1, None, dtype=EXACT_POLICY, name=f"{prefix}_patches")(tokens)
+    return layers.Concatenate(axis=1, dtype=EXACT_POLICY, name=f"{prefix}_merge")(
+        [cls_token, patch_tokens]
+    )
 
 
 def _head(tokens: Any, config: VoloConfig, head: str) -> Any:
-    """The model's output on the normalised B, 1+N, C tokens, for one of HEADS."""
-    cls_token = TokenSlice(0, 1, name="head_cls")(tokens)  # B, 1, C
+    """The model's float32 output on the normalised B, 1+N, C tokens, for one of HEADS."""
+    cls_token = TokenSlice(0, 1, dtype=EXACT_POLICY, name="head_cls")(tokens)  # B, 1, C
     if head == "features":
-        return layers.Reshape((config.embed_dims[-1],), name="features")(cls_token)  # B, C
-    cls_logits = _dense(config.num_classes, name="head")(cls_token)  # B, 1, K
+        return layers.Reshape((config.embed_dims[-1],), dtype=EXACT_POLICY, name="features")(
+            cls_token
+        )  # B, C
+    cls_logits = _dense(config.num_classes, dtype=EXACT_POLICY, name="head")(cls_token)  # B, 1, K
     if head == "cls":
-        return layers.Reshape((config.num_classes,), name="logits")(cls_logits)  # B, K
-    patch_logits = _dense(config.num_classes, name="aux_head")(
-        TokenSlice(1, None, name="aux_head_patches")(tokens)
+        return layers.Reshape((config.num_classes,), dtype=EXACT_POLICY, name="logits")(
+            cls_logits
+        )  # B, K
+    patch_logits = _dense(config.num_classes, dtype=EXACT_POLICY, name="aux_head")(
+        TokenSlice(1, None, dtype=EXACT_POLICY, name="aux_head_patches")(tokens)
     )  # B, N, K
-    return TokenLabelingLogits(name="logits")([cls_logits, patch_logits])
+    return TokenLabelingLogits(dtype=EXACT_POLICY, name="logits")([cls_logits, patch_logits])
 
 
 def model_head(model: keras.Model) -> str:
@@ -172,6 +212,14 @@ def model_head(model: keras.Model) -> str:
         f"{model.name}: not a Keras VOLO from volo-convert (it has no head, aux_head or "
         "features layer)"
     )
+
+
+def model_compute_dtype(model: keras.Model) -> str:
+    """What a built or reloaded Keras VOLO computes in: `bfloat16` if any layer does, else
+    `float32` (one of COMPUTE_DTYPES)."""
+    if any(layer.compute_dtype == "bfloat16" for layer in model.layers):
+        return "bfloat16"
+    return DEFAULT_COMPUTE_DTYPE
 
 
 def model_input(model: keras.Model) -> str:
@@ -233,6 +281,7 @@ def build_volo(
     drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
     drop_rate: float = DEFAULT_DROP_RATE,
     input_kind: str = DEFAULT_INPUT,
+    compute_dtype: str = DEFAULT_COMPUTE_DTYPE,
 ) -> keras.Model:
     """Builds the Keras VOLO classifier.
 
@@ -245,36 +294,43 @@ def build_volo(
         drop_rate: dropout after the position embedding. Training only.
         input_kind: `images` (ImageNet-normalised) or `pixels` (RGB 0..255, normalised
             inside).
+        compute_dtype: `float32`, or `bfloat16` for float32 weights computing in bfloat16
+            (`mixed_bfloat16`) outside the residual stream and the heads.
 
     Returns:
-        A model mapping B, S, S, 3 images (or pixels) to B, num_classes logits, or to
-        B, C normalised class-token features for head `features`.
+        A model mapping B, S, S, 3 float32 images (or pixels) to B, num_classes float32
+        logits, or to B, C normalised class-token features for head `features`.
     """
     check_image_size(image_size)
     check_choice("head", head, HEADS)
     check_rate("drop path rate", drop_path_rate)
     check_rate("drop rate", drop_rate)
     check_choice("input", input_kind, INPUTS)
+    check_choice("compute dtype", compute_dtype, COMPUTE_DTYPES)
+    policy = COMPUTE_POLICIES[compute_dtype]
     dims, heads, mlp_ratio = config.embed_dims, config.num_heads, config.mlp_ratio
     inputs = keras.Input((image_size, image_size, 3), name=input_kind)  # B, S, S, 3
     images = (
-        PixelNormalization(name="pixel_normalization")(inputs) if input_kind == "pixels" else inputs
+        PixelNormalization(dtype=EXACT_POLICY, name="pixel_normalization")(inputs)
+        if input_kind == "pixels"
+        else inputs
     )
-    x = _stem(images, config.stem_hidden_dim, dims[0])  # B, S/8, S/8, C1
+    x = _stem(images, config.stem_hidden_dim, dims[0], policy)  # B, S/8, S/8, C1
     for block in range(config.layers[0]):
-        x = _outlooker(x, dims[0], heads[0], mlp_ratio, f"stack0_block{block}")
-    x = _conv2d(dims[1], 2, strides=2, name="downsample")(x)  # B, S/16, S/16, C2
-    x = PositionEmbedding(name="pos_embed")(x)
+        x = _outlooker(x, dims[0], heads[0], mlp_ratio, f"stack0_block{block}", policy)
+    x = _conv2d(dims[1], 2, strides=2, dtype=policy, name="downsample")(x)  # B, S/16, S/16, C2
+    x = PositionEmbedding(dtype=EXACT_POLICY, name="pos_embed")(x)
     if drop_rate > 0:
-        x = layers.Dropout(drop_rate, name="pos_drop")(x)
+        x = layers.Dropout(drop_rate, dtype=EXACT_POLICY, name="pos_drop")(x)
     for stage in (1, 2, 3):
         for block in range(config.layers[stage]):
             rate = block_drop_path_rate(config, stage, block, drop_path_rate)
             prefix = f"stack{stage}_block{block}"
-            x = _transformer(x, dims[stage], heads[stage], mlp_ratio, prefix, rate)
-    tokens = ClassToken(name="cls_token")(x)  # B, 1+N, C
+            x = _transformer(x, dims[stage], heads[stage], mlp_ratio, prefix, rate, policy)
+    tokens = ClassToken(dtype=EXACT_POLICY, name="cls_token")(x)  # B, 1+N, C
     for index in range(NUM_CLASS_BLOCKS):
-        tokens = _class_block(tokens, dims[-1], heads[-1], mlp_ratio, f"classifier{index}")
+        prefix = f"classifier{index}"
+        tokens = _class_block(tokens, dims[-1], heads[-1], mlp_ratio, prefix, policy)
     tokens = _layer_norm("norm")(tokens)
     outputs = _head(tokens, config, head)
     return keras.Model(inputs, outputs, name=f"volo_{config.name}_{image_size}")
@@ -287,6 +343,7 @@ def build_skeleton(
     drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
     drop_rate: float = DEFAULT_DROP_RATE,
     input_kind: str = DEFAULT_INPUT,
+    compute_dtype: str = DEFAULT_COMPUTE_DTYPE,
 ) -> keras.Model:
     """`build_volo`'s graph with variables that hold no values: names, shapes and config only.
 
@@ -295,7 +352,9 @@ def build_skeleton(
     `keras.StatelessScope` fills them; the skeleton cannot run.
     """
     with keras.StatelessScope(initialize_variables=False):
-        model = build_volo(config, image_size, head, drop_path_rate, drop_rate, input_kind)
+        model = build_volo(
+            config, image_size, head, drop_path_rate, drop_rate, input_kind, compute_dtype
+        )
     skeleton_ids = {id(variable) for variable in model.weights}
     pending = global_state.get_global_attribute(UNINITIALIZED_VARIABLES) or []
     global_state.set_global_attribute(

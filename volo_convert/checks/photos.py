@@ -17,7 +17,12 @@ import numpy as np
 from volo_convert.architecture.variants import crop_pct
 from volo_convert.checks.images import sample_pixels
 from volo_convert.errors import ConversionError, first_line, os_error_reason
-from volo_convert.options import CALIBRATION_SEED, DEFAULT_CALIBRATION_IMAGES
+from volo_convert.options import (
+    CALIBRATION_SEED,
+    DEFAULT_CALIBRATION_IMAGES,
+    MANY_VERIFY_IMAGES,
+    judged_by_top1,
+)
 from volo_convert.paths import check_input
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -95,20 +100,26 @@ def load_photos(
 
 
 def verification_pixels(
-    paths: Sequence[str | Path], image_size: int, variant: str, warn: WarningCallback, least: int
+    paths: Sequence[str | Path],
+    image_size: int,
+    variant: str,
+    warn: WarningCallback,
+    precision: str,
 ) -> np.ndarray | None:
-    """The photos at `paths` to verify on, or None (no paths) for the synthetic images.
+    """The photos at `paths` to verify a `precision` file on, or None (no paths) for the
+    synthetic images.
 
-    `least` is how many readable photos the verdict needs: a quantized file's top-1
-    agreement needs MANY_VERIFY_IMAGES of them.
+    A file judged by top-1 agreement (`judged_by_top1`) needs MANY_VERIFY_IMAGES readable
+    photos for a verdict.
     """
     if not paths:
         return None
     pixels = load_photos(paths, image_size, crop_pct(variant, image_size), warn)
-    if len(pixels) < least:
+    judged = judged_by_top1(precision)
+    if judged is not None and len(pixels) < MANY_VERIFY_IMAGES:
         raise ConversionError(
-            f"--images gave {len(pixels)} readable images, but a quantized file is judged on "
-            f"at least {least}"
+            f"--images gave {len(pixels)} readable images, but {judged} is judged on "
+            f"at least {MANY_VERIFY_IMAGES}"
         )
     return pixels
 

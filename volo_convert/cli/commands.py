@@ -14,6 +14,7 @@ import click
 from volo_convert import __version__
 from volo_convert.cli.parameters import (
     CALIBRATION_IMAGES,
+    COMPUTE_DTYPE,
     CONTEXT_SETTINGS,
     DROP_PATH_RATE,
     DROP_RATE,
@@ -115,6 +116,7 @@ def cli() -> None:
 )
 @TFLITE_IO_OPTION
 @CALIBRATION_IMAGES
+@COMPUTE_DTYPE
 @INPUT
 @checkpoint_options
 @verification_options
@@ -147,6 +149,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
       volo-convert d1_224_84.2.pth.tar -o d1_feat.h5 --head features --image-size 256
       volo-convert d1_224_84.2.pth.tar -o d1_feat.keras --head features --drop-path-rate 0.1
       volo-convert d1_224_84.2.pth.tar -o d1_savedmodel/
+      volo-convert d1_224_84.2.pth.tar -o d1_bf16.keras --compute-dtype bfloat16
       volo-convert d1_224_84.2.pth.tar -o d1_fp16.tflite --tflite-dtype float16
       volo-convert d1_224_84.2.pth.tar -o d1_int8.tflite --tflite-dtype int8 \\
           --calibration-images photos/ --input pixels --tflite-io int8
@@ -173,6 +176,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @head_option(None, "The head MODEL must end in (default: whichever it ends in).")
 @TRAINING
 @INPUT
+@COMPUTE_DTYPE
 @handles_errors
 def verify(
     model_file: Path, checkpoint: Path, report: Path | None, junit: Path | None, **fields: Any
@@ -181,9 +185,9 @@ def verify(
 
     MODEL is a .h5 or .keras file (run under the Keras backend KERAS_BACKEND names), a
     SavedModel folder or a .tflite file. Exits 0 when the logits agree within --atol (a
-    quantized file: when top-1 agreement reaches --min-top1), 1 when they do not. A
-    checkpoint whose SHA-256 is not the one MODEL records is checked all the same, after a
-    warning. --training also checks that a Keras file trains like PyTorch.
+    quantized or bfloat16 file: when top-1 agreement reaches --min-top1), 1 when they do
+    not. A checkpoint whose SHA-256 is not the one MODEL records is checked all the same,
+    after a warning. --training also checks that a Keras file trains like PyTorch.
 
     \b
     Example:
@@ -194,6 +198,7 @@ def verify(
       KERAS_BACKEND=torch volo-convert verify d1.keras d1_224_84.2.pth.tar
       volo-convert verify d1_fp16.tflite d1_224_84.2.pth.tar
       volo-convert verify d1_int8.tflite d1_224_84.2.pth.tar --images photos/
+      volo-convert verify d1_bf16.keras d1_224_84.2.pth.tar --images photos/
     """
     from volo_convert.junit import error_case, write_junit
     from volo_convert.pipeline import verify_file

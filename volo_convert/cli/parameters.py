@@ -19,6 +19,7 @@ from volo_convert.architecture.variants import VARIANTS
 from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.native_logs import show_everything
 from volo_convert.options import (
+    COMPUTE_DTYPES,
     DEFAULT_ATOL,
     DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_DROP_PATH_RATE,
@@ -129,7 +130,8 @@ ATOL = click.option(
     "--atol",
     type=click.FloatRange(min=0.0, min_open=True),
     help="Largest allowed absolute difference between the converted and PyTorch logits.  "
-    f"[default: {DEFAULT_ATOL:g}; {FLOAT16_ATOL:g} for float16 TFLite; none for int8]",
+    f"[default: {DEFAULT_ATOL:g}; {FLOAT16_ATOL:g} for float16 TFLite; none for int8 and "
+    "bfloat16]",
 )
 MIN_TOP1 = click.option(
     "--min-top1",
@@ -151,7 +153,8 @@ VERIFY_IMAGES = click.option(
     "verify_images",
     type=click.IntRange(min=1, max=MAX_VERIFY_IMAGES),
     help="Number of seeded synthetic verification images.  "
-    f"[default: {DEFAULT_VERIFY_IMAGES}; {MANY_VERIFY_IMAGES} for float16 and int8 TFLite]",
+    f"[default: {DEFAULT_VERIFY_IMAGES}; {MANY_VERIFY_IMAGES} for float16 and int8 TFLite and "
+    "bfloat16]",
 )
 IMAGES = click.option(
     "--images",
@@ -234,6 +237,14 @@ INPUT = click.option(
     help="images: ImageNet-normalised float32 input; pixels: RGB values 0..255 (uint8 or "
     "float32), scaled and normalised inside the model.  [default: images; verify: what MODEL "
     "takes]",
+)
+COMPUTE_DTYPE = click.option(
+    "--compute-dtype",
+    type=click.Choice(COMPUTE_DTYPES),
+    help="What a Keras file or SavedModel computes in: float32, or bfloat16 with float32 "
+    "weights (Keras' mixed_bfloat16; LayerNorm, softmax, residual adds and logits stay "
+    "float32), faster on CPUs with bfloat16 instructions, slower on others; judged by top-1 "
+    "agreement.  [default: float32; verify: what MODEL computes in]",
 )
 TFLITE_IO_OPTION = click.option(
     "--tflite-io",

@@ -3,7 +3,8 @@
 Keras files run under the current Keras backend; SavedModel folders and TFLite files run
 with TensorFlow's own loader and the TFLite interpreter, without this package's layers.
 Every loaded model has `input_shape`, `output_shape` and `predict_on_batch`, like a Keras
-model; `weight_dtype` and `input_contract` read what a loaded file holds and takes. Every
+model; `weight_dtype`, `compute_dtype`, `precision` and `input_contract` read what a loaded
+file holds, computes in and takes. Every
 format also stores a provenance record (`provenance.py`) its own native way, which
 `write_provenance` and `read_provenance` reach.
 """
@@ -18,11 +19,19 @@ from typing import Any, Protocol
 import keras
 import numpy as np
 
-from volo_convert.architecture.keras_model import model_input
+from volo_convert.architecture.keras_model import model_compute_dtype, model_input
 from volo_convert.errors import ConversionError
 from volo_convert.formats import keras_file, savedmodel, tflite
 from volo_convert.formats.contract import InputContract
-from volo_convert.options import FORMATS, SAVEDMODEL, TFLITE_DTYPES, TFLITE_IO, check_choice
+from volo_convert.options import (
+    DEFAULT_COMPUTE_DTYPE,
+    FORMATS,
+    SAVEDMODEL,
+    TFLITE_DTYPES,
+    TFLITE_IO,
+    check_choice,
+    file_precision,
+)
 from volo_convert.paths import SAVEDMODEL_MARKER, check_input
 from volo_convert.provenance import Provenance
 
@@ -167,6 +176,19 @@ def read_provenance(path: str | Path) -> Provenance | None:
 def weight_dtype(model: Predictor) -> str:
     """A loaded model's precision: a TFLite file's dtype (TFLITE_DTYPES), else float32."""
     return getattr(model, "weight_dtype", "float32")
+
+
+def compute_dtype(model: Predictor) -> str:
+    """What a loaded model computes in (COMPUTE_DTYPES): read from a Keras model's layers
+    or a SavedModel's metadata; float32 for a TFLite file."""
+    if isinstance(model, keras.Model):
+        return model_compute_dtype(model)
+    return getattr(model, "compute_dtype", DEFAULT_COMPUTE_DTYPE)
+
+
+def precision(model: Predictor) -> str:
+    """What a loaded model's numerics are judged as (`options.file_precision`)."""
+    return file_precision(weight_dtype(model), compute_dtype(model))
 
 
 def input_contract(model: Predictor) -> InputContract:

@@ -8,16 +8,17 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from volo_convert.architecture.keras_model import model_input
+from volo_convert.architecture.keras_model import model_compute_dtype, model_input
 from volo_convert.errors import ConversionError, first_line
 from volo_convert.formats.contract import InputContract, check_input_kind
-from volo_convert.options import DEFAULT_INPUT
+from volo_convert.options import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE, DEFAULT_INPUT
 from volo_convert.provenance import PROVENANCE_NAME
 
 SERVING_SIGNATURE = "serving_default"
 ASSETS_FOLDER = "assets"  # files a SavedModel ships with; TensorFlow loads without them
 PROVENANCE_ASSET = f"{PROVENANCE_NAME}.json"
-# The input kind, which the signature's float32 images cannot show, written with the model.
+# The input kind and the compute dtype, which the signature's float32 images and logits
+# cannot show, written with the model.
 METADATA_FILE = Path(ASSETS_FOLDER) / "volo_convert.json"
 
 
@@ -26,7 +27,8 @@ def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = 
 
     `model.export` would store every weight twice (keras-team/keras#23553), so the module
     saved here tracks the very TensorFlow variables that the traced forward pass captures.
-    `images` are float32, normalised or, for a model that takes pixels, 0..255.
+    `images` are float32, normalised or, for a model that takes pixels, 0..255; `logits`
+    float32, whatever the model computes in.
 
     Args:
         model: the Keras model (TensorFlow backend).
@@ -47,7 +49,8 @@ def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = 
     except tf.errors.OpError as error:  # a full disk, say: reported as the OSError it is
         raise OSError(first_line(error)) from None
     (path / METADATA_FILE).parent.mkdir(exist_ok=True)
-    (path / METADATA_FILE).write_text(json.dumps({"input": model_input(model)}) + "\n")
+    metadata = {"input": model_input(model), "compute_dtype": model_compute_dtype(model)}
+    (path / METADATA_FILE).write_text(json.dumps(metadata) + "\n")
 
 
 def write_provenance(path: Path, document: str) -> None:
@@ -68,15 +71,25 @@ def read_provenance(path: Path) -> str | None:
         raise ConversionError(f"{asset}: cannot be read ({first_line(error)})") from None
 
 
-def _recorded_input(metadata_file: Path) -> str:
-    """The input kind the metadata file records; DEFAULT_INPUT for folders without one."""
+def _recorded_metadata(metadata_file: Path) -> tuple[str, str]:
+    """The input kind and compute dtype the metadata file records.
+
+    DEFAULT_INPUT for folders without the file, DEFAULT_COMPUTE_DTYPE for those written
+    before it recorded one.
+    """
     if not metadata_file.is_file():
-        return DEFAULT_INPUT
+        return DEFAULT_INPUT, DEFAULT_COMPUTE_DTYPE
     try:
-        kind = json.loads(metadata_file.read_text(encoding="utf-8"))["input"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+        kind, compute_dtype = metadata["input"], metadata.get("compute_dtype")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ConversionError(f"{metadata_file}: cannot be read ({first_line(error)})") from None
-    return check_input_kind(kind, metadata_file)
+    compute_dtype = DEFAULT_COMPUTE_DTYPE if compute_dtype is None else compute_dtype
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ConversionError(
+            f"{metadata_file}: records an unknown compute dtype {compute_dtype!r}"
+        )
+    return check_input_kind(kind, metadata_file), compute_dtype
 
 
 class SavedModelRunner:
@@ -101,7 +114,8 @@ class SavedModelRunner:
             next(iter(outputs.items())),
         )
         self.input_shape = tuple(input_spec.shape)  # None, S, S, 3
-        self.input_contract = InputContract(_recorded_input(Path(path) / METADATA_FILE))
+        kind, self.compute_dtype = _recorded_metadata(Path(path) / METADATA_FILE)
+        self.input_contract = InputContract(kind)
         self.output_shape = tuple(output_spec.shape)  # None, K
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
