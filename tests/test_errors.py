@@ -374,6 +374,24 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         ["--atol", "nan"],
         "atol must be a positive, finite number, got nan",
     ),
+    "bfloat16-tflite": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--compute-dtype", "bfloat16", "-o", "{out}/d1.tflite"],
+        "--compute-dtype bfloat16 applies to Keras files and SavedModels, not .tflite; "
+        "use --tflite-dtype for a smaller TFLite file",
+    ),
+    "bfloat16-features": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--compute-dtype", "bfloat16", "--head", "features"],
+        "a bfloat16 file is judged by top-1 agreement, which the features head has not; "
+        "use --compute-dtype float32 for features",
+    ),
+    "bfloat16-explain": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--compute-dtype", "bfloat16", "--explain"],
+        "--explain holds every tensor to a float32 tolerance, which bfloat16 compute cannot "
+        "meet; drop --explain, or use --compute-dtype float32",
+    ),
 }
 
 
