@@ -78,6 +78,16 @@ def _after_transform(transform: str, shape: tuple[int, ...]) -> str:
         return f"which {transform} cannot take"
 
 
+def _shape_error(
+    mapping: WeightMapping, shape: tuple[int, ...], keras_shape: tuple[int, ...]
+) -> str:
+    """One line for a tensor whose shape, once transformed, does not fit its Keras variable."""
+    return (
+        f"{mapping.torch_key} has shape {shape}, {_after_transform(mapping.transform, shape)}, "
+        f"but {mapping.keras_path} expects {keras_shape}"
+    )
+
+
 def check_checkpoint(
     shapes: Mapping[str, tuple[int, ...]],
     mappings: list[WeightMapping],
@@ -106,9 +116,7 @@ def check_checkpoint(
             shape_errors.append(f"{mapping.torch_key} has shape {shape}, expected {expected}")
         else:
             shape_errors.append(
-                f"{mapping.torch_key} has shape {shape}, "
-                f"{_after_transform(mapping.transform, shape)}, but {mapping.keras_path} "
-                f"expects {_transformed_shape(mapping.transform, expected)}"
+                _shape_error(mapping, shape, _transformed_shape(mapping.transform, expected))
             )
     if shape_errors:
         raise ConversionError("; ".join(shape_errors[:MAX_LISTED]))
@@ -134,11 +142,7 @@ def _checked_moves(
         except ValueError:  # fewer dimensions than the transform's axes
             shape = None
         if shape != expected:
-            shape_errors.append(
-                f"{mapping.torch_key} has shape {source_shape}, "
-                f"{_after_transform(mapping.transform, source_shape)}, but "
-                f"{mapping.keras_path} expects {expected}"
-            )
+            shape_errors.append(_shape_error(mapping, source_shape, expected))
     if shape_errors:
         raise ConversionError("; ".join(shape_errors[:MAX_LISTED]))
     return moves
