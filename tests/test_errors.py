@@ -783,6 +783,7 @@ def test_a_bug_exits_3_not_1(
         raise RuntimeError("an unexpected state")
 
     monkeypatch.setattr(pipeline, "build_volo", broken)
+    monkeypatch.setattr(pipeline, "build_skeleton", broken)  # an .h5 is written from a skeleton
     result = run(d1_checkpoint, "-o", out_dir / "d1.h5")
     assert result.exit_code == 3
     assert error_line(result) == (
