@@ -88,6 +88,23 @@ def _fold_taps(taps: list[Any]) -> Any:
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class TokenDense(keras.layers.Dense):
+    """A Dense layer over the last axis, computed as one 2-D matmul of all tokens.
+
+    Keras' Dense runs a rank-4 input as a tensordot, whose reshape sits between the matmul
+    and its bias add; flattened here, the bias add and the activation follow the matmul
+    directly, and TensorFlow's oneDNN remapper fuses all three into one kernel. That matters
+    most in bfloat16, where the fused exact GELU replaces TensorFlow's slow bfloat16 erfc
+    (docs/BENCHMARKS.md, "Inference speed"). Weights and config are Dense's.
+    """
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        tokens = ops.reshape(inputs, (-1, inputs.shape[-1]))  # B*H*W, C_in
+        outputs = super().call(tokens, training=training)  # B*H*W, units
+        return ops.reshape(outputs, (-1, *inputs.shape[1:-1], self.units))  # B, H, W, units
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class PixelNormalization(keras.layers.Layer):
     """RGB pixels in 0..255 (uint8 or float) -> ImageNet-normalised float32, B, S, S, 3.
 
@@ -128,18 +145,24 @@ class OutlookAggregation(keras.layers.Layer):
         )  # B, N*heads, k*k, k*k
         attn = _softmax_float32(attn_logits, self.compute_dtype, head_dim**-0.5)
 
+        # The taps are stacked straight into the heads-first layout the matmul reads, and
+        # read back from it, so no transpose moves the windows.
         padded = ops.pad(values, [(0, 0), (1, 1), (1, 1), (0, 0)])  # B, H+2, W+2, C
-        windows = ops.stack(_unfold_taps(padded, out_h, out_w), axis=3)  # B, h, w, k*k, C
-        windows = ops.reshape(windows, (-1, num_windows, KERNEL_AREA, self.num_heads, head_dim))
-        windows = ops.transpose(windows, (0, 1, 3, 2, 4))  # B, N, heads, k*k, C/heads
+        head_taps = [
+            ops.reshape(tap, (-1, num_windows, self.num_heads, head_dim))  # B, N, heads, C/heads
+            for tap in _unfold_taps(padded, out_h, out_w)
+        ]
+        windows = ops.stack(head_taps, axis=3)  # B, N, heads, k*k, C/heads
         windows = ops.reshape(windows, (-1, num_windows * self.num_heads, KERNEL_AREA, head_dim))
 
         weighted = ops.matmul(attn, windows)  # B, N*heads, k*k, C/heads
         weighted = ops.reshape(weighted, (-1, num_windows, self.num_heads, KERNEL_AREA, head_dim))
-        weighted = ops.transpose(weighted, (0, 1, 3, 2, 4))  # B, N, k*k, heads, C/heads
-        weighted = ops.reshape(weighted, (-1, out_h, out_w, KERNEL_AREA, channels))
-
-        return _fold_taps([weighted[:, :, :, tap] for tap in range(KERNEL_AREA)])
+        return _fold_taps(
+            [
+                ops.reshape(weighted[:, :, :, tap], (-1, out_h, out_w, channels))  # B, h, w, C
+                for tap in range(KERNEL_AREA)
+            ]
+        )
 
     def compute_output_shape(self, input_shape: list[tuple[Any, ...]]) -> tuple[Any, ...]:
         return input_shape[0]
@@ -162,9 +185,10 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         head_dim = channels // self.num_heads
         qkv = ops.reshape(qkv, (-1, height * width, 3, self.num_heads, head_dim))
         qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # 3, B, heads, N, C/heads
-        query, key, value = qkv[0], qkv[1], qkv[2]
+        # The scale goes on the query, N/(C/heads) times smaller than the logits.
+        query, key, value = qkv[0] * (head_dim**-0.5), qkv[1], qkv[2]
         attn_logits = ops.matmul(query, ops.transpose(key, (0, 1, 3, 2)))  # B, heads, N, N
-        attn = _softmax_float32(attn_logits, self.compute_dtype, head_dim**-0.5)
+        attn = _softmax_float32(attn_logits, self.compute_dtype)
         x = ops.transpose(ops.matmul(attn, value), (0, 2, 1, 3))  # B, N, heads, C/heads
         return ops.reshape(x, (-1, height, width, channels))
 

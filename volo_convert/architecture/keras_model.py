@@ -37,6 +37,7 @@ from volo_convert.architecture.keras_layers import (
     OutlookAggregation,
     PixelNormalization,
     PositionEmbedding,
+    TokenDense,
     TokenLabelingLogits,
     TokenSlice,
 )
@@ -71,7 +72,7 @@ from volo_convert.options import (
 KERNEL_INITIALIZER = "zeros"
 # Where Keras lists the variables a StatelessScope left for later (a private list).
 UNINITIALIZED_VARIABLES = "uninitialized_variables"
-_dense = functools.partial(layers.Dense, kernel_initializer=KERNEL_INITIALIZER)
+_dense = functools.partial(TokenDense, kernel_initializer=KERNEL_INITIALIZER)
 _conv2d = functools.partial(layers.Conv2D, kernel_initializer=KERNEL_INITIALIZER)
 
 # Keras' dtype policy for each of COMPUTE_DTYPES: mixed_bfloat16 keeps float32 variables.
@@ -92,9 +93,16 @@ def _add(name: str) -> layers.Add:
 
 
 def _mlp(x: Any, dim: int, mlp_ratio: int, prefix: str, policy: str) -> Any:
-    """Dense -> exact GELU -> Dense, named `{prefix}_mlp_*`, computing under `policy`."""
-    x = _dense(dim * mlp_ratio, dtype=policy, name=f"{prefix}_mlp_dense_1")(x)
-    x = layers.Activation(keras.activations.gelu, dtype=policy, name=f"{prefix}_mlp_gelu")(x)
+    """Dense with exact GELU -> Dense, named `{prefix}_mlp_*`, computing under `policy`.
+
+    The GELU is the first Dense layer's activation, so TensorFlow fuses it into the matmul.
+    """
+    x = _dense(
+        dim * mlp_ratio,
+        activation=keras.activations.gelu,
+        dtype=policy,
+        name=f"{prefix}_mlp_dense_1",
+    )(x)
     return _dense(dim, dtype=policy, name=f"{prefix}_mlp_dense_2")(x)
 
 
