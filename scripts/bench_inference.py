@@ -107,12 +107,14 @@ def serve(contender: Contender, variant: str, image_size: int, threads: int) -> 
     """Child process: builds the model, then times one batch per request read from stdin."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
+
+    # TensorFlow's threads are set first, before torch is imported, as in a Keras server.
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
     import torch
 
     from volo_convert.checks.images import sample_images
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
     torch.set_num_threads(threads)
     call = _batch_runner(contender, variant, image_size)
     print("ready", flush=True)

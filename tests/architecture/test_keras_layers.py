@@ -13,6 +13,7 @@ from volo_convert.architecture.keras_layers import (
     DropPath,
     MultiHeadSelfAttention,
     OutlookAggregation,
+    TokenDense,
     TokenLabelingLogits,
     TokenSlice,
 )
@@ -76,6 +77,22 @@ def test_class_attention_matches_torch() -> None:
     np.testing.assert_allclose(actual, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 6), (2, 3, 4, 6)])
+def test_token_dense_matches_torch_linear_with_gelu(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(2)
+    tokens = rng.normal(size=shape).astype(np.float32)
+    kernel = rng.normal(size=(6, 7)).astype(np.float32)  # asymmetric: a transpose would show
+    bias = rng.normal(size=(7,)).astype(np.float32)
+    layer = TokenDense(7, activation=keras.activations.gelu)
+    layer.build(shape)
+    layer.set_weights([kernel, bias])
+    linear = F.linear(torch.from_numpy(tokens), torch.from_numpy(kernel.T), torch.from_numpy(bias))
+    expected = F.gelu(linear).numpy()
+    actual = keras.ops.convert_to_numpy(layer(tokens))
+    assert actual.shape == (*shape[:-1], 7)
+    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
+
+
 def test_token_labeling_logits_adds_half_the_patch_max() -> None:
     cls_logits = np.array([[[1.0, 2.0]]], dtype=np.float32)
     patch_logits = np.array([[[0.0, 4.0], [6.0, -2.0], [1.0, 1.0]]], dtype=np.float32)
@@ -90,6 +107,7 @@ def test_token_labeling_logits_adds_half_the_patch_max() -> None:
         MultiHeadSelfAttention(4),
         ClassAttention(2),
         TokenSlice(1, None),
+        TokenDense(5, activation=keras.activations.gelu),
         DropPath(0.2, seed=7),
     ],
 )
