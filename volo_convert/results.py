@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 from pathlib import Path
 from typing import Any
 
+from volo_convert import __version__
 from volo_convert.checks.diagnosis import Diagnosis, format_diagnosis
 from volo_convert.checks.parity import ParityResult
 from volo_convert.checks.training import TrainingParity, format_training
@@ -19,7 +21,7 @@ from volo_convert.options import (
     file_precision,
 )
 from volo_convert.paths import write_text
-from volo_convert.provenance import describe_input
+from volo_convert.provenance import Provenance, VerificationRecord, describe_input
 
 DEFAULT_IO = (DEFAULT_INPUT, "float32")  # the input the summary need not mention
 
@@ -129,6 +131,42 @@ class ConversionResult:
 
     def __str__(self) -> str:
         return self.summary()
+
+    def provenance(self, seed: int) -> Provenance:
+        """What the output records about itself, verified on images of `seed` (or not,
+        with `--no-verify`)."""
+        parity = self.parity
+        verification = None
+        if parity is not None and self.runtime is not None and self.verify_seconds is not None:
+            verification = VerificationRecord(
+                max_abs_diff=parity.max_abs_diff,
+                mean_abs_diff=parity.mean_abs_diff,
+                max_rel_diff=parity.max_rel_diff,
+                top1_agreement=parity.top1_agreement,
+                atol=parity.atol,
+                min_top1=parity.min_top1,
+                images=parity.batch_size,
+                seed=seed,
+                device=parity.device,
+                runtime=self.runtime,
+                seconds=round(self.verify_seconds, 1),
+            )
+        return Provenance(
+            converter_version=__version__,
+            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            source_file=Path(self.checkpoint).name,
+            source_sha256=self.checkpoint_sha256,
+            variant=self.variant,
+            image_size=self.image_size,
+            head=self.head,
+            num_classes=self.num_classes,
+            output_format=str(self.output_format),
+            tflite_dtype=self.tflite_dtype,
+            input=self.input,
+            compute_dtype=self.compute_dtype,
+            verification=verification,
+            environment=environment(),
+        )
 
 
 def write_report(path: str | Path, result: ConversionResult) -> None:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from conftest import TINY_CONFIG, error_line, run, snapshot
 
-from volo_convert import pipeline
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.checks.parity import check_parity, model_outputs
 from volo_convert.checks.reference import ReferenceRun, run_reference
@@ -42,6 +41,7 @@ from volo_convert.formats.tflite import (
 )
 from volo_convert.options import FLOAT16_ATOL
 from volo_convert.paths import check_output_path, move_into_place, staged_output
+from volo_convert.pipeline import conversion
 from volo_convert.provenance import PROVENANCE_NAME, Provenance, VerificationRecord
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.porting import port_weights
@@ -318,7 +318,7 @@ def test_failed_savedmodel_write_leaves_nothing(
         (path / "saved_model.pb").write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "save_model", fails_halfway)
+    monkeypatch.setattr(conversion, "save_model", fails_halfway)
     output = tmp_path / "d1_savedmodel"
     result = run(d1_checkpoint, "-o", output, "--device", "cpu")
     assert result.exit_code == 2

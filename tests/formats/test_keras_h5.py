@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIG
 
-from volo_convert.architecture.keras_model import build_skeleton, build_volo
+from volo_convert.architecture.keras_model import build_volo, skeleton_scope
 from volo_convert.formats.keras_h5 import write_h5
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.porting import port_weights, ported_weights, variable_shapes
@@ -69,7 +69,8 @@ def h5_entries(path: Path) -> H5Entries:
 def tiny_h5(tiny_state_dict: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPathFactory):
     """The tiny model written from the checkpoint by `write_h5`, and the ported model."""
     folder = tmp_path_factory.mktemp("keras_h5")
-    skeleton = build_skeleton(TINY_CONFIG, TINY_SIZE)
+    with skeleton_scope():
+        skeleton = build_volo(TINY_CONFIG, TINY_SIZE)
     weights = ported_weights(
         variable_shapes(skeleton), tiny_state_dict, weight_mappings(TINY_CONFIG)
     )
@@ -106,7 +107,8 @@ def test_keras_loads_it_after_a_plain_import(
 
 
 def test_a_skeleton_holds_no_values_even_after_another_stateless_scope() -> None:
-    skeleton = build_skeleton(TINY_CONFIG, TINY_SIZE)
+    with skeleton_scope():
+        skeleton = build_volo(TINY_CONFIG, TINY_SIZE)
     with keras.StatelessScope():
         pass  # its exit initialises the variables it knows to be pending
     assert skeleton.weights
@@ -116,7 +118,8 @@ def test_a_skeleton_holds_no_values_even_after_another_stateless_scope() -> None
 def test_a_missing_or_unknown_value_is_refused(
     tiny_state_dict: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
-    skeleton = build_skeleton(TINY_CONFIG, TINY_SIZE)
+    with skeleton_scope():
+        skeleton = build_volo(TINY_CONFIG, TINY_SIZE)
     weights = list(
         ported_weights(variable_shapes(skeleton), tiny_state_dict, weight_mappings(TINY_CONFIG))
     )

@@ -344,32 +344,20 @@ def build_volo(
     return keras.Model(inputs, outputs, name=f"volo_{config.name}_{image_size}")
 
 
-def build_skeleton(
-    config: VoloConfig,
-    image_size: int,
-    head: str = DEFAULT_HEAD,
-    drop_path_rate: float = DEFAULT_DROP_PATH_RATE,
-    drop_rate: float = DEFAULT_DROP_RATE,
-    input_kind: str = DEFAULT_INPUT,
-    compute_dtype: str = DEFAULT_COMPUTE_DTYPE,
-) -> keras.Model:
-    """`build_volo`'s graph with variables that hold no values: names, shapes and config only.
+@contextlib.contextmanager
+def skeleton_scope() -> Iterator[None]:
+    """Models built inside are skeletons: variables with names, shapes and config only.
 
     For writing a file straight from the checkpoint's tensors, with no weight in memory
-    and no assign. The variables' deferred initialisation is forgotten, so no later
-    `keras.StatelessScope` fills them; the skeleton cannot run.
+    and no assign. The variables' deferred initialisation is forgotten on the way out, so
+    no later `keras.StatelessScope` fills them; a skeleton cannot run.
     """
-    with keras.StatelessScope(initialize_variables=False):
-        model = build_volo(
-            config, image_size, head, drop_path_rate, drop_rate, input_kind, compute_dtype
-        )
-    skeleton_ids = {id(variable) for variable in model.weights}
-    pending = global_state.get_global_attribute(UNINITIALIZED_VARIABLES) or []
-    global_state.set_global_attribute(
-        UNINITIALIZED_VARIABLES,
-        [variable for variable in pending if id(variable) not in skeleton_ids],
-    )
-    return model
+    pending = list(global_state.get_global_attribute(UNINITIALIZED_VARIABLES) or [])
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        global_state.set_global_attribute(UNINITIALIZED_VARIABLES, pending)
 
 
 @contextlib.contextmanager

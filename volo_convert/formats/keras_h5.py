@@ -5,8 +5,9 @@ model config, Keras version and backend as root attributes; under `model_weights
 layer names, then one group per layer (sorted by name) holding each of its variables as a
 dataset named by the variable's path and listed in the group's `weight_names`; last a
 `top_level_model_weights` group. The layout (names, shapes, order, config) comes from a
-model that may be a skeleton (`build_skeleton`: no values held); the values come one at a
-time from `ported_weights`, so the weights are never held in Keras and never assigned.
+model that may be a skeleton (built in `skeleton_scope`: no values held); the values come
+one at a time from `ported_weights`, so the weights are never held in Keras and never
+assigned.
 
 Keras' private helpers encode the attributes exactly as its own writer does;
 tests/formats/test_keras_h5.py holds the file to what `model.save` writes.
