@@ -29,11 +29,9 @@ from volo_convert.architecture.keras_model import build_volo, with_dtype_policy
 from volo_convert.architecture.variants import STEM_STRIDE, VARIANTS
 from volo_convert.checks.images import sample_images
 from volo_convert.checks.parity import model_outputs
-from volo_convert.checks.training import (
-    STAGES,
+from volo_convert.checks.training import STAGES, check_training_parity, compare_training_steps
+from volo_convert.checks.training_steps import (
     TrainingStep,
-    check_training_parity,
-    compare_training_steps,
     fixed_labels,
     keras_training_step,
     torch_training_step,

@@ -7,6 +7,7 @@ gradient moved through the same mapping row and transform that ported the weight
 SGD step is taken in each framework and the weights after it are compared, the BatchNorm
 moving statistics included. Each tensor is judged by its relative L2 error, against the
 norm of the quantity compared, so a wrong transpose shows even where the shapes agree.
+The steps themselves are taken in `training_steps.py`.
 """
 
 from __future__ import annotations
@@ -15,19 +16,22 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import keras
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from volo_convert.architecture.keras_model import drop_rates_at_zero, model_head, model_input
+from volo_convert.architecture.keras_model import model_head, model_input
 from volo_convert.architecture.variants import STEM_STRIDE, VoloConfig
 from volo_convert.checks.images import normalize, sample_pixels
-from volo_convert.checks.reference import build_reference, resolve_device, use_exact_float32
-from volo_convert.errors import ConversionError
-from volo_convert.native_logs import TRAINING_LINES, known_lines_held_back
+from volo_convert.checks.reference import resolve_device, use_exact_float32
+from volo_convert.checks.training_steps import (
+    TrainingStep,
+    fixed_labels,
+    keras_training_step,
+    to_numpy,
+    torch_training_step,
+)
 from volo_convert.options import (
     DEFAULT_ATOL,
     DEFAULT_SEED,
@@ -40,7 +44,6 @@ from volo_convert.options import (
 from volo_convert.weights.mapping import WeightMapping, weight_mappings
 from volo_convert.weights.transforms import TRANSFORMS
 
-GRADIENT_BACKENDS = ("tensorflow", "torch", "jax")
 VARIANCE_SUFFIX = "/moving_variance"  # Keras BatchNormalization's running variance
 WORST_LISTED = 5
 STAGES = (
@@ -171,134 +174,6 @@ def relative_l2(actual: np.ndarray, expected: np.ndarray, scale: np.ndarray) -> 
     return error / norm
 
 
-def fixed_labels(batch_size: int, num_outputs: int, seed: int) -> np.ndarray:
-    """The seeded class labels both losses are computed against."""
-    return np.random.default_rng(seed).integers(num_outputs, size=batch_size)
-
-
-def _cross_entropy(logits: Any, labels: np.ndarray) -> Any:
-    """Mean cross-entropy of B, K logits against B labels, as torch's F.cross_entropy."""
-    return keras.ops.mean(
-        keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-    )
-
-
-def _keras_gradients(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> tuple:
-    """Training-mode logits, loss, trainable gradients and updated non-trainable values.
-
-    Stateless: the model's variables keep their values.
-    """
-    trainable = [variable.value for variable in model.trainable_variables]
-    non_trainable = [variable.value for variable in model.non_trainable_variables]
-
-    def forward(values: list) -> tuple:
-        logits, updates = model.stateless_call(values, non_trainable, images, training=True)
-        return _cross_entropy(logits, labels), (logits, updates)
-
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        values = [tf.convert_to_tensor(value) for value in trainable]
-        with tf.GradientTape() as tape:
-            tape.watch(values)
-            loss, (logits, updates) = forward(values)
-        return logits, loss, tape.gradient(loss, values), updates
-    if backend == "torch":
-        values = [value.detach().requires_grad_() for value in trainable]
-        loss, (logits, updates) = forward(values)
-        gradients = list(torch.autograd.grad(loss, values))
-        return logits.detach(), loss.detach(), gradients, [value.detach() for value in updates]
-    if backend == "jax":
-        import jax
-
-        (loss, (logits, updates)), gradients = jax.jit(jax.value_and_grad(forward, has_aux=True))(
-            trainable
-        )
-        return logits, loss, gradients, updates
-    raise ConversionError(
-        f"the training check computes gradients under the {', '.join(GRADIENT_BACKENDS)} "
-        f"backends, not {backend}"
-    )
-
-
-def _numpy(value: Any) -> np.ndarray:
-    """A Keras backend tensor (or a NumPy array) as a NumPy array."""
-    return np.asarray(keras.ops.convert_to_numpy(value))
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingStep:
-    """One framework's training step on a batch, each weight named as that framework does.
-
-    `gradients` holds the trainable weights' gradients; `weights_after` every weight after
-    the SGD step, the BatchNorm statistics updated by the training forward. Values are
-    that framework's tensors, turned into NumPy arrays one at a time when compared.
-    """
-
-    logits: np.ndarray
-    loss: float
-    gradients: Mapping[str, Any]
-    weights_after: Mapping[str, Any]
-
-
-def keras_training_step(
-    model: keras.Model, images: np.ndarray, labels: np.ndarray, learning_rate: float
-) -> TrainingStep:
-    """One SGD step of `model` on B, S, S, 3 images, with drop rates at 0; names are
-    Keras paths. Stateless: `model` keeps its weights.
-    """
-    with known_lines_held_back(TRAINING_LINES):
-        with drop_rates_at_zero(model):
-            logits, loss, gradients, updates = _keras_gradients(model, images, labels)
-        trainable = model.trainable_variables
-        # The step is taken on copies, so the model keeps its weights.
-        stepped = [keras.Variable(keras.ops.copy(variable.value)) for variable in trainable]
-        keras.optimizers.SGD(learning_rate).apply(gradients, stepped)
-    after = zip([*trainable, *model.non_trainable_variables], [*stepped, *updates], strict=True)
-    return TrainingStep(
-        _numpy(logits),
-        float(_numpy(loss)),
-        {variable.path: gradient for variable, gradient in zip(trainable, gradients, strict=True)},
-        {variable.path: value for variable, value in after},
-    )
-
-
-def torch_training_step(
-    config: VoloConfig,
-    state_dict: Mapping[str, torch.Tensor],
-    head: str,
-    images: np.ndarray,
-    labels: np.ndarray,
-    learning_rate: float,
-    device: torch.device,
-) -> TrainingStep:
-    """One SGD step of the reference, trained from a copy of `state_dict` in its dtype.
-
-    Names are the checkpoint's tensor names; `images` are B, S, S, 3.
-    """
-    weights = {key: tensor.detach().clone() for key, tensor in state_dict.items()}
-    dtype = weights["pos_embed"].dtype
-    reference = build_reference(config, images.shape[1], weights, device, head).train()
-    batch = torch.from_numpy(images).permute(0, 3, 1, 2).to(device, dtype)  # B, 3, S, S
-    logits = reference(batch)
-    loss = F.cross_entropy(logits, torch.from_numpy(labels).to(device))
-    loss.backward()
-    gradients = {
-        key: (parameter.grad if parameter.grad is not None else torch.zeros_like(parameter))
-        .cpu()
-        .numpy()
-        for key, parameter in reference.named_parameters()
-    }
-    torch.optim.SGD(reference.parameters(), lr=learning_rate).step()
-    return TrainingStep(
-        logits.detach().cpu().numpy(),
-        float(loss.item()),
-        gradients,
-        {key: tensor.detach().cpu().numpy() for key, tensor in reference.state_dict().items()},
-    )
-
-
 def compare_training_steps(
     keras_step: TrainingStep,
     torch_step: TrainingStep,
@@ -320,10 +195,10 @@ def compare_training_steps(
         transform = TRANSFORMS[mapping.transform]
         keras_path = mapping.keras_path or ""
         after = transform(torch_step.weights_after[mapping.torch_key])
-        keras_after = _numpy(keras_step.weights_after[keras_path])
+        keras_after = to_numpy(keras_step.weights_after[keras_path])
         if keras_path in keras_step.gradients:
             gradient = transform(torch_step.gradients[mapping.torch_key])
-            keras_gradient = _numpy(keras_step.gradients[keras_path])
+            keras_gradient = to_numpy(keras_step.gradients[keras_path])
             gradients.append(
                 _difference(mapping, keras_gradient, gradient, gradient, TRAINING_GRADIENT_RTOL)
             )
