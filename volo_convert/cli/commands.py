@@ -1,6 +1,7 @@
 """The `volo-convert` commands: parse, build the options, call the library, print.
 
-Exit codes: 0 parity passed (or not checked), 1 parity failed, 2 bad input or usage.
+This module holds the group and the one-file commands (convert, verify, inspect, demo);
+`batch_commands.py` the many-file ones. Exit codes: `EXIT_CODES_HELP` (options.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import click
 
 from volo_convert import __version__
+from volo_convert.cli.batch_commands import batch, synthesize
 from volo_convert.cli.parameters import (
     CALIBRATION_IMAGES,
     COMPUTE_DTYPE,
@@ -25,8 +27,8 @@ from volo_convert.cli.parameters import (
     REPORT,
     TFLITE_IO_OPTION,
     TRAINING,
-    TRUST_CHECKPOINT,
     DefaultCommandGroup,
+    check_junit_path,
     checkpoint_options,
     handles_errors,
     head_option,
@@ -36,28 +38,17 @@ from volo_convert.cli.progress import StageDisplay
 from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.options import (
     DEFAULT_HEAD,
-    DEFAULT_SEED,
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
     EXIT_PARITY_FAILED,
     FORMATS,
-    KERAS_FORMATS,
     TFLITE_DTYPES,
-    BatchOptions,
     ConvertOptions,
 )
 from volo_convert.signals import Stopped, stop_on_signals
 
 DEMO_CHECKPOINT = "d1_224_84.2.pth.tar"
 DEMO_OUTPUT = "d1_224.h5"
-
-
-def _check_junit_path(junit: Path | None, inputs: list[Path], options: ConvertOptions) -> None:
-    """The JUnit file is an output like the others: the same policy, before any work."""
-    if junit is not None:
-        from volo_convert.paths import check_output_path
-
-        check_output_path(junit, options.overwrite, inputs=inputs)
 
 
 def _finish(result: Any, report: Path | None, junit: Path | None = None) -> None:
@@ -204,7 +195,7 @@ def verify(
     from volo_convert.pipeline import verify_file
 
     options = ConvertOptions(**fields)
-    _check_junit_path(junit, [model_file, checkpoint], options)
+    check_junit_path(junit, [model_file, checkpoint], options.overwrite)
     with StageDisplay() as display:
         try:
             result = verify_file(
@@ -287,139 +278,8 @@ def demo(workdir: Path, report: Path | None, **fields: Any) -> None:
     _finish(result, report)
 
 
-@cli.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output-dir",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for the Keras files and report.json / report.md (created if missing).",
-)
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(KERAS_FORMATS),
-    default=KERAS_FORMATS[0],
-    show_default=True,
-    help="Format of every output file.",
-)
-@verification_options
-@TRUST_CHECKPOINT
-@JUNIT
-@click.option(
-    "--force", is_flag=True, help="Convert again the files an earlier run already finished."
-)
-@handles_errors
-def batch(
-    checkpoints: tuple[Path, ...], out_dir: Path, force: bool, junit: Path | None, **fields: Any
-) -> None:
-    """Convert and verify many checkpoints; a folder means its checkpoint files.
-
-    Each output is named after its input (d1_224_84.2.pth.tar -> d1_224_84.2.h5). Each
-    file runs in its own process; a bad one is reported and the others go on. The
-    summary table is printed and written to OUT_DIR/report.json and report.md after
-    every file. A re-run skips files already converted and verified from the same
-    content (SHA-256), unless --force. Exits 0 only if every checkpoint passed.
-
-    \b
-    Example:
-      volo-convert synthesize checkpoints/
-      volo-convert batch checkpoints/ -o keras/
-      volo-convert batch checkpoints/ -o keras/ --junit parity.xml
-      volo-convert batch d1_224_84.2.pth.tar d5_512_87.07.pth.tar -o keras/ --format keras
-    """
-    from volo_convert.batch.report import REPORT_MD, render_text
-    from volo_convert.batch.runner import find_checkpoints, run_batch
-    from volo_convert.junit import entry_case, write_junit
-
-    options = BatchOptions(ConvertOptions(overwrite=True, **fields), force=force)
-    found = find_checkpoints(checkpoints)
-    _check_junit_path(junit, found, options.convert)
-    with StageDisplay() as display:
-
-        def show_stage(checkpoint: Path, stage: str) -> None:
-            if display.label != f"{checkpoint.name}: ":
-                display.finish()
-                display.label = f"{checkpoint.name}: "
-                display.counter = f"file {found.index(checkpoint) + 1} of {len(found)}"
-            display(stage)
-
-        def show_entry(entry: Any) -> None:
-            display.finish()
-            display.write(f"{entry.file}: {entry.status}")
-
-        report = run_batch(
-            found,
-            out_dir,
-            options,
-            on_stage=show_stage,
-            on_entry=show_entry,
-            on_warning=display.warn,
-        )
-    click.echo(render_text(report), nl=False)
-    if junit is not None:
-        write_junit(junit, "batch", [entry_case(entry) for entry in report.entries])
-        click.echo(one_line(f"JUnit report written to {junit}"))
-    if not report.passed:
-        failed = sum(not entry.ok for entry in report.entries)
-        click.echo(
-            f"Error: {failed} of {len(found)} checkpoints failed; see {out_dir / REPORT_MD}",
-            err=True,
-        )
-        sys.exit(EXIT_PARITY_FAILED)
-
-
-@cli.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--only",
-    "names",
-    multiple=True,
-    help="Write only this release file name (repeatable); all eleven by default.",
-)
-@click.option(
-    "--corrupt",
-    multiple=True,
-    help="Cut this file to half its length afterwards (repeatable), to see a failure.",
-)
-@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Weight seed.")
-@click.option("--overwrite", is_flag=True, help="Rewrite files that exist.")
-@handles_errors
-def synthesize(
-    out_dir: Path, names: tuple[str, ...], corrupt: tuple[str, ...], seed: int, overwrite: bool
-) -> None:
-    """Write synthetic checkpoints under the eleven release names, for offline runs.
-
-    Weights are random but realistic, in the release format (a bare state dict), so
-    the whole batch can run without downloads. Files that exist are kept unless
-    --overwrite. All eleven take about 6.5 GB.
-
-    \b
-    Example:
-      volo-convert synthesize checkpoints/ --corrupt d3_224_85.4.pth.tar
-      volo-convert synthesize checkpoints/ --only d1_224_84.2.pth.tar
-    """
-    from volo_convert.synthetic import (
-        check_release_name,
-        corrupt_checkpoint,
-        write_release_checkpoints,
-    )
-
-    for name in corrupt:
-        check_release_name(name)
-    paths = write_release_checkpoints(
-        out_dir,
-        list(names) if names else None,
-        seed=seed,
-        overwrite=overwrite,
-        on_file=lambda path: click.echo(f"writing {path}", err=True),
-    )
-    for name in corrupt:
-        corrupt_checkpoint(out_dir / name)
-        click.echo(f"corrupted {out_dir / name} on purpose", err=True)
-    click.echo(f"{len(paths)} checkpoints in {out_dir}")
+cli.add_command(batch)
+cli.add_command(synthesize)
 
 
 def main() -> None:

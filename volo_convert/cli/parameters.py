@@ -231,6 +231,15 @@ JUNIT = click.option(
     "test reports.",
 )
 
+
+def check_junit_path(junit: Path | None, inputs: list[Path], overwrite: bool) -> None:
+    """The --junit file is an output like the others: the same policy, before any work."""
+    if junit is not None:
+        from volo_convert.paths import check_output_path
+
+        check_output_path(junit, overwrite, inputs=inputs)
+
+
 INPUT = click.option(
     "--input",
     type=click.Choice(INPUTS),
