@@ -115,6 +115,15 @@ def test_a_skeleton_holds_no_values_even_after_another_stateless_scope() -> None
     assert all(variable._value is None for variable in skeleton.weights)
 
 
+def test_a_skeleton_build_that_fails_leaves_nothing_pending() -> None:
+    with pytest.raises(RuntimeError, match="halfway"), skeleton_scope():
+        halfway = keras.Variable(keras.initializers.Ones(), shape=(3,), name="halfway")
+        raise RuntimeError("halfway")
+    with keras.StatelessScope():
+        pass  # its exit would initialise a variable still listed as pending
+    assert halfway._value is None
+
+
 def test_a_missing_or_unknown_value_is_refused(
     tiny_state_dict: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
