@@ -32,13 +32,8 @@ from volo_convert.formats import (
     write_provenance,
 )
 from volo_convert.formats.savedmodel import SavedModelRunner
-from volo_convert.formats.tflite import (
-    TFLiteRunner,
-    check_builtin_ops,
-    convert_to_tflite,
-    operator_names,
-    weight_dtype,
-)
+from volo_convert.formats.tflite import TFLiteRunner, convert_to_tflite
+from volo_convert.formats.tflite_flatbuffer import check_builtin_ops, operator_names, weight_dtype
 from volo_convert.options import FLOAT16_ATOL
 from volo_convert.paths import check_output_path, move_into_place, staged_output
 from volo_convert.pipeline import conversion

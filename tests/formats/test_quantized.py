@@ -16,16 +16,14 @@ from volo_convert.architecture.variants import VARIANTS
 from volo_convert.checks.images import normalize, sample_pixels
 from volo_convert.checks.parity import check_parity
 from volo_convert.checks.reference import ReferenceRun, run_reference
-from volo_convert.formats.tflite import (
-    FLOAT_OPS,
-    TFLiteRunner,
+from volo_convert.formats.tflite import TFLiteRunner, convert_to_tflite
+from volo_convert.formats.tflite_flatbuffer import (
     check_builtin_ops,
-    convert_to_tflite,
     file_metadata,
     operator_names,
-    smoothed_layer_norms,
     weight_dtype,
 )
+from volo_convert.formats.tflite_quantization import FLOAT_OPS, smoothed_layer_norms
 from volo_convert.options import (
     CALIBRATION_SEED,
     DEFAULT_CALIBRATION_IMAGES,
