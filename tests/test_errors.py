@@ -269,6 +269,23 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         [],
         "{input}: is a character device, expected a checkpoint file; refusing to read it",
     ),
+    "not-a-state-dict": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", [sd]),
+        [],
+        "{input}: expected a state dict (tensor name -> tensor), got list",
+    ),
+    "non-tensor-entry": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar", with_change(sd, lambda c: c.update({"note": "hello"}))
+        ),
+        [],
+        "{input}: expected a state dict of named tensors, found entry 'note' of type str",
+    ),
+    "non-string-key": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", dict(enumerate(sd.values()))),
+        [],
+        "{input}: expected a state dict of named tensors, found a key of type int (0)",
+    ),
     "duplicate-names": (
         lambda folder, sd: _save(
             folder / "d1.pth.tar",
@@ -509,6 +526,23 @@ ACCEPTED_FORMS: dict[str, tuple[Callable[[Path, dict], Path], list[str]]] = {
         ),
         [],
     ),
+    "float64": (
+        lambda folder, sd: _save(
+            folder / "double.pth", {k: _cast(v, torch.float64) for k, v in sd.items()}
+        ),
+        [],
+    ),
+    "parameters": (
+        lambda folder, sd: _save(
+            folder / "keep_vars.pth",
+            {k: torch.nn.Parameter(v) if v.is_floating_point() else v for k, v in sd.items()},
+        ),
+        [],
+    ),
+    "views": (
+        lambda folder, sd: _save(folder / "views.pth", _views_of_one_storage(sd)),
+        [],
+    ),
     "fine-tuned-classes": (
         lambda folder, sd: _save(
             folder / "finetuned.pth",
@@ -539,12 +573,37 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def _views_of_one_storage(state_dict: dict) -> dict:
+    """The floating tensors as views into one shared storage, the 2-D ones column-major
+    (a transposed view of their transpose): same values, other offsets and strides."""
+    floats = {
+        key: tensor.t().contiguous() if tensor.dim() == 2 else tensor
+        for key, tensor in state_dict.items()
+        if tensor.is_floating_point()
+    }
+    flat = torch.cat([stored.reshape(-1) for stored in floats.values()])
+    views, offset = dict(state_dict), 0
+    for key, stored in floats.items():
+        view = flat[offset : offset + stored.numel()].view(stored.shape)
+        views[key] = view.t() if view.dim() == 2 else view
+        offset += stored.numel()
+    return views
+
+
 def _saved_safetensors(path: Path, state_dict: dict) -> Path:
     save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, str(path))
     return path
 
 
-CLI_VERIFIED_FORMS = ("ema", "safetensors", "float16", "bfloat16", "fine-tuned-classes")
+CLI_VERIFIED_FORMS = (
+    "ema",
+    "safetensors",
+    "float16",
+    "bfloat16",
+    "fine-tuned-classes",
+    "parameters",
+    "views",
+)
 
 
 @pytest.mark.parametrize("form", sorted(ACCEPTED_FORMS))
@@ -559,6 +618,7 @@ def test_accepted_form_loads_the_release_tensors(
     assert sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert set(loaded) == set(release_state_dict)
     assert all(tensor.dtype in (torch.float32, torch.int64) for tensor in loaded.values())
+    assert not any(tensor.requires_grad for tensor in loaded.values())
     expected = release_state_dict["network.0.0.attn.v.weight"]
     if form == "ema":
         expected = expected * 0.5

@@ -303,8 +303,9 @@ def load_state_dict(
         trust_checkpoint: allow pickles that need arbitrary code to load.
 
     Returns:
-        The state dict (torch tensor name without a `module.` prefix -> tensor; floating
-        tensors are float32, integer buffers keep their dtype) and the file's SHA-256.
+        The state dict (torch tensor name without a `module.` prefix -> tensor, detached
+        from autograd; floating tensors are float32, integer buffers keep their dtype) and
+        the file's SHA-256.
     """
     path = Path(path)
     _check_file(path)
@@ -322,7 +323,12 @@ def load_state_dict(
     state_dict = {}
     original_keys: dict[str, str] = {}
     for key, tensor in raw_state_dict.items():
-        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+        if not isinstance(key, str):
+            raise ConversionError(
+                f"{path}: expected a state dict of named tensors, found a key of type "
+                f"{type(key).__name__} ({key!r})"
+            )
+        if not isinstance(tensor, torch.Tensor):
             raise ConversionError(
                 f"{path}: expected a state dict of named tensors, found entry {key!r} of type "
                 f"{type(tensor).__name__}"
@@ -335,6 +341,7 @@ def load_state_dict(
         original_keys[name] = key
         with about(path):
             _check_tensor(key, tensor)
+        tensor = tensor.detach()  # an nn.Parameter (state_dict(keep_vars=True)) as a tensor
         state_dict[name] = tensor.float() if tensor.is_floating_point() else tensor
     if not state_dict:
         raise ConversionError(f"{path}: the checkpoint holds no tensors")
