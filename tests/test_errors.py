@@ -286,6 +286,12 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         [],
         "{input}: expected a state dict of named tensors, found a key of type int (0)",
     ),
+    "zip-method-unsupported": (
+        lambda folder, sd: _rezipped(_save(folder / "d1.pth.tar", sd), zipfile.ZIP_BZIP2),
+        [],
+        "{input}: record 'd1.pth/data.pkl' is compressed with zip method 12, which torch "
+        "cannot read; torch.save stores its records uncompressed",
+    ),
     "duplicate-names": (
         lambda folder, sd: _save(
             folder / "d1.pth.tar",
@@ -450,6 +456,22 @@ def _save(path: Path, obj: object) -> Path:
     return path
 
 
+def _save_legacy(path: Path, obj: object) -> Path:
+    """torch.save's pre-1.6 format: pickles in a row, no zip container (cannot be mapped)."""
+    torch.save(obj, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def _rezipped(path: Path, compression: int) -> Path:
+    """The zip container rewritten with every record compressed, as a zip tool might."""
+    with zipfile.ZipFile(path) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, data in records:
+            archive.writestr(name, data)
+    return path
+
+
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_bad_input_gets_one_line_and_exit_2(
     case: str, release_state_dict: dict, tmp_path: Path, out_dir: Path
@@ -514,6 +536,14 @@ ACCEPTED_FORMS: dict[str, tuple[Callable[[Path, dict], Path], list[str]]] = {
         [],
     ),
     "bin-state-dict": (lambda folder, sd: _save(folder / "pytorch_model.bin", sd), []),
+    "legacy-pickle": (
+        lambda folder, sd: _save_legacy(folder / "d1_legacy.pth", sd),
+        [],
+    ),
+    "deflated-zip": (
+        lambda folder, sd: _rezipped(_save(folder / "d1.pth.tar", sd), zipfile.ZIP_DEFLATED),
+        [],
+    ),
     "float16": (
         lambda folder, sd: _save(
             folder / "half.pth", {k: _cast(v, torch.float16) for k, v in sd.items()}
@@ -603,6 +633,8 @@ CLI_VERIFIED_FORMS = (
     "fine-tuned-classes",
     "parameters",
     "views",
+    "deflated-zip",
+    "legacy-pickle",
 )
 
 
@@ -710,17 +742,19 @@ def _flip_byte_inside_largest_record(checkpoint: Path) -> str:
         stream.seek(record.header_offset + 26)
         name_length, extra_length = struct.unpack("<HH", stream.read(4))
         data_start = record.header_offset + 30 + name_length + extra_length
-        stream.seek(data_start + record.file_size // 2)
+        stream.seek(data_start + record.compress_size // 2)
         byte = stream.read(1)
         stream.seek(-1, os.SEEK_CUR)
         stream.write(bytes([byte[0] ^ 0xFF]))
     return record.filename
 
 
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
 def test_zip_record_whose_crc_fails_is_named(
-    release_state_dict: dict, tmp_path: Path, out_dir: Path
+    compression: int, release_state_dict: dict, tmp_path: Path, out_dir: Path
 ) -> None:
-    checkpoint = _save(tmp_path / "d1.pth.tar", release_state_dict)
+    """Deflated records are checked on their inflated content, as zip's CRC-32 is."""
+    checkpoint = _rezipped(_save(tmp_path / "d1.pth.tar", release_state_dict), compression)
     record = _flip_byte_inside_largest_record(checkpoint)
     result = run(checkpoint, "-o", out_dir / "d1.h5")
     assert result.exit_code == 2

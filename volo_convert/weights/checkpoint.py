@@ -10,6 +10,7 @@ import pickle
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,22 +46,35 @@ def _check_file(path: Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _RecordSpan:
-    """Where a stored zip record's bytes lie in the file: [start, end)."""
+    """Where a zip record's bytes lie in the file, [start, end), and whether they are
+    deflated (torch.save stores them as they are; another zip tool may deflate them)."""
 
     record: zipfile.ZipInfo
     start: int
     end: int
 
+    @property
+    def deflated(self) -> bool:
+        return self.record.compress_type == zipfile.ZIP_DEFLATED
+
 
 def _record_spans(path: Path) -> list[_RecordSpan]:
-    """The data span of every record of a zip container, in file order."""
+    """The data span of every record of a zip container, in file order.
+
+    Records are stored or deflated, the two methods torch's zip reader takes; any other
+    is refused here, by name.
+    """
     with zipfile.ZipFile(path) as archive:
         records = archive.infolist()
     spans = []
     with path.open("rb") as stream:
         for record in records:
-            if record.compress_type != zipfile.ZIP_STORED:  # torch stores; others may not
-                raise zipfile.BadZipFile(f"record {record.filename} is compressed")
+            if record.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise ConversionError(
+                    f"{path}: record {record.filename!r} is compressed with zip method "
+                    f"{record.compress_type}, which torch cannot read; torch.save stores its "
+                    "records uncompressed"
+                )
             stream.seek(record.header_offset + LOCAL_HEADER_NAME_LENGTH_OFFSET)
             name_length, extra_length = struct.unpack("<HH", stream.read(4))
             start = record.header_offset + LOCAL_HEADER_BYTES + name_length + extra_length
@@ -68,9 +82,28 @@ def _record_spans(path: Path) -> list[_RecordSpan]:
     return sorted(spans, key=lambda span: span.start)
 
 
-def _scan(path: Path, zip_container: bool) -> str:
+def _content_crc(data: memoryview, inflater: Any, crc: int) -> int:
+    """`crc` carried over a record's next bytes: as they are, or as `inflater` inflates
+    them, SCAN_CHUNK_BYTES at a time (a record that inflates a thousandfold stays bounded)."""
+    if inflater is None:
+        return crc32(data, crc)
+    pending: bytes | memoryview = data
+    while pending:
+        crc = crc32(inflater.decompress(pending, SCAN_CHUNK_BYTES), crc)
+        pending = inflater.unconsumed_tail
+    return crc
+
+
+class _Scan(NamedTuple):
+    """What one pass over a checkpoint file found."""
+
+    sha256: str
+    mappable: bool  # torch.load(mmap=True) can map it: a zip whose records are all stored
+
+
+def _scan(path: Path, zip_container: bool) -> _Scan:
     """Reads the file once: returns its SHA-256 and, for a zip container, checks the
-    CRC-32 stored for every record on the way.
+    CRC-32 stored for every record on the way (of its inflated content, if deflated).
 
     torch.load does not check these CRCs, so a damaged download would load silently with
     wrong weights, and verification, built from the same tensors, could not tell. The
@@ -81,31 +114,36 @@ def _scan(path: Path, zip_container: bool) -> str:
     try:
         spans = _record_spans(path) if zip_container else []
         buffer = memoryview(bytearray(SCAN_CHUNK_BYTES))
-        position, index, crc = 0, 0, 0
+        position, index, crc, inflater = 0, 0, 0, None
         with path.open("rb", buffering=0) as stream:
             while count := stream.readinto(buffer):
                 chunk, end = buffer[:count], position + count
                 digest.update(chunk)
                 while index < len(spans) and spans[index].start <= end:
                     span = spans[index]
+                    if span.deflated and inflater is None:
+                        inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate
                     low, high = max(span.start, position), min(span.end, end)
                     if high > low:
-                        crc = crc32(chunk[low - position : high - position], crc)
+                        crc = _content_crc(chunk[low - position : high - position], inflater, crc)
                     if span.end > end:
                         break
+                    if inflater is not None:
+                        crc = crc32(inflater.flush(), crc)
                     if crc != span.record.CRC:
                         raise ConversionError(
                             f"{path}: the checkpoint is corrupt: record {span.record.filename!r} "
                             "does not match the CRC-32 stored for it (a damaged or incomplete "
                             "download?)"
                         )
-                    crc, index = 0, index + 1
+                    crc, index, inflater = 0, index + 1, None
                 position = end
         if index < len(spans):
             raise EOFError(spans[index].record.filename)
-    except (zipfile.BadZipFile, OSError, EOFError, struct.error):
+    except (zipfile.BadZipFile, OSError, EOFError, struct.error, zlib.error):
         raise ConversionError(f"{path}: the checkpoint is truncated or corrupt") from None
-    return digest.hexdigest()
+    mappable = zip_container and not any(span.deflated for span in spans)
+    return _Scan(digest.hexdigest(), mappable)
 
 
 class _Inert:
@@ -204,28 +242,23 @@ def _sniff(path: Path) -> str:
     return "a JSON file" if text.lstrip().startswith(("{", "[")) else "a text file"
 
 
-def _torch_load(path: Path, weights_only: bool) -> Any:
-    """torch.load, memory-mapped (pages come in as tensors are read; see memory.py).
+def _torch_load(path: Path, weights_only: bool, mmap: bool) -> Any:
+    """torch.load, memory-mapped where the file allows it (pages come in as tensors are
+    read; see memory.py): the legacy pre-zip format and deflated records are read whole.
 
     torch's deprecation warnings about what a file holds are not the user's concern here:
     what matters is reported as an error after loading.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            # The legacy (pre-zip) format cannot be mapped; read it whole.
-            return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
 
 
-def _load_pickle(path: Path, trust_checkpoint: bool) -> Any:
+def _load_pickle(path: Path, trust_checkpoint: bool, mmap: bool) -> Any:
     """torch.load with weights_only (plus harmless extras) unless the user vouches for the file."""
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return _torch_load(path, weights_only=not trust_checkpoint)
+            return _torch_load(path, weights_only=not trust_checkpoint, mmap=mmap)
     except pickle.UnpicklingError:
         if not trust_checkpoint and (refused := _refused_global(path)):
             raise ConversionError(
@@ -314,11 +347,11 @@ def load_state_dict(
         raise ConversionError(
             f"{path}: not a PyTorch or safetensors checkpoint, it looks like {container}"
         )
-    sha256 = _scan(path, zip_container=container == "torch" and zipfile.is_zipfile(path))
+    scan = _scan(path, zip_container=container == "torch" and zipfile.is_zipfile(path))
     if container == "safetensors":
         loaded: Any = _load_safetensors(path)
     else:
-        loaded = _load_pickle(path, trust_checkpoint)
+        loaded = _load_pickle(path, trust_checkpoint, mmap=scan.mappable)
     raw_state_dict = _select_state_dict(loaded, path, ema)
     state_dict = {}
     original_keys: dict[str, str] = {}
@@ -345,7 +378,7 @@ def load_state_dict(
         state_dict[name] = tensor.float() if tensor.is_floating_point() else tensor
     if not state_dict:
         raise ConversionError(f"{path}: the checkpoint holds no tensors")
-    return CheckpointContent(state_dict, sha256)
+    return CheckpointContent(state_dict, scan.sha256)
 
 
 def check_finite(
