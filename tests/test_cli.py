@@ -119,6 +119,18 @@ def test_wrong_mapping_transform_fails_and_writes_nothing(
     assert leftovers(tmp_path) == []
 
 
+def test_a_newline_in_the_output_name_is_escaped_in_the_summary(
+    d1_checkpoint: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "new\nline.h5"
+    result = run(d1_checkpoint, "-o", output, "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert output.is_file()
+    named = [line for line in result.output.splitlines() if "line.h5" in line]
+    assert len(named) == 1
+    assert named[0].startswith(f"{d1_checkpoint} -> {tmp_path}/new\\nline.h5: VOLO d1 at 32px")
+
+
 def test_missing_checkpoint_is_one_line_exit_2(tmp_path: Path) -> None:
     result = run(tmp_path / "nope.pth.tar", "-o", tmp_path / "x.h5")
     assert result.exit_code == 2

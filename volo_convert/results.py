@@ -13,6 +13,7 @@ from volo_convert.checks.diagnosis import Diagnosis, format_diagnosis
 from volo_convert.checks.parity import ParityResult
 from volo_convert.checks.training import TrainingParity, format_training
 from volo_convert.environment import environment
+from volo_convert.errors import one_line
 from volo_convert.options import (
     DEFAULT_COMPUTE_DTYPE,
     DEFAULT_HEAD,
@@ -95,7 +96,8 @@ class ConversionResult:
         if self.compute_dtype != DEFAULT_COMPUTE_DTYPE:
             what = f"{self.output_format}, {self.compute_dtype} compute"
         lines = [
-            f"{self.checkpoint} -> {self.output}: VOLO {self.variant} at {self.image_size}px, "
+            f"{one_line(self.checkpoint)} -> {one_line(self.output)}: VOLO {self.variant} at "
+            f"{self.image_size}px, "
             f"{self.num_classes} classes, {self.parameters:,} parameters, {self.head} head"
             + (f", {what}" if what else "")
         ]

@@ -181,6 +181,22 @@ def test_tables_render_failures_with_their_reason() -> None:
     assert "x" * 500 in render_markdown(report)
 
 
+def test_a_control_character_in_a_name_or_reason_keeps_each_row_on_one_line() -> None:
+    report = BatchReport(
+        entries=[
+            BatchEntry(
+                file="new\nline.pth", output="x.h5", sha256=None, status="error", reason="a\nb"
+            )
+        ]
+    )
+    assert render_markdown(report).splitlines()[-1] == (
+        "| new\\nline.pth | - | - | - | - | - | - | - | - | - | error | a\\nb |"
+    )
+    text_lines = render_text(report).splitlines()
+    assert len(text_lines) == 3  # header, the row, the summary
+    assert text_lines[1].startswith("new\\nline.pth") and text_lines[1].endswith("error   a\\nb")
+
+
 def test_synthesize_writes_release_names_and_corrupts_on_request(tmp_path: Path) -> None:
     name = "d1_224_84.2.pth.tar"
     result = run("synthesize", tmp_path, "--only", name, "--corrupt", name)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from volo_convert.environment import environment
+from volo_convert.errors import one_line
 from volo_convert.options import Status
 from volo_convert.paths import write_text
 
@@ -131,9 +132,9 @@ def _figure(value: float | None, spec: str) -> str:
 
 
 def entry_cells(entry: BatchEntry) -> list[str]:
-    """The report row of one entry, one string per column of COLUMNS."""
+    """The report row of one entry, one string per column of COLUMNS, each one line."""
     return [
-        entry.file,
+        one_line(entry.file),
         entry.variant or "-",
         "-" if entry.image_size is None else str(entry.image_size),
         _figure(entry.parameters, ","),
@@ -144,7 +145,7 @@ def entry_cells(entry: BatchEntry) -> list[str]:
         _figure(entry.verify_seconds, ".1f"),
         _figure(None if entry.peak_rss_bytes is None else entry.peak_rss_bytes / MEGABYTE, ",.0f"),
         entry.status,
-        entry.reason or "",
+        one_line(entry.reason or ""),
     ]
 
 

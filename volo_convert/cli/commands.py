@@ -54,7 +54,7 @@ DEMO_OUTPUT = "d1_224.h5"
 def _finish(result: Any, report: Path | None, junit: Path | None = None) -> None:
     """Prints the result (the library wrote the report), writes the JUnit file, and exits
     1 if parity failed."""
-    click.echo("\n".join(one_line(line) for line in result.summary().splitlines()))
+    click.echo(result.summary())
     if report is not None:
         click.echo(one_line(f"report written to {report}"))
     if junit is not None:

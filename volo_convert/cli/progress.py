@@ -64,7 +64,8 @@ class StageDisplay:
             self._refresh()
 
     def write(self, line: str) -> None:
-        """Prints `line` above the live status line."""
+        """Prints `line` above the live status line, as one line (file names escaped)."""
+        line = one_line(line)
         if self._bar is not None:
             self._bar.write(line, file=self.stream)
         else:
@@ -72,7 +73,7 @@ class StageDisplay:
 
     def warn(self, message: str) -> None:
         """Prints a one-line warning."""
-        self.write(f"Warning: {one_line(message)}")
+        self.write(f"Warning: {message}")
 
     def close(self, finished: bool = True) -> None:
         """Ends the display; `finished` False leaves a failed stage without its line."""
