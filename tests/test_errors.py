@@ -783,6 +783,19 @@ def test_empty_keras_zip_is_not_a_model(d1_checkpoint: Path, out_dir: Path) -> N
     assert snapshot(out_dir) == before
 
 
+def test_keras_file_that_is_not_a_zip_is_named_so(d1_checkpoint: Path, out_dir: Path) -> None:
+    model = out_dir / "random.keras"
+    model.write_bytes(bytes(range(256)) * 20)
+    before = snapshot(out_dir)
+    result = run("verify", model, d1_checkpoint)
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: {model}: not a loadable Keras model (a .keras file is a zip archive, and this "
+        "one is not)"
+    )
+    assert snapshot(out_dir) == before
+
+
 def test_unknown_keras_backend_is_a_usage_error(d1_checkpoint: Path, out_dir: Path) -> None:
     env = {**os.environ, "KERAS_BACKEND": "theano", "PYTHONPATH": str(README.parent)}
     completed = subprocess.run(

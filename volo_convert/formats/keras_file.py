@@ -36,6 +36,12 @@ def save(
 
 def load(path: str | Path) -> keras.Model:
     """Loads a saved Keras VOLO (the custom layers are registered by `import volo_convert`)."""
+    if Path(path).suffix.lower() == ".keras" and not zipfile.is_zipfile(path):
+        # Keras would say "File not found" of a file that is there
+        raise ConversionError(
+            f"{path}: not a loadable Keras model (a .keras file is a zip "
+            "archive, and this one is not)"
+        )
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as error:  # whatever a damaged or foreign file makes Keras raise
