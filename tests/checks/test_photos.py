@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,24 @@ def test_a_corrupt_image_is_skipped_with_a_warning_naming_it(
     (warning,) = warned
     assert warning.startswith(f"{broken}: skipped, not a readable image (")
     assert "\n" not in warning
+
+
+def test_a_decompression_bomb_is_skipped_and_a_large_photo_read_quietly(
+    photo_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PIL's limits, scaled down: over twice MAX_IMAGE_PIXELS is refused, under it read."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 96 * 96)
+    Image.new("L", (300, 300)).save(tmp_path / "bomb.png")  # 10x the limit
+    photo_like(120, 120, seed=3).save(tmp_path / "large.png")  # 1.6x: PIL only warns
+    warned: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels = load_photos([tmp_path], 32, 0.96, warn=warned.append)
+    assert pixels.shape == (1, 32, 32, 3)
+    assert warned == [
+        f"{tmp_path / 'bomb.png'}: skipped, not a readable image (Image size (90000 pixels) "
+        "exceeds limit of 18432 pixels, could be decompression bomb DOS attack.)"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ image_size x image_size cropped. What is returned are the 8-bit RGB pixels;
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -60,11 +61,20 @@ def photo_files(paths: Sequence[str | Path]) -> list[Path]:
 def prepare_photo(path: Path, image_size: int, crop_pct: float) -> np.ndarray:
     """One photo as S, S, 3 uint8 RGB pixels, resized and centre-cropped as timm's eval.
 
-    Raises OSError (PIL's UnidentifiedImageError is one) if the file is no readable image.
+    Raises OSError (PIL's UnidentifiedImageError is one) if the file is no readable image,
+    or one too large to decode safely: over twice PIL's MAX_IMAGE_PIXELS, PIL's guard
+    against decompression bombs (a few hundred kilobytes that decode to gigabytes). Up to
+    that, large photos decode without PIL's warning.
     """
     from PIL import Image
 
-    with Image.open(path) as photo:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            opened = Image.open(path)
+        except Image.DecompressionBombError as error:
+            raise OSError(first_line(error)) from None
+    with opened as photo:
         photo = photo.convert("RGB")
         width, height = photo.size
         short_side = math.floor(image_size / crop_pct)
