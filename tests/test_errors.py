@@ -210,6 +210,11 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         ["-o", "{out}/d1.h5", "--report", "{out}/d1.h5"],
         "{out}/d1.h5: is also the model output; name another file",
     ),
+    "report-inside-savedmodel": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["-o", "{out}/sm", "--report", "{out}/sm/saved_model.pb"],
+        "{out}/sm/saved_model.pb: lies inside the model output {out}/sm; name a path outside it",
+    ),
     "report-folder-missing": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),
         ["--report", "{out}/no/such/r.json"],

@@ -6,7 +6,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import torch
-from conftest import TINY_CONFIG, error_line, run
+from conftest import TINY_CONFIG, error_line, run, snapshot
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.batch.report import BatchEntry
@@ -37,6 +37,37 @@ def test_a_verify_that_cannot_start_is_an_error_naming_its_stage(
     assert (error.get("message"), error.get("type")) == (f"loading: {message}", "ConversionError")
     left = sorted(path.name for path in tmp_path.iterdir())
     assert left == ["d1.pth.tar", "parity.xml", "tiny.h5"]
+
+
+def test_junit_may_not_be_another_output_of_the_run(d1_checkpoint: Path, tmp_path: Path) -> None:
+    """Each would replace the other: the JSON report, or the batch's own files."""
+    model_file = tmp_path / "d1.h5"
+    assert run(d1_checkpoint, "-o", model_file, "--no-verify").exit_code == 0
+    out_dir = tmp_path / "keras"
+    out_dir.mkdir()
+    cases = [
+        (
+            ["verify", model_file, d1_checkpoint, "--report", tmp_path / "r.json"],
+            tmp_path / "r.json",
+            "is also the report",
+        ),
+        (
+            ["batch", d1_checkpoint, "-o", out_dir],
+            out_dir / "report.json",
+            "is also the batch report",
+        ),
+        (
+            ["batch", d1_checkpoint, "-o", out_dir],
+            out_dir / f"{d1_checkpoint.name.removesuffix('.pth.tar')}.h5",
+            f"is also the output of {d1_checkpoint.name}",
+        ),
+    ]
+    for args, junit, what in cases:
+        before = snapshot(tmp_path)
+        result = run(*args, "--junit", junit)
+        assert result.exit_code == 2, result.output
+        assert error_line(result) == f"Error: {junit}: {what}; name another file"
+        assert snapshot(tmp_path) == before
 
 
 def test_batch_rows_become_cases_with_their_figures_or_stage() -> None:

@@ -19,7 +19,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from volo_convert.errors import ConversionError, os_error_reason
@@ -98,7 +98,7 @@ def check_output_path(
     *,
     folder: bool = False,
     inputs: Iterable[str | Path] = (),
-    others: Iterable[str | Path] = (),
+    others: Mapping[Path, str] | None = None,
 ) -> Path:
     """Refuses an output that could lose data or fail late; call it before any work.
 
@@ -108,7 +108,8 @@ def check_output_path(
         folder: the output is a SavedModel folder; an existing folder is replaced only if
             it holds a SavedModel, so a mistyped path can never wipe other files.
         inputs: the files the run reads; the output may be none of them, nor hold them.
-        others: the run's other outputs; this one must differ from each.
+        others: the run's other outputs, each with what it is ("the model output"); this
+            one may be none of them, nor lie inside one (a SavedModel folder).
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -133,9 +134,11 @@ def check_output_path(
     for source in map(Path, inputs):
         if _same_file(path, source) or (path.is_dir() and _inside(source, path)):
             raise ConversionError(f"{path}: is the input {source}; refusing to replace it")
-    for other in map(Path, others):
-        if os.path.abspath(path) == os.path.abspath(other):
-            raise ConversionError(f"{path}: is also the model output; name another file")
+    for other, what in (others or {}).items():
+        if os.path.realpath(path) == os.path.realpath(other):
+            raise ConversionError(f"{path}: is also {what}; name another file")
+        if _inside(path, other):
+            raise ConversionError(f"{path}: lies inside {what} {other}; name a path outside it")
     if not parent.is_dir():
         raise ConversionError(f"{path}: the output folder {parent} does not exist")
     try:  # a real write: permission bits alone mislead for root, ACLs and read-only mounts

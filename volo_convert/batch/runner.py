@@ -81,6 +81,20 @@ def output_stem(checkpoint: Path) -> str:
     return checkpoint.stem
 
 
+def output_path(checkpoint: Path, out_dir: Path, fmt: str) -> Path:
+    """Where the batch writes `checkpoint`'s model: OUT_DIR/<stem>.<format>."""
+    return out_dir / f"{output_stem(checkpoint)}.{fmt}"
+
+
+def batch_outputs(checkpoints: list[Path], out_dir: str | Path, fmt: str) -> dict[Path, str]:
+    """Every path the batch writes, with what it is: the reports and each model."""
+    out_dir = Path(out_dir)
+    outputs = {out_dir / name: "the batch report" for name in (REPORT_JSON, REPORT_MD)}
+    for checkpoint in checkpoints:
+        outputs[output_path(checkpoint, out_dir, fmt)] = f"the output of {checkpoint.name}"
+    return outputs
+
+
 def load_previous_entries(
     out_dir: Path, on_warning: Callable[[str], None]
 ) -> dict[str, BatchEntry]:
@@ -207,7 +221,7 @@ def run_batch(
             on_stage(checkpoint, stage)
 
     for checkpoint in checkpoints:
-        output = out_dir / f"{output_stem(checkpoint)}.{fmt}"
+        output = output_path(checkpoint, out_dir, fmt)
         try:
             entry = _convert_one(
                 checkpoint, output, previous_entries.get(output.name), options, atol, notify

@@ -72,12 +72,13 @@ def batch(
       volo-convert batch d1_224_84.2.pth.tar d5_512_87.07.pth.tar -o keras/ --format keras
     """
     from volo_convert.batch.report import REPORT_MD, render_text
-    from volo_convert.batch.runner import find_checkpoints, run_batch
+    from volo_convert.batch.runner import batch_outputs, find_checkpoints, run_batch
     from volo_convert.junit import entry_case, write_junit
 
     options = BatchOptions(ConvertOptions(overwrite=True, **fields), force=force)
     found = find_checkpoints(checkpoints)
-    check_junit_path(junit, found, options.convert.overwrite)
+    outputs = batch_outputs(found, out_dir, options.convert.output_format)
+    check_junit_path(junit, found, options.convert.overwrite, others=outputs)
     with StageDisplay() as display:
 
         def show_stage(checkpoint: Path, stage: str) -> None:

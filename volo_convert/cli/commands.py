@@ -195,7 +195,8 @@ def verify(
     from volo_convert.pipeline import verify_file
 
     options = ConvertOptions(**fields)
-    check_junit_path(junit, [model_file, checkpoint], options.overwrite)
+    reports = {} if report is None else {report: "the report"}
+    check_junit_path(junit, [model_file, checkpoint], options.overwrite, others=reports)
     with StageDisplay() as display:
         try:
             result = verify_file(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -232,12 +232,18 @@ JUNIT = click.option(
 )
 
 
-def check_junit_path(junit: Path | None, inputs: list[Path], overwrite: bool) -> None:
-    """The --junit file is an output like the others: the same policy, before any work."""
+def check_junit_path(
+    junit: Path | None,
+    inputs: list[Path],
+    overwrite: bool,
+    others: Mapping[Path, str] | None = None,
+) -> None:
+    """The --junit file is an output like the others: the same policy, before any work;
+    `others` are the run's other outputs (path -> what it is)."""
     if junit is not None:
         from volo_convert.paths import check_output_path
 
-        check_output_path(junit, overwrite, inputs=inputs)
+        check_output_path(junit, overwrite, inputs=inputs, others=others)
 
 
 INPUT = click.option(

@@ -53,7 +53,7 @@ def check_outputs(
     if output_path is not None:
         check_output_path(output_path, options.overwrite, folder=fmt == SAVEDMODEL, inputs=inputs)
     if report_path is not None:
-        others = [] if output_path is None else [output_path]
+        others = {} if output_path is None else {output_path: "the model output"}
         check_output_path(report_path, options.overwrite, inputs=inputs, others=others)
 
 
