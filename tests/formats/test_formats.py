@@ -467,11 +467,27 @@ def test_verify_refuses_a_damaged_input_record(
         save_model(tiny_model, path, fmt)
         record = path / "assets" / "volo_convert.json"
         record.write_text('{"input": ')
-        message = f"{record}: cannot be read (Expecting value: line 1 column 11 (char 10))"
+        message = f"{record}: is damaged (Expecting value: line 1 column 11 (char 10))"
     before = snapshot(tmp_path)
     result = run("verify", path, d1_checkpoint, "--device", "cpu")
     assert result.exit_code == 2, result.output
     assert error_line(result) == f"Error: {message}"
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("document", ["{}", "[1, 2]", '"images"', '{"compute_dtype": "float32"}'])
+def test_a_savedmodel_record_without_its_input_entry_is_damaged(
+    document: str, tiny_model: keras.Model, d1_checkpoint: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "tiny"
+    path.mkdir()
+    save_model(tiny_model, path, "savedmodel")
+    record = path / "assets" / "volo_convert.json"
+    record.write_text(document)
+    before = snapshot(tmp_path)
+    result = run("verify", path, d1_checkpoint, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == f"Error: {record}: is damaged (no 'input' entry)"
     assert snapshot(tmp_path) == before
 
 

@@ -81,9 +81,13 @@ def _recorded_metadata(metadata_file: Path) -> tuple[str, str]:
         return DEFAULT_INPUT, DEFAULT_COMPUTE_DTYPE
     try:
         metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
-        kind, compute_dtype = metadata["input"], metadata.get("compute_dtype")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except OSError as error:
         raise ConversionError(f"{metadata_file}: cannot be read ({first_line(error)})") from None
+    except ValueError as error:  # not UTF-8, not JSON
+        raise ConversionError(f"{metadata_file}: is damaged ({first_line(error)})") from None
+    if not isinstance(metadata, dict) or "input" not in metadata:
+        raise ConversionError(f"{metadata_file}: is damaged (no 'input' entry)")
+    kind, compute_dtype = metadata["input"], metadata.get("compute_dtype")
     compute_dtype = DEFAULT_COMPUTE_DTYPE if compute_dtype is None else compute_dtype
     if compute_dtype not in COMPUTE_DTYPES:
         raise ConversionError(
