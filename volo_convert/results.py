@@ -80,6 +80,8 @@ class ConversionResult:
         reason = f"parity failed: {self.parity.failure}"
         if self.diagnosis is not None and self.diagnosis.first_failing_stage:
             reason += f"; first stage out of tolerance: {self.diagnosis.first_failing_stage}"
+        elif self.diagnosis is not None and self.diagnosis.rebuilt:
+            reason += "; the Keras graph rebuilt from the checkpoint passes every stage"
         return reason
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,9 +14,11 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, error_line, run, snapshot
+from conftest import SMALL_IMAGE_SIZE, TINY_CONFIG, error_line, run, snapshot
 
 from volo_convert.architecture.keras_model import build_volo
+from volo_convert.architecture.variants import VARIANTS
+from volo_convert.checks.diagnosis import REBUILT_PASSES
 from volo_convert.checks.parity import check_parity, model_outputs
 from volo_convert.checks.reference import ReferenceRun, run_reference
 from volo_convert.environment import environment
@@ -38,6 +40,7 @@ from volo_convert.options import FLOAT16_ATOL
 from volo_convert.paths import check_output_path, move_into_place, staged_output
 from volo_convert.pipeline import conversion
 from volo_convert.provenance import PROVENANCE_NAME, Provenance, VerificationRecord
+from volo_convert.synthetic import write_checkpoint
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.porting import port_weights
 
@@ -447,6 +450,23 @@ def test_inspect_refuses_files_without_a_record(tiny_model: keras.Model, tmp_pat
     assert result.output == f"Error: {damaged}: its provenance record is damaged\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.h5", "plain.keras"]
     assert path.read_bytes() == content
+
+
+def test_a_file_of_another_model_is_told_apart_from_a_bad_port(
+    d1_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A SavedModel has no stages to read: the graph rebuilt from the checkpoint stands in,
+    and when that passes every stage, the difference is the file's own."""
+    folder = tmp_path / "d1_savedmodel"
+    assert run(d1_checkpoint, "-o", folder, "--no-verify").exit_code == 0
+    other = write_checkpoint(tmp_path / "other.pth", VARIANTS["d1"], SMALL_IMAGE_SIZE, seed=6)
+    result = run("verify", folder, other, "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    assert REBUILT_PASSES in result.output.splitlines()
+    assert error_line(result).startswith("Error: parity failed: max abs diff ")
+    assert error_line(result).endswith(
+        "; the Keras graph rebuilt from the checkpoint passes every stage"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["savedmodel", "tflite"])

@@ -44,6 +44,9 @@ class Diagnosis:
     stages: tuple[StageDifference, ...]
     first_failing_stage: str | None
     atol: float
+    # The stages are those of the float32 Keras graph rebuilt from the checkpoint, standing
+    # in for a file that has none to read (SavedModel, TFLite, bfloat16).
+    rebuilt: bool = False
 
 
 def stage_tolerance(atol: float, torch_max_abs: float, is_output: bool) -> float:
@@ -99,12 +102,24 @@ def keras_stage_outputs(
 
 
 def diagnose(
-    model: keras.Model, config: VoloConfig, reference: ReferenceRun, atol: float
+    model: keras.Model,
+    config: VoloConfig,
+    reference: ReferenceRun,
+    atol: float,
+    rebuilt: bool = False,
 ) -> Diagnosis:
-    """Compares every stage of the Keras `model` with the reference run, on its images."""
+    """Compares every stage of the Keras `model` with the reference run, on its images;
+    `rebuilt` says that `model` stands in for a file, rebuilt from the checkpoint."""
     inputs = reference.pixels if model_input(model) == "pixels" else reference.images
     keras_outputs = keras_stage_outputs(model, config, inputs, reference.head)
-    return compare_stages(keras_outputs, reference.stage_outputs, atol, reference.head)
+    diagnosis = compare_stages(keras_outputs, reference.stage_outputs, atol, reference.head)
+    return dataclasses.replace(diagnosis, rebuilt=rebuilt)
+
+
+REBUILT_PASSES = (
+    "every stage of the float32 Keras graph rebuilt from the checkpoint is within tolerance, "
+    "so the file itself differs: its export, its precision, or another model"
+)
 
 
 def format_diagnosis(diagnosis: Diagnosis) -> str:
@@ -137,7 +152,7 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
         for row in rows
     ]
     if diagnosis.first_failing_stage is None:
-        lines.append("every stage is within tolerance")
+        lines.append(REBUILT_PASSES if diagnosis.rebuilt else "every stage is within tolerance")
     else:
         lines.append(f"first stage out of tolerance: {diagnosis.first_failing_stage}")
     return "\n".join(lines)

@@ -117,7 +117,9 @@ def verify(
     if options.explain or not result.parity.passed:
         notify(on_stage, "diagnosing")
         graph = _keras_graph(model, checkpoint, result.head)
-        result.diagnosis = diagnose(graph, checkpoint.config, reference, diagnosis_atol)
+        result.diagnosis = diagnose(
+            graph, checkpoint.config, reference, diagnosis_atol, rebuilt=graph is not model
+        )
     if options.training:
         notify(on_stage, "training")
         result.training = check_training_parity(
