@@ -469,6 +469,46 @@ def test_a_file_of_another_model_is_told_apart_from_a_bad_port(
     )
 
 
+def _foreign_model(case: str) -> keras.Model:
+    """A small Keras model that is no image classifier, as another tool might export."""
+    images = keras.Input((32, 30 if case == "non-square" else 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(images)
+    if case == "two inputs":
+        extra = keras.Input((4,))
+        joined = keras.layers.Concatenate()([pooled, extra])
+        return keras.Model([images, extra], keras.layers.Dense(10)(joined))
+    if case == "map output":
+        return keras.Model(images, keras.layers.Conv2D(4, 3)(images))
+    return keras.Model(images, keras.layers.Dense(10)(pooled))
+
+
+@pytest.mark.parametrize(
+    ("case", "fmt", "message"),
+    [
+        ("two inputs", "tflite", "expected one input and one output, found 2 and 1"),
+        ("non-square", "tflite", "takes inputs of shape (B, 32, 30, 3), not B, S, S, 3 images"),
+        ("non-square", "savedmodel", "takes inputs of shape (B, 32, 30, 3), not B, S, S, 3 images"),
+        ("map output", "tflite", "returns outputs of shape (B, 30, 30, 4), not B, K"),
+    ],
+)
+def test_a_foreign_file_that_is_no_image_classifier_is_refused(
+    case: str, fmt: str, message: str, d1_checkpoint: Path, tmp_path: Path
+) -> None:
+    import tensorflow as tf
+
+    model = _foreign_model(case)
+    path = tmp_path / ("foreign.tflite" if fmt == "tflite" else "foreign")
+    if fmt == "tflite":
+        path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    else:
+        model.export(path, verbose=False)
+    before = snapshot(tmp_path)
+    result = run("verify", path, d1_checkpoint, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == f"Error: {path}: {message}"
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("fmt", ["savedmodel", "tflite"])
 def test_verify_refuses_a_damaged_input_record(
     fmt: str, tiny_model: keras.Model, tiny_tflite: dict[str, bytes], d1_checkpoint: Path,

@@ -60,3 +60,25 @@ def check_input_kind(kind: object, where: str | Path) -> str:
     if kind not in INPUTS:
         raise ConversionError(f"{where}: records an unknown input kind {kind!r}")
     return str(kind)
+
+
+def check_classifier_shapes(
+    input_shape: tuple[Any, ...], output_shape: tuple[Any, ...], where: str | Path
+) -> None:
+    """Refuses a file that is no image classifier: VOLO takes B, S, S, 3 and returns B, K.
+
+    A SavedModel or TFLite file from elsewhere would otherwise fail deep inside a run.
+    """
+    if len(input_shape) != 4 or input_shape[1] != input_shape[2] or input_shape[3] != 3:
+        raise ConversionError(
+            f"{where}: takes inputs of shape {_shape_text(input_shape)}, not B, S, S, 3 images"
+        )
+    if len(output_shape) != 2:
+        raise ConversionError(
+            f"{where}: returns outputs of shape {_shape_text(output_shape)}, not B, K"
+        )
+
+
+def _shape_text(shape: tuple[Any, ...]) -> str:
+    """(None, 224, 200, 3) as `(B, 224, 200, 3)`."""
+    return "(" + ", ".join("B" if size is None else str(size) for size in shape) + ")"

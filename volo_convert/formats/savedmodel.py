@@ -10,7 +10,7 @@ import numpy as np
 
 from volo_convert.architecture.keras_model import model_compute_dtype, model_input
 from volo_convert.errors import ConversionError, first_line
-from volo_convert.formats.contract import InputContract, check_input_kind
+from volo_convert.formats.contract import InputContract, check_classifier_shapes, check_input_kind
 from volo_convert.options import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE, DEFAULT_INPUT
 from volo_convert.provenance import PROVENANCE_NAME
 
@@ -118,9 +118,10 @@ class SavedModelRunner:
             next(iter(outputs.items())),
         )
         self.input_shape = tuple(input_spec.shape)  # None, S, S, 3
+        self.output_shape = tuple(output_spec.shape)  # None, K
+        check_classifier_shapes(self.input_shape, self.output_shape, path)
         kind, self.compute_dtype = _recorded_metadata(Path(path) / METADATA_FILE)
         self.input_contract = InputContract(kind)
-        self.output_shape = tuple(output_spec.shape)  # None, K
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
         """B, S, S, 3 images -> B, K logits."""

@@ -28,7 +28,11 @@ import numpy as np
 
 from volo_convert.architecture.keras_model import model_input
 from volo_convert.errors import ConversionError, first_line
-from volo_convert.formats.contract import InputContract, check_input_kind
+from volo_convert.formats.contract import (
+    InputContract,
+    check_classifier_shapes,
+    check_input_kind,
+)
 from volo_convert.formats.savedmodel import export_saved_model
 from volo_convert.formats.tflite_flatbuffer import (
     METADATA_NAME,
@@ -195,8 +199,17 @@ class TFLiteRunner:
                 raise ConversionError(
                     f"{path}: not a loadable TFLite model ({first_line(error)})"
                 ) from None
-            (input_details,) = self._interpreter.get_input_details()
-            (output_details,) = self._interpreter.get_output_details()
+            inputs = self._interpreter.get_input_details()
+            outputs = self._interpreter.get_output_details()
+            if len(inputs) != 1 or len(outputs) != 1:
+                raise ConversionError(
+                    f"{path}: expected one input and one output, found {len(inputs)} and "
+                    f"{len(outputs)}"
+                )
+            (input_details,), (output_details,) = inputs, outputs
+            self.input_shape = (None, *(int(size) for size in input_details["shape"][1:]))
+            self.output_shape = (None, *(int(size) for size in output_details["shape"][1:]))
+            check_classifier_shapes(self.input_shape, self.output_shape, path)
             if input_details["shape"][0] != 1:
                 self._interpreter.resize_tensor_input(
                     input_details["index"], [1, *input_details["shape"][1:]]
@@ -213,8 +226,6 @@ class TFLiteRunner:
         self._output_index = output_details["index"]
         self._output_scale, self._output_zero_point = output_details["quantization"]
         self.input_contract = _tensor_contract(input_details, check_input_kind(kind, path))
-        self.input_shape = (None, *(int(size) for size in input_details["shape"][1:]))
-        self.output_shape = (None, *(int(size) for size in output_details["shape"][1:]))
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
         """B, S, S, 3 images (or pixels) -> B, K float32 logits."""
