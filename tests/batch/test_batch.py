@@ -209,6 +209,28 @@ def test_synthesize_writes_release_names_and_corrupts_on_request(tmp_path: Path)
     assert "unknown release checkpoint 'd9_224.pth.tar'" in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--only", "d1_224_84.2.pth.tar", "--corrupt", "d5_512_87.07.pth.tar"],
+            "Error: --corrupt d5_512_87.07.pth.tar: not among the files written; add --only "
+            "d5_512_87.07.pth.tar",
+        ),
+        (
+            ["--seed", "-3"],
+            "Error: Invalid value for '--seed': -3 is not in the range 0<=x<=18446744073709551605.",
+        ),
+    ],
+)
+def test_synthesize_refuses_before_writing(args: list[str], message: str, tmp_path: Path) -> None:
+    out_dir = tmp_path / "synthetic"
+    result = run("synthesize", out_dir, *args)
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == message
+    assert not out_dir.exists()
+
+
 def test_non_regular_member_is_reported_and_the_others_go_on(
     first_batch: tuple, tmp_path: Path
 ) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from volo_convert.architecture.variants import RELEASE_CHECKPOINTS
 from volo_convert.cli.parameters import (
     CONTEXT_SETTINGS,
     JUNIT,
@@ -18,11 +19,12 @@ from volo_convert.cli.parameters import (
     verification_options,
 )
 from volo_convert.cli.progress import StageDisplay
-from volo_convert.errors import one_line
+from volo_convert.errors import ConversionError, one_line
 from volo_convert.options import (
     DEFAULT_SEED,
     EXIT_PARITY_FAILED,
     KERAS_FORMATS,
+    MAX_SEED,
     BatchOptions,
     ConvertOptions,
 )
@@ -126,7 +128,14 @@ def batch(
     multiple=True,
     help="Cut this file to half its length afterwards (repeatable), to see a failure.",
 )
-@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Weight seed.")
+@click.option(
+    "--seed",
+    # each further file takes the next seed, and every one must be a valid torch seed
+    type=click.IntRange(min=0, max=MAX_SEED - len(RELEASE_CHECKPOINTS) + 1),
+    default=DEFAULT_SEED,
+    show_default=True,
+    help="Weight seed of the first file; each further file takes the next one.",
+)
 @click.option("--overwrite", is_flag=True, help="Rewrite files that exist.")
 @handles_errors
 def synthesize(
@@ -149,8 +158,13 @@ def synthesize(
         write_release_checkpoints,
     )
 
+    written = names or tuple(RELEASE_CHECKPOINTS)
     for name in corrupt:
         check_release_name(name)
+        if name not in written:
+            raise ConversionError(
+                f"--corrupt {name}: not among the files written; add --only {name}"
+            )
     paths = write_release_checkpoints(
         out_dir,
         list(names) if names else None,
