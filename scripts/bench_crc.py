@@ -18,7 +18,7 @@ from pathlib import Path
 from quiet_machine import add_load_arguments, require_quiet
 
 from volo_convert.environment import environment_line
-from volo_convert.weights.checkpoint import SCAN_CHUNK_BYTES, _scan
+from volo_convert.weights.file_scan import SCAN_CHUNK_BYTES, scan_file
 
 
 def plain_read(path: Path) -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     load = require_quiet(args)
     passes = {
         "plain read": plain_read,
-        "SHA-256 + CRC pass": lambda path: _scan(path, zip_container=True),
+        "SHA-256 + CRC pass": lambda path: scan_file(path, zip_container=True),
     }
     timings: dict[str, list[float]] = {name: [] for name in passes}
     for _ in range(args.rounds):
