@@ -97,9 +97,9 @@ class ConversionResult:
         what = f"{self.output_format} {self.tflite_dtype}" if self.tflite_dtype else None
         if self.compute_dtype != DEFAULT_COMPUTE_DTYPE:
             what = f"{self.output_format}, {self.compute_dtype} compute"
+        route = f"{one_line(self.checkpoint)} -> {one_line(self.output)}"  # names escaped
         lines = [
-            f"{one_line(self.checkpoint)} -> {one_line(self.output)}: VOLO {self.variant} at "
-            f"{self.image_size}px, "
+            f"{route}: VOLO {self.variant} at {self.image_size}px, "
             f"{self.num_classes} classes, {self.parameters:,} parameters, {self.head} head"
             + (f", {what}" if what else "")
         ]

@@ -6,6 +6,7 @@ trip the converter uses for its own `CONVERSION_METADATA`.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -24,17 +25,22 @@ def schema() -> Any:
     return schema_py_generated
 
 
+@functools.cache
+def _builtin_names() -> dict[int, str]:
+    """Builtin operator code -> its name (BATCH_MATMUL), read from the schema once."""
+    builtin = schema().BuiltinOperator
+    return {value: name for name, value in vars(builtin).items() if name.isupper()}
+
+
 def operator_name(flatbuffer: Any, opcode_index: int) -> str:
     """The builtin name of an operator code (BATCH_MATMUL), or `custom:CODE` for a custom op."""
     from tensorflow.lite.python.schema_util import get_builtin_code_from_operator_code
 
-    builtin = schema().BuiltinOperator
     opcode = flatbuffer.OperatorCodes(opcode_index)
     code = get_builtin_code_from_operator_code(opcode)
-    if code == builtin.CUSTOM:
+    if code == schema().BuiltinOperator.CUSTOM:
         return f"custom:{opcode.CustomCode().decode()}"
-    builtin_names = {value: name for name, value in vars(builtin).items() if name.isupper()}
-    return builtin_names[code]
+    return _builtin_names()[code]
 
 
 def operator_names(content: bytes) -> list[str]:
