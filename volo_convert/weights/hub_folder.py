@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,7 +37,7 @@ from volo_convert.paths import check_input
 CONFIG_NAME = "config.json"
 # The weights files a hub folder may hold, in timm's order of preference: safetensors first.
 WEIGHTS_NAMES = ("model.safetensors", "pytorch_model.bin")
-_ARCHITECTURE = re.compile(r"^volo_(d[1-5])(?:_\d+)?$")  # timm's names: volo_d1_224, volo_d5_512
+_ARCHITECTURE = re.compile(r"^volo_(\w+?)(?:_\d+)?$")  # timm's names: volo_d1_224, volo_d5_512
 _NORMALISATION_TOLERANCE = 1e-6  # mean/std as JSON round-trips them
 
 
@@ -98,7 +99,7 @@ def checkpoint_source(path: str | Path) -> CheckpointSource:
     path = check_input(path, folder_ok=True)
     if not path.is_dir():
         return CheckpointSource(path, None, path.name)
-    held = [path / name for name in WEIGHTS_NAMES if (path / name).exists()]
+    held = [path / name for name in WEIGHTS_NAMES if os.path.lexists(path / name)]
     config = path / CONFIG_NAME
     if not held:
         found = "config.json but " if config.exists() else ""
@@ -107,7 +108,7 @@ def checkpoint_source(path: str | Path) -> CheckpointSource:
             f"a checkpoint file or a hub folder ({CONFIG_NAME} beside the weights)"
         )
     weights = check_input(held[0])
-    if not config.exists():
+    if not os.path.lexists(config):
         raise ConversionError(
             f"{path}: holds {weights.name} but no {CONFIG_NAME}, which names its architecture, "
             f"classes and preprocessing; name {weights} itself to convert it by its tensors alone"
@@ -254,7 +255,8 @@ def read_hub_config(path: Path) -> HubConfig:
     match = _ARCHITECTURE.match(architecture)
     if match is None or match.group(1) not in VARIANTS:
         raise ConversionError(
-            f"{where}: architecture is {architecture!r}, not a VOLO (volo_d1 .. volo_d5)"
+            f"{where}: architecture is {architecture!r}, not a VOLO "
+            f"({', '.join('volo_' + name for name in VARIANTS)})"
         )
     variant = match.group(1)
     num_classes = _field(document, "num_classes", int, where)
@@ -283,18 +285,19 @@ def read_hub_config(path: Path) -> HubConfig:
     )
 
 
-def check_hub_config(hub: HubConfig, config: VoloConfig, image_size: int, where: Path) -> None:
+def check_hub_config(hub: HubConfig, config: VoloConfig, image_size: int) -> None:
     """Refuses a config.json that contradicts the tensors (`config`, `image_size` were
     detected from their shapes), naming both."""
-    named = f"{where / CONFIG_NAME} says"
     if hub.variant != config.name:
-        raise ConversionError(f"{named} {hub.architecture}, but the tensors are VOLO {config.name}")
+        raise ConversionError(
+            f"{CONFIG_NAME} says {hub.architecture}, but the tensors are VOLO {config.name}"
+        )
     if hub.num_classes != config.num_classes:
         raise ConversionError(
-            f"{named} num_classes {hub.num_classes}, but the head has {config.num_classes} "
-            "classes (head.weight)"
+            f"{CONFIG_NAME} says num_classes {hub.num_classes}, but the head has "
+            f"{config.num_classes} classes (head.weight)"
         )
     if hub.image_size is not None and hub.image_size != image_size:
         raise ConversionError(
-            f"{named} input size {hub.image_size}, but pos_embed is for {image_size}px"
+            f"{CONFIG_NAME} says input size {hub.image_size}, but pos_embed is for {image_size}px"
         )

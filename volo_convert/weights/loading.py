@@ -77,7 +77,7 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
     with about(path):
         config, image_size = detect_config(shapes)
         if hub is not None:
-            check_hub_config(hub, config, image_size, Path(path))
+            check_hub_config(hub, config, image_size)
         if options.variant is not None:
             config = get_variant(options.variant).with_num_classes(config.num_classes)
         check_checkpoint(shapes, weight_mappings(config), parameter_shapes(config, image_size))
