@@ -30,6 +30,7 @@ from volo_convert.checks import photos
 from volo_convert.formats import read_provenance
 from volo_convert.formats.tflite_flatbuffer import metadata_document
 from volo_convert.provenance import PROVENANCE_NAME
+from volo_convert.weights.hub_folder import read_hub_config
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 CLASS_NAMES = [f"n{index:08d}" for index in range(TINY_CONFIG.num_classes)]
@@ -416,3 +417,40 @@ def test_batch_takes_hub_folders_beside_files(tmp_path: Path) -> None:
     assert find_checkpoints([tmp_path]) == [tmp_path / "a.pth.tar", hub]
     assert find_checkpoints([hub]) == [hub]
     assert output_stem(hub) == "volo_d1_hub"
+
+
+def test_configs_as_the_hub_holds_them_read_as_timm_reads_them(tmp_path: Path) -> None:
+    """Without model_args (older timm), and timm's single-dict layout with `labels`."""
+    hub_held = timm_config("volo_d2_384", 1000, 384)
+    del hub_held["model_args"]
+    hub_held["pretrained_cfg"].update(crop_pct=1.0)
+    (tmp_path / "hub.json").write_text(json.dumps(hub_held))
+    config = read_hub_config(tmp_path / "hub.json")
+    assert (config.variant, config.num_classes, config.image_size) == ("d2", 1000, 384)
+    assert config.transform(384) == EvalTransform(1.0, "bicubic", "center")
+    assert config.labels is None
+    single = {"architecture": "volo_d1_224", "num_classes": 2, "labels": ["cat", "dog"]}
+    (tmp_path / "single.json").write_text(json.dumps(single))
+    config = read_hub_config(tmp_path / "single.json")
+    assert (config.variant, config.image_size, config.labels) == ("d1", None, ("cat", "dog"))
+    assert config.transform(224) == EvalTransform(0.96)  # what the config leaves out: the release's
+
+
+@pytest.mark.large
+def test_batch_converts_a_hub_folder_and_resumes(d1_state_dict: dict, tmp_path: Path) -> None:
+    """A hub folder inside a batch folder is converted in its own process as
+    OUT_DIR/<folder>.h5; a re-run finds it done by its weights file's SHA-256."""
+    members = tmp_path / "members"
+    hub = write_hub_folder(members / "volo_d1_hub", d1_state_dict)
+    out_dir = tmp_path / "out"
+    result = run("batch", members, "-o", out_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out_dir / "report.json").read_text())["checkpoints"]
+    assert [(row["file"], row["output"], row["status"]) for row in rows] == [
+        ("volo_d1_hub", "volo_d1_hub.h5", "passed")
+    ]
+    assert rows[0]["sha256"] == hashlib.sha256((hub / "model.safetensors").read_bytes()).hexdigest()
+    again = run("batch", members, "-o", out_dir, "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    rows = json.loads((out_dir / "report.json").read_text())["checkpoints"]
+    assert rows[0]["status"] == "skipped"
