@@ -212,6 +212,18 @@ HUB_ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], str]] = {
         "{input}/config.json: mean is [0.5, 0.5, 0.5], but volo-convert normalises with "
         "ImageNet's mean [0.485, 0.456, 0.406], as VOLO was trained",
     ),
+    "hub-field-wrong-type": (
+        lambda folder, sd: write_hub_folder(
+            folder / "hub", sd, changed(lambda c: c.update(num_classes="1000"))
+        ),
+        '{input}/config.json: num_classes is "1000", which is not a whole number',
+    ),
+    "hub-crop-pct-out-of-range": (
+        lambda folder, sd: write_hub_folder(
+            folder / "hub", sd, changed(lambda c: c["pretrained_cfg"].update(crop_pct=0.001))
+        ),
+        "{input}/config.json: crop_pct is 0.001, expected 0.25 to 4.0",
+    ),
     "hub-interpolation-unknown": (
         lambda folder, sd: write_hub_folder(
             folder / "hub",

@@ -115,6 +115,9 @@ CROP_MODES = ("center", "squash", "border")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 DEFAULT_CROP_MODE = "center"
 DEFAULT_INTERPOLATION = "bicubic"
+# The crop_pct a config may name: timm's run from 0.875 to 1.15; far outside, the resize
+# before the crop would be a sliver or a photo many times its size.
+CROP_PCT_RANGE = (0.25, 4.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from volo_convert.architecture.variants import (
     CROP_MODES,
+    CROP_PCT_RANGE,
     IMAGENET_MEAN,
     IMAGENET_STD,
     INTERPOLATIONS,
@@ -74,7 +75,7 @@ class HubConfig:
 
 def is_hub_folder(path: Path) -> bool:
     """True for a folder holding config.json (a hub folder, complete or not)."""
-    return path.is_dir() and (path / CONFIG_NAME).exists()
+    return path.is_dir() and os.path.lexists(path / CONFIG_NAME)
 
 
 def input_files(path: str | Path) -> list[Path]:
@@ -117,14 +118,6 @@ def checkpoint_source(path: str | Path) -> CheckpointSource:
     return CheckpointSource(weights, config, f"{path.name}/{weights.name}")
 
 
-def _field(document: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    """`document[key]` if it is of `kind` (None if absent); else a ConversionError."""
-    value = document.get(key)
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-        raise ConversionError(f"{where}: {key} is {json.dumps(value)}, which is not {_KINDS[kind]}")
-    return value
-
-
 _KINDS: dict[Any, str] = {
     str: "a name",
     int: "a whole number",
@@ -133,6 +126,14 @@ _KINDS: dict[Any, str] = {
     dict: "an object",
     (list, dict): "a list or an object",
 }
+
+
+def _field(document: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """`document[key]` if it is of `kind` (None if absent); else a ConversionError."""
+    value = document.get(key)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise ConversionError(f"{where}: {key} is {json.dumps(value)}, which is not {_KINDS[kind]}")
+    return value
 
 
 def _image_size(pretrained: dict[str, Any], model_args: dict[str, Any], where: str) -> int | None:
@@ -189,8 +190,9 @@ def _transform_fields(pretrained: dict[str, Any], where: str) -> dict[str, Any]:
         "crop_mode": _field(pretrained, "crop_mode", str, where),
     }
     crop_pct = fields["crop_pct"]
-    if crop_pct is not None and not (math.isfinite(crop_pct) and crop_pct > 0):
-        raise ConversionError(f"{where}: crop_pct is {crop_pct}, expected a positive number")
+    low, high = CROP_PCT_RANGE
+    if crop_pct is not None and not (math.isfinite(crop_pct) and low <= crop_pct <= high):
+        raise ConversionError(f"{where}: crop_pct is {crop_pct}, expected {low} to {high}")
     for key, choices in (("interpolation", INTERPOLATIONS), ("crop_mode", CROP_MODES)):
         if fields[key] is not None and fields[key] not in choices:
             raise ConversionError(
@@ -262,8 +264,10 @@ def read_hub_config(path: Path) -> HubConfig:
     num_classes = _field(document, "num_classes", int, where)
     if num_classes is None:
         num_classes = _field(pretrained, "num_classes", int, where)
-    if num_classes is None or num_classes < 1:
-        raise ConversionError(f"{where}: names no num_classes (a positive whole number)")
+    if num_classes is None:
+        raise ConversionError(f"{where}: names no num_classes")
+    if num_classes < 1:
+        raise ConversionError(f"{where}: num_classes is {num_classes}, expected at least 1")
     model_args = _field(document, "model_args", dict, where) or {}
     image_size = _image_size(pretrained, model_args, where)
     _check_normalisation(pretrained, where)
