@@ -70,7 +70,8 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
     "folder": (
         lambda folder, sd: folder,
         [],
-        "{input}: is a folder, expected a checkpoint file",
+        "{input}: is a folder that holds no model.safetensors or pytorch_model.bin; expected "
+        "a checkpoint file or a hub folder (config.json beside the weights)",
     ),
     "empty-file": (
         lambda folder, sd: (folder / "empty.pth.tar").touch() or folder / "empty.pth.tar",

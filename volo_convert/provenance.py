@@ -12,14 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from volo_convert.errors import ConversionError
+from volo_convert.errors import ConversionError, one_line
 from volo_convert.options import DEFAULT_COMPUTE_DTYPE
 
 PROVENANCE_NAME = "volo_convert_provenance"  # the attribute, zip entry, asset, metadata name
-# 2 added the input contract, the TFLite dtype and the top-1 bar; 3 the compute dtype.
-# Older ones are read as before: what they lack takes the only value there was.
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (1, 2, SCHEMA_VERSION)
+# 2 added the input contract, the TFLite dtype and the top-1 bar; 3 the compute dtype; 4 the
+# class names. Older ones are read as before: what they lack takes the only value there was.
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (1, 2, 3, SCHEMA_VERSION)
+LABELS_SHOWN = 3  # the class names `inspect` prints before "..."
 # What a schema-1 file took: the only input there was.
 IMAGES_INPUT = {"kind": "images", "dtype": "float32"}
 
@@ -49,11 +50,16 @@ class Provenance:
     the library versions and the machine (`environment.environment()`). `input` is the
     input contract (`formats.contract.InputContract.to_dict()`); `tflite_dtype` is None
     for other formats. `compute_dtype` is what the model computes in (`options.COMPUTE_DTYPES`).
+    `labels` are the class names by index, where the checkpoint's hub config.json gives
+    them (None otherwise), and `label_descriptions` their descriptions (timm's
+    `label_descriptions`, e.g. "tench, Tinca tinca" for the synset n01440764).
+    `source_file` is the checkpoint's name, or a hub folder's `FOLDER/WEIGHTS`, and
+    `source_sha256` that file's hash (for a hub folder, of its weights file).
     """
 
     converter_version: str
     created: str  # UTC, ISO 8601
-    source_file: str  # the checkpoint's name, without its folder
+    source_file: str  # the checkpoint's name, without its folder; FOLDER/WEIGHTS for a hub folder
     source_sha256: str
     variant: str
     image_size: int
@@ -65,6 +71,8 @@ class Provenance:
     tflite_dtype: str | None = None
     input: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(IMAGES_INPUT))
     compute_dtype: str = DEFAULT_COMPUTE_DTYPE  # schemas 1 and 2 knew no other
+    labels: list[str] | None = None  # schemas 1 to 3 recorded none
+    label_descriptions: list[str] | None = None
 
     def to_json(self) -> str:
         """The document as stored in a file: JSON with a schema version."""
@@ -131,6 +139,7 @@ class Provenance:
                 ),
             ),
             ("input", describe_input(self.input)),
+            *([] if self.labels is None else [("labels", describe_labels(self.labels))]),
             ("verified", verified),
             ("libraries", libraries),
             ("machine", self.environment.get("machine", "unknown")),
@@ -144,3 +153,11 @@ def describe_input(contract: dict[str, Any]) -> str:
     if "scale" in contract:
         line += f", scale {contract['scale']:.6g}, zero point {contract['zero_point']}"
     return line + ")"
+
+
+def describe_labels(labels: list[str]) -> str:
+    """One line for the class names: how many, and the first few."""
+    shown = ", ".join(one_line(label) for label in labels[:LABELS_SHOWN]) + (
+        ", ..." if len(labels) > LABELS_SHOWN else ""
+    )
+    return f"{len(labels)} class names: {shown}"

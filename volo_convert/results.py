@@ -31,7 +31,9 @@ DEFAULT_IO = (DEFAULT_INPUT, "float32")  # the input the summary need not mentio
 class ConversionResult:
     """What a conversion or a verification found, as written to reports.
 
-    `checkpoint_sha256` is the hash of the checkpoint read; a verification also holds
+    `checkpoint_sha256` is the hash of the checkpoint read (a hub folder's weights file,
+    which `checkpoint_name` names); `labels` are the class names a hub folder's config
+    gives, and `label_descriptions` theirs (None if none). A verification also holds
     `recorded_sha256`, the hash the model's provenance records (None if it has none),
     and the `warnings` it gave. `str(result)` is the summary the CLI prints.
     """
@@ -51,6 +53,9 @@ class ConversionResult:
     runtime: str | None = None
     checkpoint_sha256: str | None = None
     recorded_sha256: str | None = None
+    checkpoint_name: str | None = None  # None: the checkpoint path's own name
+    labels: tuple[str, ...] | None = None
+    label_descriptions: tuple[str, ...] | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
     training: TrainingParity | None = None
     tflite_dtype: str | None = None
@@ -158,7 +163,7 @@ class ConversionResult:
         return Provenance(
             converter_version=__version__,
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            source_file=Path(self.checkpoint).name,
+            source_file=self.checkpoint_name or Path(self.checkpoint).name,
             source_sha256=self.checkpoint_sha256,
             variant=self.variant,
             image_size=self.image_size,
@@ -168,6 +173,10 @@ class ConversionResult:
             tflite_dtype=self.tflite_dtype,
             input=self.input,
             compute_dtype=self.compute_dtype,
+            labels=None if self.labels is None else list(self.labels),
+            label_descriptions=(
+                None if self.label_descriptions is None else list(self.label_descriptions)
+            ),
             verification=verification,
             environment=environment(),
         )

@@ -13,7 +13,12 @@ import pytest
 from conftest import error_line, run
 from PIL import Image
 
-from volo_convert.architecture.variants import RELEASE_CHECKPOINTS, RELEASE_CROP_PCT, crop_pct
+from volo_convert.architecture.variants import (
+    RELEASE_CHECKPOINTS,
+    RELEASE_CROP_PCT,
+    EvalTransform,
+    crop_pct,
+)
 from volo_convert.checks.photos import load_photos
 from volo_convert.errors import ConversionError
 
@@ -54,7 +59,7 @@ def test_release_crop_pct_and_the_rule_for_other_sizes() -> None:
 
 def test_photos_are_resized_and_centre_cropped_as_timm_eval(photo_folder: Path) -> None:
     size, pct = 64, 0.96
-    pixels = load_photos([photo_folder], size, pct, warn=pytest.fail)
+    pixels = load_photos([photo_folder], size, EvalTransform(pct), warn=pytest.fail)
     assert pixels.shape == (3, size, size, 3) and pixels.dtype == np.uint8
     # landscape.jpg, 300 x 200: short side to floor(64 / 0.96) = 66, so 99 x 66, then the
     # centre 64 columns start at round(35 / 2) = 18 of 99. Red rises left to right, so the
@@ -73,7 +78,9 @@ def test_photos_are_resized_and_centre_cropped_as_timm_eval(photo_folder: Path) 
 
 
 def test_files_and_folders_mix_in_order(photo_folder: Path) -> None:
-    pixels = load_photos([photo_folder / "square.png", photo_folder], 32, 1.0, warn=pytest.fail)
+    pixels = load_photos(
+        [photo_folder / "square.png", photo_folder], 32, EvalTransform(1.0), warn=pytest.fail
+    )
     assert len(pixels) == 4
     np.testing.assert_array_equal(pixels[0], pixels[3])  # square.png, given twice
 
@@ -84,7 +91,9 @@ def test_a_corrupt_image_is_skipped_with_a_warning_naming_it(
     broken = tmp_path / "broken.jpg"
     broken.write_bytes((photo_folder / "landscape.jpg").read_bytes()[:40])
     warned: list[str] = []
-    pixels = load_photos([broken, photo_folder / "square.png"], 32, 0.96, warn=warned.append)
+    pixels = load_photos(
+        [broken, photo_folder / "square.png"], 32, EvalTransform(0.96), warn=warned.append
+    )
     assert len(pixels) == 1
     (warning,) = warned
     assert warning.startswith(f"{broken}: skipped, not a readable image (")
@@ -101,7 +110,7 @@ def test_a_decompression_bomb_is_skipped_and_a_large_photo_read_quietly(
     warned: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pixels = load_photos([tmp_path], 32, 0.96, warn=warned.append)
+        pixels = load_photos([tmp_path], 32, EvalTransform(0.96), warn=warned.append)
     assert pixels.shape == (1, 32, 32, 3)
     assert warned == [
         f"{tmp_path / 'bomb.png'}: skipped, not a readable image (Image size (90000 pixels) "
@@ -124,7 +133,7 @@ def test_a_decompression_bomb_is_skipped_and_a_large_photo_read_quietly(
 def test_no_images_is_an_error(tmp_path: Path, make, message: str) -> None:
     (tmp_path / "readme.txt").write_text("no photos here")
     with pytest.raises(ConversionError) as raised:
-        load_photos([make(tmp_path)], 32, 0.96, warn=pytest.fail)
+        load_photos([make(tmp_path)], 32, EvalTransform(0.96), warn=pytest.fail)
     assert str(raised.value) == message.format(folder=tmp_path)
 
 
@@ -132,7 +141,7 @@ def test_only_unreadable_images_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "fake.png").write_text("not a png")
     warned: list[str] = []
     with pytest.raises(ConversionError) as raised:
-        load_photos([tmp_path], 32, 0.96, warn=warned.append)
+        load_photos([tmp_path], 32, EvalTransform(0.96), warn=warned.append)
     assert str(raised.value) == f"{tmp_path}: no readable JPEG or PNG image among them"
     assert len(warned) == 1 and warned[0].startswith(f"{tmp_path / 'fake.png'}: skipped")
 

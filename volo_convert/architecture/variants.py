@@ -110,6 +110,30 @@ RELEASE_CROP_PCT: dict[tuple[str, int], float] = {
     ("d5", 512): 1.15,
 }
 DEFAULT_CROP_PCT = 0.96  # a variant without release files (test configurations): timm's 224 value
+# timm's eval transform: how the resize keeps the aspect ratio (crop_mode), and the resampling.
+CROP_MODES = ("center", "squash", "border")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+DEFAULT_CROP_MODE = "center"
+DEFAULT_INTERPOLATION = "bicubic"
+# The crop_pct a config may name: timm's run from 0.875 to 1.15; far outside, the resize
+# before the crop would be a sliver or a photo many times its size.
+CROP_PCT_RANGE = (0.25, 4.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform:
+    """How timm's eval transform prepares a photo for one model.
+
+    The image is resized to floor(image_size / crop_pct) with `interpolation`, then cut to
+    image_size x image_size as `crop_mode` says: `center` resizes the shorter side and
+    crops the centre, `squash` resizes both sides and crops, `border` resizes the longer
+    side and pads with the mean colour. A hub folder's config.json can name each.
+    """
+
+    crop_pct: float
+    interpolation: str = DEFAULT_INTERPOLATION
+    crop_mode: str = DEFAULT_CROP_MODE
+
 
 _NETWORK_BLOCK = re.compile(r"^network\.(\d+)\.(\d+)\.")
 
@@ -126,6 +150,11 @@ def crop_pct(variant: str, image_size: int) -> float:
         return DEFAULT_CROP_PCT
     nearest = min(sizes, key=lambda size: abs(size - image_size))
     return RELEASE_CROP_PCT[(variant, nearest)]
+
+
+def eval_transform(variant: str, image_size: int) -> EvalTransform:
+    """The release eval transform for `variant` at `image_size` (bicubic, centre crop)."""
+    return EvalTransform(crop_pct(variant, image_size))
 
 
 def get_variant(name: str) -> VoloConfig:

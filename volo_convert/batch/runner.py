@@ -33,8 +33,9 @@ from volo_convert.batch.report import (
 from volo_convert.batch.worker import convert_isolated
 from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.options import DEFAULT_ATOL, DEFAULT_BATCH_OPTIONS, BatchOptions, Status
-from volo_convert.paths import check_input, check_output_path, file_sha256, fingerprint
+from volo_convert.paths import check_output_path, file_sha256, fingerprint
 from volo_convert.signals import Stopped
+from volo_convert.weights.hub_folder import CONFIG_NAME, checkpoint_source, is_hub_folder
 
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".safetensors")
 
@@ -42,7 +43,8 @@ BatchStageCallback = Callable[[Path, str], None]
 
 
 def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
-    """The checkpoint files named by `paths`; a folder stands for its checkpoint files.
+    """The checkpoints named by `paths`; a folder stands for its checkpoint files and the
+    hub folders (a folder holding config.json) in it, and a hub folder for itself.
 
     Raises a ConversionError for a path that does not exist, for a folder without
     checkpoints, and for two checkpoints that would write the same output name. Each
@@ -51,14 +53,19 @@ def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
     """
     found: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir():
+        if is_hub_folder(path):
+            found.append(path)
+        elif path.is_dir():
             inside = sorted(
-                child for child in path.iterdir() if child.name.endswith(CHECKPOINT_SUFFIXES)
+                child
+                for child in path.iterdir()
+                if child.name.endswith(CHECKPOINT_SUFFIXES) or is_hub_folder(child)
             )
             if not inside:
                 raise ConversionError(
                     f"{path}: no checkpoints in this folder (expected "
-                    f"{', '.join('*' + suffix for suffix in CHECKPOINT_SUFFIXES)})"
+                    f"{', '.join('*' + suffix for suffix in CHECKPOINT_SUFFIXES)}, or hub "
+                    f"folders holding {CONFIG_NAME})"
                 )
             found += inside
         elif path.exists() or path.is_symlink():
@@ -74,7 +81,8 @@ def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def output_stem(checkpoint: Path) -> str:
-    """The name without its checkpoint suffix: `d1_224_84.2.pth.tar` -> `d1_224_84.2`."""
+    """The name without its checkpoint suffix: `d1_224_84.2.pth.tar` -> `d1_224_84.2`;
+    a hub folder's own name."""
     for suffix in CHECKPOINT_SUFFIXES:
         if checkpoint.name.endswith(suffix):
             return checkpoint.name.removesuffix(suffix)
@@ -167,10 +175,10 @@ def _convert_one(
     """
     entry = BatchEntry(file=checkpoint.name, output=output.name, sha256=None, status=Status.ERROR)
     try:
-        check_input(checkpoint)
+        weights = checkpoint_source(checkpoint).weights
         if previous is not None:
             notify(checkpoint, "hashing")
-            entry.sha256 = file_sha256(checkpoint)
+            entry.sha256 = file_sha256(weights)
     except ConversionError as error:
         return dataclasses.replace(entry, reason=one_line(str(error)))
     except OSError as error:

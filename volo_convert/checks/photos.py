@@ -2,8 +2,9 @@
 
 Each photo is prepared as timm's eval transform prepares VOLO's inputs: the shorter side
 resized to floor(image_size / crop_pct) with bicubic interpolation, then the centre
-image_size x image_size cropped. What is returned are the 8-bit RGB pixels;
-`images.normalize` turns them into the model's normalised input.
+image_size x image_size cropped; a hub folder's config.json may name another crop_pct,
+interpolation or crop mode (`variants.EvalTransform`). What is returned are the 8-bit RGB
+pixels; `images.normalize` turns them into the model's normalised input.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from volo_convert.architecture.variants import crop_pct
+from volo_convert.architecture.variants import IMAGENET_MEAN, PIXEL_MAX, EvalTransform
 from volo_convert.checks.images import sample_pixels
 from volo_convert.errors import ConversionError, first_line, os_error_reason
 from volo_convert.options import (
@@ -58,8 +59,20 @@ def photo_files(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def prepare_photo(path: Path, image_size: int, crop_pct: float) -> np.ndarray:
-    """One photo as S, S, 3 uint8 RGB pixels, resized and centre-cropped as timm's eval.
+def _resized_size(width: int, height: int, scale_size: int, crop_mode: str) -> tuple[int, int]:
+    """The (width, height) a photo is resized to before the crop, as timm's eval resize."""
+    if crop_mode == "squash":  # both sides, aspect ratio not kept
+        return scale_size, scale_size
+    if crop_mode == "border":  # timm's ResizeKeepRatio(longest=1): the longer side fits
+        ratio = max(width, height) / scale_size
+        return round(width / ratio), round(height / ratio)
+    if width <= height:  # torchvision's Resize(int): the long side keeps the aspect ratio
+        return scale_size, int(scale_size * height / width)
+    return int(scale_size * width / height), scale_size
+
+
+def prepare_photo(path: Path, image_size: int, transform: EvalTransform) -> np.ndarray:
+    """One photo as S, S, 3 uint8 RGB pixels, resized and cropped as timm's eval.
 
     Raises OSError (PIL's UnidentifiedImageError is one) if the file is no readable image,
     or one too large to decode safely: over twice PIL's MAX_IMAGE_PIXELS, PIL's guard
@@ -76,13 +89,16 @@ def prepare_photo(path: Path, image_size: int, crop_pct: float) -> np.ndarray:
             raise OSError(first_line(error)) from None
     with opened as photo:
         photo = photo.convert("RGB")
-        width, height = photo.size
-        short_side = math.floor(image_size / crop_pct)
-        if width <= height:  # torchvision's Resize(int): the long side keeps the aspect ratio
-            size = (short_side, int(short_side * height / width))
-        else:
-            size = (int(short_side * width / height), short_side)
-        photo = photo.resize(size, Image.Resampling.BICUBIC)
+        scale_size = math.floor(image_size / transform.crop_pct)
+        size = _resized_size(*photo.size, scale_size, transform.crop_mode)
+        resample = Image.Resampling[transform.interpolation.upper()]
+        photo = photo.resize(size, resample)
+        if transform.crop_mode == "border" and min(size) < image_size:
+            # timm's CenterCropOrPad: pad to the crop with the mean colour, then crop
+            fill = tuple(round(PIXEL_MAX * mean) for mean in IMAGENET_MEAN)
+            padded = Image.new("RGB", (max(size[0], image_size), max(size[1], image_size)), fill)
+            padded.paste(photo, ((padded.width - size[0]) // 2, (padded.height - size[1]) // 2))
+            photo, size = padded, padded.size
         left = round((size[0] - image_size) / 2.0)
         top = round((size[1] - image_size) / 2.0)
         photo = photo.crop((left, top, left + image_size, top + image_size))
@@ -90,7 +106,7 @@ def prepare_photo(path: Path, image_size: int, crop_pct: float) -> np.ndarray:
 
 
 def load_photos(
-    paths: Sequence[str | Path], image_size: int, crop_pct: float, warn: WarningCallback
+    paths: Sequence[str | Path], image_size: int, transform: EvalTransform, warn: WarningCallback
 ) -> np.ndarray:
     """Every readable photo among `paths` (files or folders) as B, S, S, 3 uint8 pixels.
 
@@ -100,7 +116,7 @@ def load_photos(
     pixels = []
     for path in photo_files(paths):
         try:
-            pixels.append(prepare_photo(path, image_size, crop_pct))
+            pixels.append(prepare_photo(path, image_size, transform))
         except (OSError, ValueError) as error:
             warn(f"{path}: skipped, not a readable image ({first_line(error)})")
     if not pixels:
@@ -112,7 +128,7 @@ def load_photos(
 def verification_pixels(
     paths: Sequence[str | Path],
     image_size: int,
-    variant: str,
+    transform: EvalTransform,
     warn: WarningCallback,
     precision: str,
 ) -> np.ndarray | None:
@@ -124,7 +140,7 @@ def verification_pixels(
     """
     if not paths:
         return None
-    pixels = load_photos(paths, image_size, crop_pct(variant, image_size), warn)
+    pixels = load_photos(paths, image_size, transform, warn)
     judged = judged_by_top1(precision)
     if judged is not None and len(pixels) < MANY_VERIFY_IMAGES:
         raise ConversionError(
@@ -135,7 +151,7 @@ def verification_pixels(
 
 
 def calibration_pixels(
-    paths: Sequence[str | Path], image_size: int, variant: str, warn: WarningCallback
+    paths: Sequence[str | Path], image_size: int, transform: EvalTransform, warn: WarningCallback
 ) -> np.ndarray:
     """What an int8 file is calibrated on: the photos at `paths`, else the default set.
 
@@ -143,5 +159,5 @@ def calibration_pixels(
     the verification images.
     """
     if paths:
-        return load_photos(paths, image_size, crop_pct(variant, image_size), warn)
+        return load_photos(paths, image_size, transform, warn)
     return sample_pixels(DEFAULT_CALIBRATION_IMAGES, image_size, CALIBRATION_SEED)

@@ -58,7 +58,8 @@ from volo_convert.options import (
 def batch(
     checkpoints: tuple[Path, ...], out_dir: Path, force: bool, junit: Path | None, **fields: Any
 ) -> None:
-    """Convert and verify many checkpoints; a folder means its checkpoint files.
+    """Convert and verify many checkpoints; a folder means its checkpoint files and
+    hub folders (subfolders holding config.json), and a hub folder itself.
 
     Each output is named after its input (d1_224_84.2.pth.tar -> d1_224_84.2.h5). Each
     file runs in its own process; a bad one is reported and the others go on. The

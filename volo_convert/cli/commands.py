@@ -128,7 +128,10 @@ def cli() -> None:
 def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) -> None:
     """Convert a VOLO checkpoint to Keras, then verify it against PyTorch.
 
-    Variant and image size are read from the tensors. The output is written under a
+    CHECKPOINT is a checkpoint file, or a Hugging Face hub folder (config.json beside
+    model.safetensors or pytorch_model.bin), whose config is checked against the tensors
+    and whose preprocessing and class names are used. Variant and image size are read
+    from the tensors. The output is written under a
     temporary name, reloaded in its own runtime (Keras, TensorFlow's SavedModel loader or
     the TFLite interpreter) and moved to OUTPUT only once it is complete and verified.
     TFLite files take one image at a time and use builtin ops only.
@@ -142,6 +145,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
       volo-convert d1_224_84.2.pth.tar -o d1_savedmodel/
       volo-convert d1_224_84.2.pth.tar -o d1_bf16.keras --compute-dtype bfloat16
       volo-convert d1_224_84.2.pth.tar -o d1_fp16.tflite --tflite-dtype float16
+      volo-convert volo_d1_224.sail_in1k/ -o d1.tflite
       volo-convert d1_224_84.2.pth.tar -o d1_int8.tflite --tflite-dtype int8 \\
           --calibration-images photos/ --input pixels --tflite-io int8
     """

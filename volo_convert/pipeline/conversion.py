@@ -48,6 +48,7 @@ from volo_convert.pipeline.stages import (
 )
 from volo_convert.pipeline.verification import verification_images, verify
 from volo_convert.results import ConversionResult
+from volo_convert.weights.hub_folder import input_files
 from volo_convert.weights.loading import LoadedCheckpoint, load_checkpoint
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.porting import assign_weights, ported_weights, variable_shapes
@@ -74,8 +75,8 @@ def _calibration_inputs(
     """What an int8 file is calibrated on, as the model takes it; None for other files."""
     if options.tflite_dtype != "int8":
         return None
-    size, variant = checkpoint.image_size, checkpoint.config.name
-    pixels = calibration_pixels(options.calibration_images, size, variant, warn)
+    size, transform = checkpoint.image_size, checkpoint.transform
+    pixels = calibration_pixels(options.calibration_images, size, transform, warn)
     return pixels.astype(np.float32) if options.output_input == "pixels" else normalize(pixels)
 
 
@@ -163,7 +164,7 @@ def convert(
     report_path = None if report_path is None else Path(report_path)
     fmt = output_format(output_path, options.output_format)
     _check_format_options(fmt, options)
-    check_outputs(output_path, report_path, [Path(checkpoint_path)], options, fmt)
+    check_outputs(output_path, report_path, input_files(checkpoint_path), options, fmt)
     device = resolve_device(options.device) if options.verify else None
 
     started = time.perf_counter()
@@ -184,6 +185,9 @@ def convert(
         output_format=fmt,
         runtime=runtime_name(fmt) if options.verify else None,
         checkpoint_sha256=checkpoint.sha256,
+        checkpoint_name=checkpoint.source_name,
+        labels=checkpoint.labels,
+        label_descriptions=checkpoint.label_descriptions,
         warnings=warnings,
         tflite_dtype=options.tflite_dtype if fmt == "tflite" else None,
         input=InputContract(options.output_input).to_dict(),

@@ -34,6 +34,7 @@ from volo_convert.pipeline.stages import (
 )
 from volo_convert.pipeline.verification import verification_images, verify
 from volo_convert.results import ConversionResult
+from volo_convert.weights.hub_folder import input_files
 from volo_convert.weights.loading import load_checkpoint
 
 
@@ -90,7 +91,7 @@ def verify_file(
     warn = collecting(warnings, on_warning)
     report_path = None if report_path is None else Path(report_path)
     fmt = artifact_format(model_path)
-    check_outputs(None, report_path, [Path(model_path), Path(checkpoint_path)], options)
+    check_outputs(None, report_path, [Path(model_path), *input_files(checkpoint_path)], options)
     check_trainable(fmt, options)
     device = resolve_device(options.device)
     notify(on_stage, "loading")

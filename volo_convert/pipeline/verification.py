@@ -41,8 +41,8 @@ def verification_images(
 
     The memory the verification needs is checked here, once the image count is known.
     """
-    size, variant = checkpoint.image_size, checkpoint.config.name
-    pixels = verification_pixels(options.images, size, variant, warn, file_kind)
+    size, transform = checkpoint.image_size, checkpoint.transform
+    pixels = verification_pixels(options.images, size, transform, warn, file_kind)
     count = len(pixels) if pixels is not None else _synthetic_image_count(options, file_kind)
     _check_memory(checkpoint, count)
     return pixels
