@@ -16,10 +16,10 @@ from volo_convert.errors import ConversionError
 from volo_convert.options import DEFAULT_COMPUTE_DTYPE
 
 PROVENANCE_NAME = "volo_convert_provenance"  # the attribute, zip entry, asset, metadata name
-# 2 added the input contract, the TFLite dtype and the top-1 bar; 3 the compute dtype.
-# Older ones are read as before: what they lack takes the only value there was.
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (1, 2, SCHEMA_VERSION)
+# 2 added the input contract, the TFLite dtype and the top-1 bar; 3 the compute dtype; 4 the
+# class labels. Older ones are read as before: what they lack takes the only value there was.
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (1, 2, 3, SCHEMA_VERSION)
 # What a schema-1 file took: the only input there was.
 IMAGES_INPUT = {"kind": "images", "dtype": "float32"}
 
@@ -49,6 +49,7 @@ class Provenance:
     the library versions and the machine (`environment.environment()`). `input` is the
     input contract (`formats.contract.InputContract.to_dict()`); `tflite_dtype` is None
     for other formats. `compute_dtype` is what the model computes in (`options.COMPUTE_DTYPES`).
+    `labels` are the class names, one per class in class order, or None if none are known.
     """
 
     converter_version: str
@@ -65,6 +66,7 @@ class Provenance:
     tflite_dtype: str | None = None
     input: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(IMAGES_INPUT))
     compute_dtype: str = DEFAULT_COMPUTE_DTYPE  # schemas 1 and 2 knew no other
+    labels: list[str] | None = None  # schemas 1 to 3 knew none
 
     def to_json(self) -> str:
         """The document as stored in a file: JSON with a schema version."""

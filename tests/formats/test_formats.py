@@ -414,11 +414,14 @@ def test_inspect_reads_the_record_without_torch(tiny_model: keras.Model, tmp_pat
     ]
 
 
-def test_schema_1_and_2_records_still_read_as_float32_images_models() -> None:
-    """Files written before the input contract and the compute dtype were recorded took
-    normalised images and computed in float32."""
+def test_schema_1_to_3_records_still_read_as_float32_images_models() -> None:
+    """Files written before the input contract, the compute dtype and the labels were
+    recorded took normalised images, computed in float32 and named no classes."""
     document = json.loads(SAMPLE_PROVENANCE.to_json())
-    assert document["schema"] == 3 and document["compute_dtype"] == "float32"
+    assert document["schema"] == 4 and document["labels"] is None
+    del document["labels"]
+    assert Provenance.from_json(json.dumps({**document, "schema": 3}), "3.h5") == SAMPLE_PROVENANCE
+    assert document["compute_dtype"] == "float32"
     del document["compute_dtype"]
     assert Provenance.from_json(json.dumps({**document, "schema": 2}), "2.h5") == SAMPLE_PROVENANCE
     for key in ("input", "tflite_dtype"):
@@ -428,9 +431,9 @@ def test_schema_1_and_2_records_still_read_as_float32_images_models() -> None:
     old = Provenance.from_json(json.dumps({**document, "schema": 1}), "old.h5")
     assert old == SAMPLE_PROVENANCE
     with pytest.raises(ConversionError) as raised:
-        Provenance.from_json(json.dumps({**document, "schema": 4}), "new.h5")
+        Provenance.from_json(json.dumps({**document, "schema": 5}), "new.h5")
     assert str(raised.value) == (
-        "new.h5: its provenance record has schema 4, this volo-convert reads 1, 2 and 3"
+        "new.h5: its provenance record has schema 5, this volo-convert reads 1, 2, 3 and 4"
     )
 
 

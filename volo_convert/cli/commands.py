@@ -23,6 +23,7 @@ from volo_convert.cli.parameters import (
     EXPLAIN,
     INPUT,
     JUNIT,
+    JUNIT_PER_IMAGE,
     OVERWRITE,
     REPORT,
     TFLITE_IO_OPTION,
@@ -51,16 +52,19 @@ DEMO_CHECKPOINT = "d1_224_84.2.pth.tar"
 DEMO_OUTPUT = "d1_224.h5"
 
 
-def _finish(result: Any, report: Path | None, junit: Path | None = None) -> None:
-    """Prints the result (the library wrote the report), writes the JUnit file, and exits
-    1 if parity failed."""
+def _finish(
+    result: Any, report: Path | None, junit: Path | None = None, per_image: bool = False
+) -> None:
+    """Prints the result (the library wrote the report), writes the JUnit file (with a
+    case per image if `per_image`), and exits 1 if parity failed."""
     click.echo(result.summary())
     if report is not None:
         click.echo(one_line(f"report written to {report}"))
     if junit is not None:
-        from volo_convert.junit import result_case, write_junit
+        from volo_convert.junit import image_cases, result_case, write_junit
 
-        write_junit(junit, "verify", [result_case(result)])
+        cases = [result_case(result), *(image_cases(result) if per_image else [])]
+        write_junit(junit, "verify", cases)
         click.echo(one_line(f"JUnit report written to {junit}"))
     if not result.passed:
         message = result.failure_reason
@@ -162,6 +166,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @verification_options
 @REPORT
 @JUNIT
+@JUNIT_PER_IMAGE
 @EXPLAIN
 @OVERWRITE
 @head_option(None, "The head MODEL must end in (default: whichever it ends in).")
@@ -170,7 +175,12 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @COMPUTE_DTYPE
 @handles_errors
 def verify(
-    model_file: Path, checkpoint: Path, report: Path | None, junit: Path | None, **fields: Any
+    model_file: Path,
+    checkpoint: Path,
+    report: Path | None,
+    junit: Path | None,
+    junit_per_image: bool,
+    **fields: Any,
 ) -> None:
     """Check an existing model against its PyTorch checkpoint (for CI).
 
@@ -184,6 +194,8 @@ def verify(
     Example:
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --atol 1e-4 --report parity.json
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --junit parity.xml
+      volo-convert verify d1.h5 d1_224_84.2.pth.tar --images photos/ --junit parity.xml \\
+          --junit-per-image
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --explain
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --training
       KERAS_BACKEND=torch volo-convert verify d1.keras d1_224_84.2.pth.tar
@@ -194,6 +206,8 @@ def verify(
     from volo_convert.junit import error_case, write_junit
     from volo_convert.pipeline import verify_file
 
+    if junit_per_image and junit is None:
+        raise ConversionError("--junit-per-image adds cases to the --junit file; give --junit too")
     options = ConvertOptions(**fields)
     reports = {} if report is None else {report: "the report"}
     check_junit_path(junit, [model_file, checkpoint], options.overwrite, others=reports)
@@ -213,7 +227,7 @@ def verify(
                 case = error_case(name, display.stage, display.elapsed, first_line(error))
                 write_junit(junit, "verify", [case])
             raise
-    _finish(result, report, junit)
+    _finish(result, report, junit, junit_per_image)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
