@@ -10,26 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import error_line, run
+from conftest import error_line, photo_like, run
 from PIL import Image
 
 from volo_convert.architecture.variants import RELEASE_CHECKPOINTS, RELEASE_CROP_PCT, crop_pct
 from volo_convert.checks.photos import load_photos
 from volo_convert.errors import ConversionError
-
-
-def photo_like(width: int, height: int, seed: int) -> Image.Image:
-    """A picture with smooth gradients, a sharp-edged shape and mild noise, not uniform noise."""
-    generator = np.random.default_rng(seed)
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
-    red = 255 * cols / (width - 1)  # left to right
-    green = 255 * rows / (height - 1)  # top to bottom
-    blue = np.full_like(red, 60.0 + 40 * seed)
-    pixels = np.stack([red, green, blue], axis=-1)
-    top, left = height // 3, width // 3
-    pixels[top : 2 * top, left : 2 * left] = (240, 30 + 20 * seed, 90)  # a hard-edged block
-    pixels += generator.normal(0, 3, pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The `volo-convert` commands: parse, build the options, call the library, print.
 
-This module holds the group and the one-file commands (convert, verify, inspect, demo);
-`batch_commands.py` the many-file ones. Exit codes: `EXIT_CODES_HELP` (options.py).
+This module holds the group and the one-file commands (convert, verify, inspect, predict,
+demo); `batch_commands.py` the many-file ones. Exit codes: `EXIT_CODES_HELP` (options.py).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from volo_convert.cli.progress import StageDisplay
 from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.options import (
     DEFAULT_HEAD,
+    DEFAULT_TOP_K,
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
     EXIT_PARITY_FAILED,
@@ -253,6 +254,49 @@ def inspect(model_file: Path, as_json: bool) -> None:
     if provenance is None:
         raise ConversionError(f"{model_file}: holds no volo-convert provenance record")
     click.echo(provenance.to_json() if as_json else provenance.summary())
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=DEFAULT_TOP_K,
+    show_default=True,
+    help="Classes to show per image.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
+@handles_errors
+def predict(model_file: Path, images: tuple[str, ...], top_k: int, as_json: bool) -> None:
+    """Show a converted model's top classes for each photo: does it see a cat?
+
+    MODEL is a .h5 or .keras file, a SavedModel folder or a .tflite file; IMAGE a JPEG/PNG
+    photo or a folder of them. Each photo is prepared as --images prepares it (timm's eval
+    transform, with the crop_pct of the variant MODEL records) and fed as MODEL takes it
+    (normalised images or pixels, an int8 file's integers). Classes are named by the labels
+    MODEL records, by index otherwise; probabilities are the softmax of the logits. A file
+    that is not a readable image is skipped with a warning. torch is not imported.
+
+    \b
+    Example:
+      volo-convert predict d1.h5 photos/cat.jpg photos/dog.png
+      volo-convert predict d1_int8.tflite photos/ --top-k 1
+      volo-convert predict d1_savedmodel/ photos/ --json
+    """
+    import json
+
+    from volo_convert.prediction import predict as run_predict
+
+    def warn(message: str) -> None:
+        click.echo(one_line(f"Warning: {message}"), err=True)
+
+    predictions = run_predict(model_file, images, top_k, on_warning=warn)
+    if as_json:
+        click.echo(json.dumps(predictions.to_dict(), indent=2))
+    else:
+        for line in predictions.summary().splitlines():
+            click.echo(one_line(line))
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
