@@ -143,6 +143,16 @@ def test_cli_verifies_on_photos_and_warns_once_per_bad_file(
     assert "top-1 agreement 100%  (3 images)" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["parity"]["batch_size"] == 3 and report["parity"]["max_abs_diff"] <= 1e-4
+    per_image = report["parity"]["per_image"]
+    names = ["landscape.jpg", "portrait.JPEG", "square.png"]
+    assert [image["image"] for image in per_image] == [str(photos / name) for name in names]
+    assert report["parity"]["photos"] and all(image["agrees"] for image in per_image)
+    worst = max(per_image, key=lambda image: image["max_abs_diff"])
+    assert worst["max_abs_diff"] == report["parity"]["max_abs_diff"]
+    assert (
+        f"worst image     {worst['image']}: top-1 {worst['torch_top1']} on both, max abs diff "
+        f"{worst['max_abs_diff']:.3g}" in result.output.splitlines()
+    )
     assert report["warnings"] == [warnings[0].removeprefix("Warning: ")]
 
 
