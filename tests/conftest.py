@@ -10,9 +10,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from PIL import Image
 
 from volo_convert.architecture.variants import VARIANTS, VoloConfig
 from volo_convert.cli import cli
@@ -84,3 +86,17 @@ def snapshot(*folders: Path) -> dict[str, str]:
                 kind = "folder" if stat.S_ISDIR(mode) else f"special {stat.S_IFMT(mode)}"
             entries[str(path)] = kind
     return entries
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """A picture with smooth gradients, a sharp-edged shape and mild noise, not uniform noise."""
+    generator = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    red = 255 * cols / (width - 1)  # left to right
+    green = 255 * rows / (height - 1)  # top to bottom
+    blue = np.full_like(red, 60.0 + 40 * seed)
+    pixels = np.stack([red, green, blue], axis=-1)
+    top, left = height // 3, width // 3
+    pixels[top : 2 * top, left : 2 * left] = (240, 30 + 20 * seed, 90)  # a hard-edged block
+    pixels += generator.normal(0, 3, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))

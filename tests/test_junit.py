@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from xml.etree import ElementTree
 
+import numpy as np
 import torch
 from conftest import TINY_CONFIG, error_line, run, snapshot
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.batch.report import BatchEntry
-from volo_convert.junit import entry_case, render_junit
+from volo_convert.checks.parity import ParityResult, compare_logits
+from volo_convert.junit import entry_case, image_cases, render_junit
 from volo_convert.options import Status
+from volo_convert.results import ConversionResult
 
 
 def test_a_verify_that_cannot_start_is_an_error_naming_its_stage(
@@ -107,3 +110,43 @@ def test_batch_rows_become_cases_with_their_figures_or_stage() -> None:
     assert error.find("error").get("message") == (
         "loading: d.pth: the checkpoint is truncated or corrupt"
     )
+
+
+def _verified(parity: ParityResult) -> ConversionResult:
+    return ConversionResult(
+        "d1.pth.tar", "d1.tflite", "d1", 224, 3, 10, verify_seconds=2.0, parity=parity,
+        runtime="LiteRT",
+    )  # fmt: skip
+
+
+def test_image_cases_fail_only_the_images_that_failed_the_run() -> None:
+    torch_logits = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.9], [0.0, 0.0, 3.0]], np.float32)
+    model_logits = torch_logits + np.array([[0, 0, 0], [0, 0, 0.2], [0, 0, 0]], np.float32)
+    names = ["photos/a.jpg", "photos/b.jpg", "photos/c.png"]
+    for min_top1, failed in [(0.5, []), (0.9, ["photos/b.jpg"])]:
+        parity = compare_logits(
+            model_logits, torch_logits, None, "cpu", min_top1=min_top1, names=names, photos=True
+        )
+        cases = image_cases(_verified(parity))
+        assert [case.name for case in cases] == [f"d1.pth.tar -> d1.tflite [{n}]" for n in names]
+        assert [case.name[-13:-1] for case in cases if case.status == Status.FAILED] == failed
+        root = ElementTree.fromstring(render_junit("verify", cases))
+        assert root.find("testsuite").get("failures") == str(len(failed))
+        (b_case,) = [case for case in cases if "b.jpg" in case.name]
+        figures = "top-1 2, PyTorch 1 (margin 0.1), max abs diff 0.2"
+        assert b_case.message == (f"verifying: {figures}" if failed else figures)
+    over_atol = compare_logits(model_logits, torch_logits, 1e-4, "cpu", names=names)
+    assert [case.status for case in image_cases(_verified(over_atol))] == [
+        Status.PASSED, Status.FAILED, Status.PASSED
+    ]  # fmt: skip
+    assert image_cases(_verified(over_atol))[1].message.endswith("(atol 0.0001)")
+
+
+def test_junit_per_image_needs_junit(tmp_path: Path) -> None:
+    before = snapshot(tmp_path)
+    result = run("verify", tmp_path / "d1.h5", tmp_path / "d1.pth.tar", "--junit-per-image")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        "Error: --junit-per-image adds cases to the --junit file; give --junit too"
+    )
+    assert snapshot(tmp_path) == before

@@ -112,7 +112,7 @@ def test_importtime_shows_no_torch() -> None:
 IMPORT_LAYERS = (
     ("__init__", "cli", "__main__"),
     ("api", "junit"),
-    ("pipeline", "batch", "results"),
+    ("pipeline", "batch", "results", "prediction"),
     ("checks", "formats"),
     ("weights", "architecture", "synthetic"),
     ("options", "errors", "environment", "paths", "signals", "provenance", "native_logs"),

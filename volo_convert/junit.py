@@ -2,16 +2,19 @@
 
 One test case per checkpoint: its figures in the message, and on failure the stage that
 failed. A parity failure is a `failure`, a file that could not be checked an `error`, a
-batch file done by an earlier run `skipped`.
+batch file done by an earlier run `skipped`. A verification may add one case per image
+(`image_cases`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from volo_convert.batch.report import BatchEntry
+from volo_convert.checks.parity import ImageParity, ParityResult
 from volo_convert.options import Status
 from volo_convert.paths import write_text
 from volo_convert.results import ConversionResult
@@ -55,9 +58,14 @@ def _figures(
     return figures
 
 
+def _check_name(result: ConversionResult) -> str:
+    """`d1_224_84.2.pth.tar -> d1.h5`: the checkpoint's name and the model as given."""
+    return f"{Path(result.checkpoint).name} -> {result.output}"
+
+
 def result_case(result: ConversionResult) -> TestCase:
     """The test case of a verification that ran to its verdict."""
-    name = f"{Path(result.checkpoint).name} -> {result.output}"
+    name = _check_name(result)
     seconds = (result.convert_seconds or 0.0) + (result.verify_seconds or 0.0)
     details = "\n".join([*(f"Warning: {warning}" for warning in result.warnings), str(result)])
     parity = result.parity
@@ -69,6 +77,36 @@ def result_case(result: ConversionResult) -> TestCase:
     return TestCase(
         name, Status.FAILED, seconds, f"{PARITY_STAGE}: {result.failure_reason}", details
     )
+
+
+def _misses_the_bar(image: ImageParity, parity: ParityResult) -> bool:
+    """Whether `image` is one that failed `parity`: over atol, not finite, or, for a file
+    judged by top-1 agreement, of another top class."""
+    over_atol = parity.atol is not None and not image.max_abs_diff <= parity.atol
+    other_class = parity.min_top1 is not None and image.agrees is False
+    return over_atol or not math.isfinite(image.max_abs_diff) or other_class
+
+
+def image_cases(result: ConversionResult) -> list[TestCase]:
+    """One test case per verification image, named `<checkpoint's case> [<image>]`.
+
+    An image fails only when the verification failed and it is one of the images that
+    missed the bar, so the suite fails exactly when the run does: a top-1 difference that
+    the file's --min-top1 allows is shown in the passing case's figures.
+    """
+    parity = result.parity
+    if parity is None:
+        return []
+    cases = []
+    for image in parity.per_image:
+        name = f"{_check_name(result)} [{image.image}]"
+        if not parity.passed and _misses_the_bar(image, parity):
+            atol = f" (atol {parity.atol:g})" if parity.atol is not None else ""
+            message = f"{PARITY_STAGE}: {image.figures()}{atol}"
+            cases.append(TestCase(name, Status.FAILED, 0.0, message))
+        else:
+            cases.append(TestCase(name, Status.PASSED, 0.0, image.figures()))
+    return cases
 
 
 def error_case(name: str, stage: str | None, seconds: float, reason: str) -> TestCase:

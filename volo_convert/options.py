@@ -88,6 +88,7 @@ TRAINING_LEARNING_RATE = 0.1
 # verification images so the file is not judged on the images it was calibrated on.
 DEFAULT_CALIBRATION_IMAGES = 32
 CALIBRATION_SEED = 1000
+DEFAULT_TOP_K = 5  # classes `predict` shows per image
 
 
 class Status(enum.StrEnum):

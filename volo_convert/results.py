@@ -127,6 +127,9 @@ class ConversionResult:
             lines.append(
                 f"top-1 agreement {parity.top1_agreement:.0%}  ({parity.batch_size} images{bar})"
             )
+        worst = parity.worst_image
+        if parity.photos and worst is not None:  # synthetic images are named in the report
+            lines.append(f"worst image     {one_line(worst.image)}: {worst.figures()}")
         lines.append(
             f"verified in {self.verify_seconds:.1f}s, reference on {parity.device}, "
             f"model in {self.runtime}"

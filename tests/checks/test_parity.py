@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import pytest
 from conftest import SMALL_IMAGE_SIZE, TINY_CONFIG
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.architecture.variants import VARIANTS
-from volo_convert.checks.parity import check_parity
+from volo_convert.checks.parity import ImageParity, check_parity, compare_logits, top1_margins
 from volo_convert.checks.reference import run_reference
 from volo_convert.synthetic import make_state_dict
 from volo_convert.weights.mapping import weight_mappings
@@ -75,3 +76,45 @@ def test_wrong_transform_is_caught_by_verification(tiny_state_dict: dict) -> Non
     )
     assert not parity.passed
     assert parity.max_abs_diff > 1e-2
+
+
+def test_each_image_is_named_with_its_classes_margin_and_diff() -> None:
+    torch_logits = np.array(
+        [[3.0, 1.0, 0.0], [0.0, 2.0, 1.9], [5.0, 0.0, 4.0], [1.0, 0.0, 0.0]], np.float32
+    )
+    model_logits = torch_logits.copy()
+    model_logits[0] += [0.0, 0.5, 0.0]  # the largest diff, same class
+    model_logits[1] += [0.0, 0.0, 0.2]  # a near-tie flips: 2 instead of 1, margin 0.1
+    model_logits[2] += [0.0, 0.0, 1.1]  # a clear answer lost: 2 instead of 0, margin 1.0
+    model_logits[3, 0] = np.nan
+    parity = compare_logits(
+        model_logits, torch_logits, None, "cpu", min_top1=0.5, names=list("abcd"), photos=True
+    )
+    assert [image.image for image in parity.per_image] == ["a", "b", "c", "d"]
+    assert [image.agrees for image in parity.per_image] == [True, False, False, True]
+    assert [image.model_top1 for image in parity.per_image[:3]] == [0, 2, 2]
+    np.testing.assert_allclose(
+        [image.torch_top1_margin for image in parity.per_image], [2.0, 0.1, 1.0, 1.0], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        [image.max_abs_diff for image in parity.per_image], [0.5, 0.2, 1.1, np.inf], rtol=1e-5
+    )
+    assert parity.photos
+    # Of the images whose top-1 differs, the one PyTorch was surest of, not the largest diff.
+    assert parity.worst_image.image == "c"
+    assert parity.worst_image.figures() == "top-1 2, PyTorch 0 (margin 1), max abs diff 1.1"
+    np.testing.assert_allclose(top1_margins(torch_logits), [2.0, 0.1, 1.0, 1.0], rtol=1e-5)
+
+
+def test_without_disagreement_the_worst_is_the_largest_diff_and_synthetic_are_indexed() -> None:
+    torch_logits = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]], np.float32)
+    model_logits = torch_logits + np.array([[1e-6, 0], [0, 3e-5], [2e-6, 0]], np.float32)
+    parity = compare_logits(model_logits, torch_logits, 1e-4, "cpu")
+    names = [image.image for image in parity.per_image]
+    assert names == ["synthetic[0]", "synthetic[1]", "synthetic[2]"]
+    assert not parity.photos and parity.worst_image.image == "synthetic[1]"
+    assert parity.worst_image.figures() == "top-1 1 on both, max abs diff 3e-05"
+    features = compare_logits(model_logits, torch_logits, 1e-4, "cpu", are_logits=False)
+    second = features.per_image[1]
+    assert second == ImageParity("synthetic[1]", second.max_abs_diff, None, None, None, None)
+    assert features.worst_image.figures().startswith("max abs diff 3")

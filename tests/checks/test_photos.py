@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import error_line, run
+from conftest import error_line, photo_like, run
 from PIL import Image
 
 from volo_convert.architecture.variants import (
@@ -21,20 +21,6 @@ from volo_convert.architecture.variants import (
 )
 from volo_convert.checks.photos import load_photos
 from volo_convert.errors import ConversionError
-
-
-def photo_like(width: int, height: int, seed: int) -> Image.Image:
-    """A picture with smooth gradients, a sharp-edged shape and mild noise, not uniform noise."""
-    generator = np.random.default_rng(seed)
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
-    red = 255 * cols / (width - 1)  # left to right
-    green = 255 * rows / (height - 1)  # top to bottom
-    blue = np.full_like(red, 60.0 + 40 * seed)
-    pixels = np.stack([red, green, blue], axis=-1)
-    top, left = height // 3, width // 3
-    pixels[top : 2 * top, left : 2 * left] = (240, 30 + 20 * seed, 90)  # a hard-edged block
-    pixels += generator.normal(0, 3, pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +152,16 @@ def test_cli_verifies_on_photos_and_warns_once_per_bad_file(
     assert "top-1 agreement 100%  (3 images)" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["parity"]["batch_size"] == 3 and report["parity"]["max_abs_diff"] <= 1e-4
+    per_image = report["parity"]["per_image"]
+    names = ["landscape.jpg", "portrait.JPEG", "square.png"]
+    assert [image["image"] for image in per_image] == [str(photos / name) for name in names]
+    assert report["parity"]["photos"] and all(image["agrees"] for image in per_image)
+    worst = max(per_image, key=lambda image: image["max_abs_diff"])
+    assert worst["max_abs_diff"] == report["parity"]["max_abs_diff"]
+    assert (
+        f"worst image     {worst['image']}: top-1 {worst['torch_top1']} on both, max abs diff "
+        f"{worst['max_abs_diff']:.3g}" in result.output.splitlines()
+    )
     assert report["warnings"] == [warnings[0].removeprefix("Warning: ")]
 
 

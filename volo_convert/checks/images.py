@@ -1,10 +1,12 @@
-"""The images both models are run on: seeded and photo-like, as 8-bit pixels and normalised."""
+"""The images both models are run on: seeded and photo-like, as 8-bit pixels and normalised.
+
+torch is imported only to draw the seeded images, so `normalize` stays torch-free for
+`predict`.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from volo_convert.architecture import variants
 from volo_convert.architecture.variants import PIXEL_MAX
@@ -12,6 +14,11 @@ from volo_convert.architecture.variants import PIXEL_MAX
 IMAGENET_MEAN = np.array(variants.IMAGENET_MEAN, dtype=np.float32)
 IMAGENET_STD = np.array(variants.IMAGENET_STD, dtype=np.float32)
 _COARSE_GRID = 6  # the image content: a smooth bicubic field of 6x6 random colours
+
+
+def synthetic_names(count: int) -> tuple[str, ...]:
+    """How reports name the seeded images: by their index in the set, `synthetic[0]`, ..."""
+    return tuple(f"synthetic[{index}]" for index in range(count))
 
 
 def normalize(pixels: np.ndarray) -> np.ndarray:
@@ -26,6 +33,9 @@ def sample_pixels(batch_size: int, image_size: int, seed: int = 0) -> np.ndarray
     Returns:
         B, S, S, 3 uint8 array, RGB, channels last.
     """
+    import torch
+    import torch.nn.functional as F
+
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.rand(batch_size, 3, _COARSE_GRID, _COARSE_GRID, generator=generator)
     pixels = F.interpolate(

@@ -3,12 +3,86 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import keras
 import numpy as np
 
+from volo_convert.checks.images import synthetic_names
 from volo_convert.checks.reference import ReferenceRun
 from volo_convert.formats import Predictor, input_contract
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageParity:
+    """One verification image: each side's top class and how far the outputs differ.
+
+    `image` is the photo's path as given (a folder's files as folder/name), or
+    `synthetic[i]` for the i-th seeded image. `torch_top1_margin` is PyTorch's top logit
+    minus its second, the float margin a reduced-precision file must not cross. The
+    class fields are None for features, which have no classes.
+    """
+
+    image: str
+    max_abs_diff: float
+    torch_top1: int | None
+    model_top1: int | None
+    agrees: bool | None
+    torch_top1_margin: float | None
+
+    def figures(self) -> str:
+        """`top-1 281 on both, max abs diff 1.2e-05`; a disagreement names both classes
+        and PyTorch's margin: `top-1 3, PyTorch 7 (margin 0.412), max abs diff 0.9`."""
+        if self.agrees is None:
+            top1 = ""
+        elif self.agrees:
+            top1 = f"top-1 {self.torch_top1} on both, "
+        else:
+            top1 = (
+                f"top-1 {self.model_top1}, PyTorch {self.torch_top1} "
+                f"(margin {self.torch_top1_margin:.3g}), "
+            )
+        return f"{top1}max abs diff {self.max_abs_diff:.3g}"
+
+
+def top1_margins(logits: np.ndarray) -> np.ndarray:
+    """B, K logits -> B: each image's top logit minus its second (inf for one class)."""
+    if logits.shape[-1] < 2:
+        return np.full(logits.shape[0], np.inf)
+    top_two = np.sort(logits.astype(np.float64), axis=-1)[:, -2:]
+    return top_two[:, 1] - top_two[:, 0]
+
+
+def image_parities(
+    names: Sequence[str], model_values: np.ndarray, torch_values: np.ndarray, are_logits: bool
+) -> tuple[ImageParity, ...]:
+    """Each image's figures, for B, K logits (B, C features if not `are_logits`).
+
+    An image with a non-finite output on either side has max abs diff inf.
+    """
+    assert len(names) == len(model_values), (len(names), model_values.shape)
+    model_values = model_values.astype(np.float64)
+    torch_values = torch_values.astype(np.float64)
+    finite = np.isfinite(model_values).all(-1) & np.isfinite(torch_values).all(-1)
+    diffs = np.where(finite, np.abs(model_values - torch_values).max(-1), np.inf)
+    if not are_logits:
+        return tuple(
+            ImageParity(name, float(diff), None, None, None, None)
+            for name, diff in zip(names, diffs, strict=True)
+        )
+    torch_top1, model_top1 = torch_values.argmax(-1), model_values.argmax(-1)
+    margins = top1_margins(torch_values)
+    return tuple(
+        ImageParity(
+            image=name,
+            max_abs_diff=float(diffs[index]),
+            torch_top1=int(torch_top1[index]),
+            model_top1=int(model_top1[index]),
+            agrees=bool(torch_top1[index] == model_top1[index]),
+            torch_top1_margin=float(margins[index]),
+        )
+        for index, name in enumerate(names)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +93,8 @@ class ParityResult:
     logit. `top1_agreement` is the fraction of images whose top class is PyTorch's; None
     for features, which have no classes. `passed` means all values are finite, every
     difference is within `atol` (unless None) and top-1 agreement is at least `min_top1`
-    (unless None): float files are held to atol, quantized ones to min_top1.
+    (unless None): float files are held to atol, quantized ones to min_top1. `per_image`
+    holds each image's figures, in order; `photos` says whether the images were photos.
     """
 
     max_abs_diff: float
@@ -31,6 +106,17 @@ class ParityResult:
     batch_size: int
     device: str
     passed: bool
+    per_image: tuple[ImageParity, ...] = ()
+    photos: bool = False
+
+    @property
+    def worst_image(self) -> ImageParity | None:
+        """The image to look at first: of those whose top-1 differs, the one PyTorch was
+        surest of (its widest top-1 margin); if none differs, the largest max abs diff."""
+        disagreeing = [image for image in self.per_image if image.agrees is False]
+        if disagreeing:
+            return max(disagreeing, key=lambda image: image.torch_top1_margin or 0.0)
+        return max(self.per_image, key=lambda image: image.max_abs_diff, default=None)
 
     @property
     def failure(self) -> str | None:
@@ -59,8 +145,11 @@ def compare_logits(
     device: str,
     are_logits: bool = True,
     min_top1: float | None = None,
+    names: Sequence[str] | None = None,
+    photos: bool = False,
 ) -> ParityResult:
-    """The parity figures for two B, K logit arrays (B, C features if not `are_logits`)."""
+    """The parity figures for two B, K logit arrays (B, C features if not `are_logits`),
+    each image's under its name in `names` (`synthetic[i]` if None) from photos or not."""
     diff = np.abs(model_values.astype(np.float64) - torch_values.astype(np.float64))
     finite = bool(np.isfinite(model_values).all() and np.isfinite(torch_values).all())
     max_abs = float(diff.max()) if finite else float("inf")
@@ -80,6 +169,13 @@ def compare_logits(
         batch_size=int(model_values.shape[0]),
         device=device,
         passed=finite and within_atol and agrees,
+        per_image=image_parities(
+            synthetic_names(len(model_values)) if names is None else names,
+            model_values,
+            torch_values,
+            are_logits,
+        ),
+        photos=photos,
     )
 
 
@@ -106,4 +202,6 @@ def check_parity(
         reference.device,
         are_logits=reference.head != "features",
         min_top1=min_top1,
+        names=reference.names or None,
+        photos=reference.photos,
     )

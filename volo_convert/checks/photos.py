@@ -9,6 +9,7 @@ pixels; `images.normalize` turns them into the model's normalised input.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -105,33 +106,51 @@ def prepare_photo(path: Path, image_size: int, transform: EvalTransform) -> np.n
         return np.asarray(photo, dtype=np.uint8)
 
 
-def load_photos(
+@dataclasses.dataclass(frozen=True)
+class Photos:
+    """Photos as prepared for a model: `names` the paths they were read from (a folder's
+    files as folder/name), `pixels` their B, S, S, 3 uint8 RGB pixels, in the same order."""
+
+    names: tuple[str, ...]
+    pixels: np.ndarray
+
+
+def read_photos(
     paths: Sequence[str | Path], image_size: int, transform: EvalTransform, warn: WarningCallback
-) -> np.ndarray:
-    """Every readable photo among `paths` (files or folders) as B, S, S, 3 uint8 pixels.
+) -> Photos:
+    """Every readable photo among `paths` (files or folders), named and prepared.
 
     A file that is no readable image is skipped, and `warn` is called with a line naming
     it; if none is left, that is a ConversionError.
     """
-    pixels = []
+    names, pixels = [], []
     for path in photo_files(paths):
         try:
             pixels.append(prepare_photo(path, image_size, transform))
         except (OSError, ValueError) as error:
             warn(f"{path}: skipped, not a readable image ({first_line(error)})")
+            continue
+        names.append(str(path))
     if not pixels:
         named = ", ".join(str(path) for path in paths)
         raise ConversionError(f"{named}: no readable JPEG or PNG image among them")
-    return np.stack(pixels)
+    return Photos(tuple(names), np.stack(pixels))
 
 
-def verification_pixels(
+def load_photos(
+    paths: Sequence[str | Path], image_size: int, transform: EvalTransform, warn: WarningCallback
+) -> np.ndarray:
+    """The pixels of `read_photos`: B, S, S, 3 uint8."""
+    return read_photos(paths, image_size, transform, warn).pixels
+
+
+def verification_photos(
     paths: Sequence[str | Path],
     image_size: int,
     transform: EvalTransform,
     warn: WarningCallback,
     precision: str,
-) -> np.ndarray | None:
+) -> Photos | None:
     """The photos at `paths` to verify a `precision` file on, or None (no paths) for the
     synthetic images.
 
@@ -140,14 +159,14 @@ def verification_pixels(
     """
     if not paths:
         return None
-    pixels = load_photos(paths, image_size, transform, warn)
+    photos = read_photos(paths, image_size, transform, warn)
     judged = judged_by_top1(precision)
-    if judged is not None and len(pixels) < MANY_VERIFY_IMAGES:
+    if judged is not None and len(photos.names) < MANY_VERIFY_IMAGES:
         raise ConversionError(
-            f"--images gave {len(pixels)} readable images, but {judged} is judged on "
+            f"--images gave {len(photos.names)} readable images, but {judged} is judged on "
             f"at least {MANY_VERIFY_IMAGES}"
         )
-    return pixels
+    return photos
 
 
 def calibration_pixels(

@@ -19,7 +19,8 @@ from volo_convert.architecture.variants import (
     STEM_STRIDE,
     VoloConfig,
 )
-from volo_convert.checks.images import normalize, sample_pixels
+from volo_convert.checks.images import normalize, sample_pixels, synthetic_names
+from volo_convert.checks.photos import Photos
 from volo_convert.errors import ConversionError
 from volo_convert.options import (
     DEFAULT_HEAD,
@@ -41,7 +42,8 @@ class ReferenceRun:
 
     `pixels` are B, S, S, 3 uint8 RGB; `images` the same, normalised, as the reference
     took them. `device` is where the reference ran. The last stage is the model's output:
-    `logits`, or `features` for head `features`.
+    `logits`, or `features` for head `features`. `names` name the images in reports: the
+    photos' paths, or `synthetic[i]`; `photos` says which.
     """
 
     pixels: np.ndarray
@@ -49,6 +51,8 @@ class ReferenceRun:
     stage_outputs: dict[str, np.ndarray]
     head: str
     device: str
+    names: tuple[str, ...] = ()
+    photos: bool = False
 
     @property
     def outputs(self) -> np.ndarray:
@@ -153,7 +157,7 @@ def run_reference(
     *,
     head: str = DEFAULT_HEAD,
     device: torch.device | str = DEVICES[0],
-    pixels: np.ndarray | None = None,
+    photos: Photos | None = None,
     batch_size: int = DEFAULT_VERIFY_IMAGES,
     seed: int = DEFAULT_SEED,
 ) -> ReferenceRun:
@@ -164,14 +168,18 @@ def run_reference(
         state_dict: the checkpoint's tensors (after any pos_embed resize).
         head: the head the reference ends in.
         device: where it runs: a torch device, or `auto`, `cpu` or `cuda`.
-        pixels: B, S, S, 3 uint8 RGB images (photos); None for seeded synthetic ones.
+        photos: the photos to run on; None for seeded synthetic images.
         batch_size, seed: how many synthetic images, from which seed.
     """
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     use_exact_float32()
-    if pixels is None:
-        pixels = sample_pixels(batch_size, image_size, seed)
+    if photos is None:
+        names, pixels = synthetic_names(batch_size), sample_pixels(batch_size, image_size, seed)
+    else:
+        names, pixels = photos.names, photos.pixels
     images = normalize(pixels)
     reference = build_reference(config, image_size, state_dict, torch_device, head)
     stage_outputs = reference_stage_outputs(reference, images, torch_device)
-    return ReferenceRun(pixels, images, stage_outputs, head, torch_device.type)
+    return ReferenceRun(
+        pixels, images, stage_outputs, head, torch_device.type, names, photos is not None
+    )

@@ -1,7 +1,7 @@
 """The `volo-convert` commands: parse, build the options, call the library, print.
 
-This module holds the group and the one-file commands (convert, verify, inspect, demo);
-`batch_commands.py` the many-file ones. Exit codes: `EXIT_CODES_HELP` (options.py).
+This module holds the group and the one-file commands (convert, verify, inspect, predict,
+demo); `batch_commands.py` the many-file ones. Exit codes: `EXIT_CODES_HELP` (options.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from volo_convert.cli.parameters import (
     EXPLAIN,
     INPUT,
     JUNIT,
+    JUNIT_PER_IMAGE,
     OVERWRITE,
     REPORT,
     TFLITE_IO_OPTION,
@@ -38,6 +39,7 @@ from volo_convert.cli.progress import StageDisplay
 from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.options import (
     DEFAULT_HEAD,
+    DEFAULT_TOP_K,
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
     EXIT_PARITY_FAILED,
@@ -51,16 +53,19 @@ DEMO_CHECKPOINT = "d1_224_84.2.pth.tar"
 DEMO_OUTPUT = "d1_224.h5"
 
 
-def _finish(result: Any, report: Path | None, junit: Path | None = None) -> None:
-    """Prints the result (the library wrote the report), writes the JUnit file, and exits
-    1 if parity failed."""
+def _finish(
+    result: Any, report: Path | None, junit: Path | None = None, per_image: bool = False
+) -> None:
+    """Prints the result (the library wrote the report), writes the JUnit file (with a
+    case per image if `per_image`), and exits 1 if parity failed."""
     click.echo(result.summary())
     if report is not None:
         click.echo(one_line(f"report written to {report}"))
     if junit is not None:
-        from volo_convert.junit import result_case, write_junit
+        from volo_convert.junit import image_cases, result_case, write_junit
 
-        write_junit(junit, "verify", [result_case(result)])
+        cases = [result_case(result), *(image_cases(result) if per_image else [])]
+        write_junit(junit, "verify", cases)
         click.echo(one_line(f"JUnit report written to {junit}"))
     if not result.passed:
         message = result.failure_reason
@@ -166,6 +171,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @verification_options
 @REPORT
 @JUNIT
+@JUNIT_PER_IMAGE
 @EXPLAIN
 @OVERWRITE
 @head_option(None, "The head MODEL must end in (default: whichever it ends in).")
@@ -174,7 +180,12 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @COMPUTE_DTYPE
 @handles_errors
 def verify(
-    model_file: Path, checkpoint: Path, report: Path | None, junit: Path | None, **fields: Any
+    model_file: Path,
+    checkpoint: Path,
+    report: Path | None,
+    junit: Path | None,
+    junit_per_image: bool,
+    **fields: Any,
 ) -> None:
     """Check an existing model against its PyTorch checkpoint (for CI).
 
@@ -188,6 +199,8 @@ def verify(
     Example:
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --atol 1e-4 --report parity.json
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --junit parity.xml
+      volo-convert verify d1.h5 d1_224_84.2.pth.tar --images photos/ --junit parity.xml \\
+          --junit-per-image
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --explain
       volo-convert verify d1.h5 d1_224_84.2.pth.tar --training
       KERAS_BACKEND=torch volo-convert verify d1.keras d1_224_84.2.pth.tar
@@ -198,6 +211,8 @@ def verify(
     from volo_convert.junit import error_case, write_junit
     from volo_convert.pipeline import verify_file
 
+    if junit_per_image and junit is None:
+        raise ConversionError("--junit-per-image adds cases to the --junit file; give --junit too")
     options = ConvertOptions(**fields)
     reports = {} if report is None else {report: "the report"}
     check_junit_path(junit, [model_file, checkpoint], options.overwrite, others=reports)
@@ -217,7 +232,7 @@ def verify(
                 case = error_case(name, display.stage, display.elapsed, first_line(error))
                 write_junit(junit, "verify", [case])
             raise
-    _finish(result, report, junit)
+    _finish(result, report, junit, junit_per_image)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -243,6 +258,49 @@ def inspect(model_file: Path, as_json: bool) -> None:
     if provenance is None:
         raise ConversionError(f"{model_file}: holds no volo-convert provenance record")
     click.echo(provenance.to_json() if as_json else provenance.summary())
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=DEFAULT_TOP_K,
+    show_default=True,
+    help="Classes to show per image.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
+@handles_errors
+def predict(model_file: Path, images: tuple[str, ...], top_k: int, as_json: bool) -> None:
+    """Show a converted model's top classes for each photo: does it see a cat?
+
+    MODEL is a .h5 or .keras file, a SavedModel folder or a .tflite file; IMAGE a JPEG/PNG
+    photo or a folder of them. Each photo is prepared as --images prepares it (timm's eval
+    transform, with the crop_pct of the variant MODEL records) and fed as MODEL takes it
+    (normalised images or pixels, an int8 file's integers). Classes are named by the labels
+    MODEL records, by index otherwise; probabilities are the softmax of the logits. A file
+    that is not a readable image is skipped with a warning. torch is not imported.
+
+    \b
+    Example:
+      volo-convert predict d1.h5 photos/cat.jpg photos/dog.png
+      volo-convert predict d1_int8.tflite photos/ --top-k 1
+      volo-convert predict d1_savedmodel/ photos/ --json
+    """
+    import json
+
+    from volo_convert.prediction import predict as run_predict
+
+    def warn(message: str) -> None:
+        click.echo(one_line(f"Warning: {message}"), err=True)
+
+    predictions = run_predict(model_file, images, top_k, on_warning=warn)
+    if as_json:
+        click.echo(json.dumps(predictions.to_dict(), indent=2))
+    else:
+        for line in predictions.summary().splitlines():
+            click.echo(one_line(line))
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)

@@ -231,6 +231,14 @@ JUNIT = click.option(
     "test reports.",
 )
 
+JUNIT_PER_IMAGE = click.option(
+    "--junit-per-image",
+    is_flag=True,
+    help="Add one test case per verification image to the --junit file: its name, each "
+    "side's top-1 class and its max abs diff. An image fails only when the run fails and it "
+    "missed the bar.",
+)
+
 
 def check_junit_path(
     junit: Path | None,

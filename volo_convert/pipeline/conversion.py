@@ -171,7 +171,7 @@ def convert(
     notify(on_stage, "loading")
     checkpoint = load_checkpoint(checkpoint_path, options)
     file_kind = file_precision(options.tflite_dtype, options.output_compute_dtype)
-    pixels = verification_images(options, checkpoint, file_kind, warn) if device else None
+    photos = verification_images(options, checkpoint, file_kind, warn) if device else None
     calibration = _calibration_inputs(options, checkpoint, warn)
     model, weights = _build_and_port(checkpoint_path, checkpoint, options, fmt, on_stage)
     result = ConversionResult(
@@ -208,7 +208,7 @@ def convert(
             reloaded = load_artifact(temp_path, fmt)
             result.input = input_contract(reloaded).to_dict()
             if device is not None:
-                verify(reloaded, checkpoint, options, pixels, device, result, on_stage)
+                verify(reloaded, checkpoint, options, photos, device, result, on_stage)
             del reloaded
         if result.passed:
             notify(on_stage, "recording")

@@ -152,7 +152,7 @@ def verify_file(
         input=contract.to_dict(),
         compute_dtype=file_compute_dtype,
     )
-    pixels = verification_images(options, checkpoint, precision(model), warn)
-    verify(model, checkpoint, options, pixels, device, result, on_stage)
+    photos = verification_images(options, checkpoint, precision(model), warn)
+    verify(model, checkpoint, options, photos, device, result, on_stage)
     finish_report(report_path, result)
     return result

@@ -6,13 +6,12 @@ from __future__ import annotations
 import time
 
 import keras
-import numpy as np
 import torch
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.checks.diagnosis import diagnose
 from volo_convert.checks.parity import check_parity
-from volo_convert.checks.photos import verification_pixels
+from volo_convert.checks.photos import Photos, verification_photos
 from volo_convert.checks.reference import reference_memory_bytes, run_reference
 from volo_convert.checks.training import check_training_parity
 from volo_convert.environment import GIGABYTE, available_memory_bytes
@@ -35,17 +34,17 @@ from volo_convert.weights.porting import port_weights
 
 def verification_images(
     options: ConvertOptions, checkpoint: LoadedCheckpoint, file_kind: str, warn: WarningCallback
-) -> np.ndarray | None:
+) -> Photos | None:
     """The photos of `--images` to verify a file of precision `file_kind` on, or None for
     synthetic images.
 
     The memory the verification needs is checked here, once the image count is known.
     """
     size, transform = checkpoint.image_size, checkpoint.transform
-    pixels = verification_pixels(options.images, size, transform, warn, file_kind)
-    count = len(pixels) if pixels is not None else _synthetic_image_count(options, file_kind)
+    photos = verification_photos(options.images, size, transform, warn, file_kind)
+    count = len(photos.names) if photos is not None else _synthetic_image_count(options, file_kind)
     _check_memory(checkpoint, count)
-    return pixels
+    return photos
 
 
 def _synthetic_image_count(options: ConvertOptions, file_kind: str) -> int:
@@ -80,7 +79,7 @@ def verify(
     model: Predictor,
     checkpoint: LoadedCheckpoint,
     options: ConvertOptions,
-    pixels: np.ndarray | None,
+    photos: Photos | None,
     device: torch.device,
     result: ConversionResult,
     on_stage: StageCallback | None,
@@ -88,7 +87,7 @@ def verify(
     """Fills in `result`'s parity and timing, its diagnosis if asked for or failed, and
     the training check if asked for.
 
-    The reference runs once, on `pixels` (photos) or else the seeded synthetic images;
+    The reference runs once, on `photos` or else the seeded synthetic images;
     parity and diagnosis both read that run. A SavedModel or TFLite file has no stage
     outputs to read, and a bfloat16 model's would all miss an atol, so the float32 Keras
     graph it came from is diagnosed (against DEFAULT_ATOL where the file has no atol
@@ -105,7 +104,7 @@ def verify(
         checkpoint.state_dict,
         head=result.head,
         device=device,
-        pixels=pixels,
+        photos=photos,
         batch_size=_synthetic_image_count(options, dtype),
         seed=options.seed,
     )
