@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY_CONFIG, error_line, photo_like, run, snapshot
 
 from volo_convert.architecture.keras_model import build_volo
-from volo_convert.architecture.variants import crop_pct
+from volo_convert.architecture.variants import eval_transform
 from volo_convert.checks.images import normalize, sample_pixels
 from volo_convert.checks.photos import read_photos
 from volo_convert.checks.reference import run_reference
@@ -105,7 +105,9 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def torch_logits(tiny_state_dict: dict, photos: Path) -> dict[str, np.ndarray]:
     """PyTorch's logits for each photo, prepared as verification prepares them."""
-    prepared = read_photos([photos], TINY_SIZE, crop_pct(TINY_CONFIG.name, TINY_SIZE), pytest.fail)
+    prepared = read_photos(
+        [photos], TINY_SIZE, eval_transform(TINY_CONFIG.name, TINY_SIZE), pytest.fail
+    )
     reference = run_reference(
         TINY_CONFIG, TINY_SIZE, tiny_state_dict, device="cpu", photos=prepared
     )

@@ -3,9 +3,9 @@
 The file runs in its own runtime (Keras, TensorFlow's SavedModel loader, the TFLite
 interpreter) and is fed what its input contract says (normalised images or pixels, an
 int8 file's integers). Photos are prepared as verification prepares them (`checks/photos`):
-timm's eval transform, with the crop_pct of the variant and size the file's provenance
-record names. The record also gives the head and, where known, the class labels. Torch is
-not imported.
+timm's eval transform as the file's provenance record keeps it (a hub folder's config.json
+or the release values), else the release transform of the variant and size it names. The
+record also gives the head and, where known, the class names. Torch is not imported.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from volo_convert.architecture.keras_model import model_head
-from volo_convert.architecture.variants import DEFAULT_CROP_PCT, crop_pct
+from volo_convert.architecture.variants import DEFAULT_CROP_PCT, EvalTransform, eval_transform
 from volo_convert.checks.images import normalize
 from volo_convert.checks.photos import read_photos
 from volo_convert.errors import ConversionError, about
@@ -65,7 +65,7 @@ class Predictions:
     variant: str | None
     image_size: int
     num_classes: int
-    crop_pct: float
+    transform: EvalTransform  # how the photos were prepared
     input: dict[str, Any]  # InputContract.to_dict()
     labelled: bool
     images: tuple[ImagePrediction, ...]
@@ -81,7 +81,7 @@ class Predictions:
         named = "" if self.labelled else ", classes by index (no labels recorded)"
         lines = [
             f"{self.model}: {what} at {self.image_size}px, {self.num_classes} classes{named}; "
-            f"photos cropped as timm's eval with crop_pct {self.crop_pct:g}"
+            f"photos cropped as timm's eval with {_describe(self.transform)}"
         ]
         width = len(str(self.num_classes - 1))
         for prediction in self.images:
@@ -90,6 +90,26 @@ class Predictions:
                 label = "" if score.label is None else f"  {score.label}"
                 lines.append(f"  {score.probability:6.1%}  {score.index:>{width}}{label}")
         return "\n".join(lines)
+
+
+def _describe(transform: EvalTransform) -> str:
+    """`crop_pct 0.96`, with the interpolation and crop mode where they are not the release's."""
+    release = EvalTransform(transform.crop_pct)
+    text = f"crop_pct {transform.crop_pct:g}"
+    if transform.interpolation != release.interpolation:
+        text += f", {transform.interpolation} interpolation"
+    if transform.crop_mode != release.crop_mode:
+        text += f", crop mode {transform.crop_mode}"
+    return text
+
+
+def _transform(record: Provenance | None, image_size: int) -> EvalTransform:
+    """The transform the record keeps; else the release one of its variant; else the default."""
+    if record is None:
+        return EvalTransform(DEFAULT_CROP_PCT)
+    if record.transform is not None:
+        return EvalTransform(**record.transform)
+    return eval_transform(record.variant, image_size)
 
 
 def _record(model_path: str | Path, warn: WarningCallback) -> Provenance | None:
@@ -124,8 +144,9 @@ def _check_classifier(model: Predictor, record: Provenance | None, where: str | 
 
 
 def _labels(record: Provenance | None, num_classes: int, warn: WarningCallback) -> list[str] | None:
-    """The class labels the record holds, if they fit the model's classes."""
-    labels = None if record is None else record.labels
+    """The class names the record holds, if they fit the model's classes: the descriptions
+    ("tench, Tinca tinca") where it has them, else the labels (synset ids)."""
+    labels = None if record is None else (record.label_descriptions or record.labels)
     if labels is not None and len(labels) != num_classes:
         warn(
             f"the record names {len(labels)} labels for {num_classes} classes; "
@@ -176,9 +197,9 @@ def predict(
     _check_classifier(model, record, model_path)
     image_size, num_classes = int(model.input_shape[1]), int(model.output_shape[-1])
     variant = None if record is None else record.variant
-    crop = DEFAULT_CROP_PCT if variant is None else crop_pct(variant, image_size)
+    transform = _transform(record, image_size)
     labels = _labels(record, num_classes, warn)
-    photos = read_photos(images, image_size, crop, warn)
+    photos = read_photos(images, image_size, transform, warn)
     contract = input_contract(model)
     inputs = photos.pixels if contract.kind == "pixels" else normalize(photos.pixels)
     logits = _logits(model, inputs)
@@ -204,7 +225,7 @@ def predict(
         variant=variant,
         image_size=image_size,
         num_classes=num_classes,
-        crop_pct=crop,
+        transform=transform,
         input=contract.to_dict(),
         labelled=labels is not None,
         images=predictions,

@@ -73,6 +73,9 @@ class Provenance:
     compute_dtype: str = DEFAULT_COMPUTE_DTYPE  # schemas 1 and 2 knew no other
     labels: list[str] | None = None  # schemas 1 to 3 recorded none
     label_descriptions: list[str] | None = None
+    # How photos are prepared for the model (`variants.EvalTransform` as a dict): a hub
+    # folder's config.json or the release values; None in records before it was kept.
+    transform: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """The document as stored in a file: JSON with a schema version."""

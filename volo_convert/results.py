@@ -56,6 +56,7 @@ class ConversionResult:
     checkpoint_name: str | None = None  # None: the checkpoint path's own name
     labels: tuple[str, ...] | None = None
     label_descriptions: tuple[str, ...] | None = None
+    transform: dict[str, Any] | None = None  # EvalTransform as a dict: how photos are prepared
     warnings: list[str] = dataclasses.field(default_factory=list)
     training: TrainingParity | None = None
     tflite_dtype: str | None = None
@@ -180,6 +181,7 @@ class ConversionResult:
             label_descriptions=(
                 None if self.label_descriptions is None else list(self.label_descriptions)
             ),
+            transform=self.transform,
             verification=verification,
             environment=environment(),
         )

@@ -348,6 +348,15 @@ def test_labels_reach_the_tflite_metadata_and_inspect(
     assert document["label_descriptions"] == [f"class {index}" for index in range(9)] + ["9"]
     shown = run("inspect", output)
     assert "labels     10 class names: n00000000, n00000001, n00000002, ..." in shown.output
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((70, 90, 3), 120, dtype=np.uint8)).save(photo)
+    predicted = run("predict", output, photo, "--json", "--top-k", "10")
+    assert predicted.exit_code == 0, predicted.output
+    (image,) = json.loads(predicted.output)["images"]
+    # predict names classes by their descriptions where the record has them
+    assert sorted(score["label"] for score in image["top"]) == sorted(
+        [f"class {index}" for index in range(9)] + ["9"]
+    )
 
 
 def test_photos_are_prepared_with_the_config_preprocessing(
@@ -388,6 +397,11 @@ def test_photos_are_prepared_with_the_config_preprocessing(
     result = run(hub, "-o", out_dir / "tiny.keras", "--device", "cpu", "--images", photo_folder)
     assert result.exit_code == 0, result.output
     assert used == [EvalTransform(1.0, "bilinear", "squash")] * 4
+    used.clear()
+    predicted = run("predict", out_dir / "tiny.keras", photo_folder)
+    assert predicted.exit_code == 0, predicted.output
+    assert "crop_pct 1, bilinear interpolation, crop mode squash" in predicted.output
+    assert used == [EvalTransform(1.0, "bilinear", "squash")] * 2
     used.clear()
     plain = hub / "model.safetensors"
     result = run(plain, "-o", out_dir / "plain.keras", "--device", "cpu", "--images", photo_folder)

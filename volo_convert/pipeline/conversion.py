@@ -4,6 +4,7 @@ verified from disk, given its provenance record, and only then moved into place.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,6 +189,7 @@ def convert(
         checkpoint_name=checkpoint.source_name,
         labels=checkpoint.labels,
         label_descriptions=checkpoint.label_descriptions,
+        transform=dataclasses.asdict(checkpoint.transform),
         warnings=warnings,
         tflite_dtype=options.tflite_dtype if fmt == "tflite" else None,
         input=InputContract(options.output_input).to_dict(),
