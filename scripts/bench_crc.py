@@ -18,12 +18,13 @@ from pathlib import Path
 from quiet_machine import add_load_arguments, require_quiet
 
 from volo_convert.environment import environment_line
-from volo_convert.weights.file_scan import SCAN_CHUNK_BYTES, scan_file
+from volo_convert.paths import HASH_CHUNK_BYTES
+from volo_convert.weights.file_scan import scan_file
 
 
 def plain_read(path: Path) -> None:
     """Reads every byte, in the chunks the scan uses."""
-    buffer = bytearray(SCAN_CHUNK_BYTES)
+    buffer = bytearray(HASH_CHUNK_BYTES)
     with path.open("rb", buffering=0) as stream:
         while stream.readinto(buffer):
             pass

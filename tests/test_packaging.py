@@ -115,8 +115,11 @@ IMPORT_LAYERS = (
     ("pipeline", "batch", "results", "prediction"),
     ("checks", "formats"),
     ("weights", "architecture", "synthetic"),
-    ("options", "errors", "environment", "paths", "signals", "provenance", "native_logs"),
-)
+    (
+        "options", "errors", "environment", "paths", "signals", "provenance", "native_logs",
+        "compat", "text_table",
+    ),
+)  # fmt: skip
 
 
 def _unit(module: str) -> str:

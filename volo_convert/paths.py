@@ -19,7 +19,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from volo_convert.errors import ConversionError, os_error_reason
@@ -231,12 +231,19 @@ def write_text(path: str | Path, text: str) -> None:
         move_into_place(temp_path, path)
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's content, read in chunks."""
+def file_sha256(path: str | Path, on_chunk: Callable[[memoryview], None] | None = None) -> str:
+    """Hex SHA-256 of a file's content, read once, HASH_CHUNK_BYTES at a time.
+
+    `on_chunk` sees each chunk as it passes, for more checks in the same pass; the view
+    holds until the next chunk is read.
+    """
     digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        while chunk := stream.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
+    buffer = memoryview(bytearray(HASH_CHUNK_BYTES))
+    with Path(path).open("rb", buffering=0) as stream:
+        while count := stream.readinto(buffer):
+            digest.update(buffer[:count])
+            if on_chunk is not None:
+                on_chunk(buffer[:count])
     return digest.hexdigest()
 
 

@@ -27,7 +27,6 @@ from typing import Any
 
 import keras
 from keras import layers
-from keras.src.backend.common import global_state
 
 from volo_convert.architecture.keras_layers import (
     ClassAttention,
@@ -49,9 +48,12 @@ from volo_convert.architecture.variants import (
     OUTLOOK_KERNEL,
     PATCH_SIZE,
     STEM_STRIDE,
+    TRANSFORMER_STACKS,
     VoloConfig,
     block_drop_path_rate,
+    stage_names,
 )
+from volo_convert.compat import deferred_variables_kept
 from volo_convert.errors import ConversionError
 from volo_convert.options import (
     COMPUTE_DTYPES,
@@ -70,8 +72,6 @@ from volo_convert.options import (
 # Porting fills every kernel, so they start as zeros: drawing random values for d5's 300M
 # weights would take about 4 s of a 10 s build, and as long again on every reload.
 KERNEL_INITIALIZER = "zeros"
-# Where Keras lists the variables a StatelessScope left for later (a private list).
-UNINITIALIZED_VARIABLES = "uninitialized_variables"
 _dense = functools.partial(TokenDense, kernel_initializer=KERNEL_INITIALIZER)
 _conv2d = functools.partial(layers.Conv2D, kernel_initializer=KERNEL_INITIALIZER)
 
@@ -266,20 +266,18 @@ def norm_consumers(model: keras.Model) -> dict[str, tuple[str, ...]]:
 
 
 def stage_output_layers(config: VoloConfig, head: str = DEFAULT_HEAD) -> dict[str, str]:
-    """Stage name -> name of the Keras layer whose output ends that stage.
-
-    Stage names match `torch_reference.Volo.stage_outputs` for the same head.
-    """
-    names = {"stem": "stem_proj"}
-    for stage, num_blocks in enumerate(config.layers):
-        names[f"stack{stage}"] = f"stack{stage}_block{num_blocks - 1}_add_2"
-        if stage == 0:
-            names["downsample"] = "pos_embed"
+    """Stage name (`stage_names(head)`, in order) -> the Keras layer whose output ends it."""
+    layer_names = {
+        "stem": "stem_proj",
+        "downsample": "pos_embed",
+        "norm": "norm",
+        HEAD_OUTPUTS[head]: HEAD_OUTPUTS[head],
+    }
+    for stack, num_blocks in enumerate(config.layers):
+        layer_names[f"stack{stack}"] = f"stack{stack}_block{num_blocks - 1}_add_2"
     for index in range(NUM_CLASS_BLOCKS):
-        names[f"classifier{index}"] = f"classifier{index}_merge"
-    names["norm"] = "norm"
-    names[HEAD_OUTPUTS[head]] = HEAD_OUTPUTS[head]
-    return names
+        layer_names[f"classifier{index}"] = f"classifier{index}_merge"
+    return {stage: layer_names[stage] for stage in stage_names(head)}
 
 
 def build_volo(
@@ -330,7 +328,7 @@ def build_volo(
     x = PositionEmbedding(dtype=EXACT_POLICY, name="pos_embed")(x)
     if drop_rate > 0:
         x = layers.Dropout(drop_rate, dtype=EXACT_POLICY, name="pos_drop")(x)
-    for stage in (1, 2, 3):
+    for stage in TRANSFORMER_STACKS:
         for block in range(config.layers[stage]):
             rate = block_drop_path_rate(config, stage, block, drop_path_rate)
             prefix = f"stack{stage}_block{block}"
@@ -352,12 +350,8 @@ def skeleton_scope() -> Iterator[None]:
     and no assign. The variables' deferred initialisation is forgotten on the way out, so
     no later `keras.StatelessScope` fills them; a skeleton cannot run.
     """
-    pending = list(global_state.get_global_attribute(UNINITIALIZED_VARIABLES) or [])
-    try:
-        with keras.StatelessScope(initialize_variables=False):
-            yield
-    finally:
-        global_state.set_global_attribute(UNINITIALIZED_VARIABLES, pending)
+    with deferred_variables_kept(), keras.StatelessScope(initialize_variables=False):
+        yield
 
 
 @contextlib.contextmanager

@@ -21,8 +21,10 @@ from volo_convert.architecture.variants import (
     OUTLOOK_KERNEL,
     PATCH_SIZE,
     STEM_STRIDE,
+    TRANSFORMER_STACKS,
     VoloConfig,
     block_drop_path_rate,
+    stage_names,
 )
 from volo_convert.options import (
     DEFAULT_DROP_PATH_RATE,
@@ -257,7 +259,7 @@ class Volo(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         outlookers = [Outlooker(dims[0], heads[0], mlp_ratio) for _ in range(config.layers[0])]
         network: list[nn.Module] = [nn.Sequential(*outlookers), Downsample(dims[0], dims[1])]
-        for stage in (1, 2, 3):
+        for stage in TRANSFORMER_STACKS:
             blocks = [
                 Transformer(
                     dims[stage],
@@ -284,8 +286,8 @@ class Volo(nn.Module):
             images: B, 3, S, S normalised images.
 
         Returns:
-            stage name -> output; names match the Keras model's stage outputs. The last
-            is `logits`, or `features` for head `features`.
+            stage name -> output, in the order of `stage_names(head)`; the last is
+            `logits`, or `features` for head `features`.
         """
         outputs: dict[str, torch.Tensor] = {}
         x = self.patch_embed(images).permute(0, 2, 3, 1)  # B, H, W, C
@@ -293,7 +295,7 @@ class Volo(nn.Module):
         x = outputs["stack0"] = self.network[0](x)
         x = outputs["downsample"] = self.network[1](x) + self.pos_embed
         x = self.pos_drop(x)
-        for stack_index in (1, 2, 3):
+        for stack_index in TRANSFORMER_STACKS:
             x = outputs[f"stack{stack_index}"] = self.network[stack_index + 1](x)
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # B, N, C
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # B, 1+N, C
@@ -302,12 +304,12 @@ class Volo(nn.Module):
         x = outputs["norm"] = self.norm(x)
         if self.head_type == "features":
             outputs["features"] = x[:, 0]  # B, C
-            return outputs
-        logits = self.head(x[:, 0])  # B, K
-        if self.head_type == "full":
-            logits = logits + 0.5 * self.aux_head(x[:, 1:]).max(dim=1).values
-        outputs["logits"] = logits
-        return outputs
+        else:
+            logits = self.head(x[:, 0])  # B, K
+            if self.head_type == "full":
+                logits = logits + 0.5 * self.aux_head(x[:, 1:]).max(dim=1).values
+            outputs["logits"] = logits
+        return {stage: outputs[stage] for stage in stage_names(self.head_type)}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.stage_outputs(images)[HEAD_OUTPUTS[self.head_type]]

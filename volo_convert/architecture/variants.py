@@ -24,6 +24,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The name of the last stage for each of HEADS: logits, or the class-token features.
 HEAD_OUTPUTS = {"full": "logits", "cls": "logits", "features": "features"}
+NUM_STACKS = 4
+TRANSFORMER_STACKS = tuple(range(1, NUM_STACKS))  # stack 0 is the outlookers
+# The stages the network runs through, in order, up to the head's output (HEAD_OUTPUTS):
+# the per-stage diagnosis compares these, the training check groups its weights by them.
+STAGES = (
+    "stem",
+    "stack0",
+    "downsample",
+    *(f"stack{stack}" for stack in TRANSFORMER_STACKS),
+    *(f"classifier{index}" for index in range(NUM_CLASS_BLOCKS)),
+    "norm",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +62,11 @@ VARIANTS: dict[str, VoloConfig] = {
     "d4": VoloConfig("d4", (8, 8, 16, 4), (384, 768, 768, 768), (12, 16, 16, 16), 3, 64),
     "d5": VoloConfig("d5", (12, 12, 20, 4), (384, 768, 768, 768), (12, 16, 16, 16), 4, 128),
 }
+
+
+def stage_names(head: str) -> tuple[str, ...]:
+    """Every stage in network order, ending in the output of `head` (one of HEADS)."""
+    return (*STAGES, HEAD_OUTPUTS[head])
 
 
 def block_drop_path_rate(

@@ -13,6 +13,7 @@ from volo_convert.environment import environment
 from volo_convert.errors import one_line
 from volo_convert.options import Status
 from volo_convert.paths import write_text
+from volo_convert.text_table import render_table
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -184,14 +185,7 @@ def render_text(report: BatchReport) -> str:
     for row in rows:
         if len(row[-1]) > TERMINAL_REASON_CHARS:
             row[-1] = row[-1][: TERMINAL_REASON_CHARS - 3] + "..."
-    widths = [max(len(row[index]) for row in rows) for index in range(len(COLUMNS) - 1)]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-        + "  "
-        + row[-1]
-        for row in rows
-    ]
-    return "\n".join(line.rstrip() for line in lines) + "\n" + summary_line(report) + "\n"
+    return "\n".join([*render_table(rows), summary_line(report)]) + "\n"
 
 
 def write_batch_report(out_dir: Path, report: BatchReport) -> None:

@@ -21,6 +21,7 @@ from volo_convert.architecture.keras_model import model_input, stage_output_laye
 from volo_convert.architecture.variants import HEAD_OUTPUTS, VoloConfig
 from volo_convert.checks.reference import ReferenceRun
 from volo_convert.options import DEFAULT_HEAD
+from volo_convert.text_table import render_table
 
 TABLE_HEADER = ("stage", "Keras max|x|", "PyTorch max|x|", "max abs diff", "tolerance", "")
 
@@ -142,15 +143,7 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
                 verdict,
             )
         )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(TABLE_HEADER) - 1)]
-    lines = [
-        "  ".join(
-            [row[0].ljust(widths[0])]
-            + [cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:], strict=True)]
-            + [row[-1]]
-        ).rstrip()
-        for row in rows
-    ]
+    lines = render_table(rows, right_aligned=range(1, len(TABLE_HEADER) - 1))
     if diagnosis.first_failing_stage is None:
         lines.append(REBUILT_PASSES if diagnosis.rebuilt else "every stage is within tolerance")
     else:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from volo_convert.architecture.keras_model import model_head, model_input
+from volo_convert.architecture.variants import STAGES as NETWORK_STAGES
 from volo_convert.architecture.variants import STEM_STRIDE, VoloConfig
 from volo_convert.checks.images import normalize, sample_pixels
 from volo_convert.checks.reference import resolve_device, use_exact_float32
@@ -41,23 +42,14 @@ from volo_convert.options import (
     TRAINING_STATISTICS_RTOL,
     TRAINING_STEP_RTOL,
 )
+from volo_convert.text_table import render_table
 from volo_convert.weights.mapping import WeightMapping, weight_mappings
 from volo_convert.weights.transforms import TRANSFORMS
 
 VARIANCE_SUFFIX = "/moving_variance"  # Keras BatchNormalization's running variance
 WORST_LISTED = 5
-STAGES = (
-    "stem",
-    "stack0",
-    "downsample",
-    "stack1",
-    "stack2",
-    "stack3",
-    "classifier0",
-    "classifier1",
-    "norm",
-    "head",
-)
+# The network's stages, then `head` for the head layers' weights (head and aux_head).
+STAGES = (*NETWORK_STAGES, "head")
 # The stage a weight belongs to, from its Keras layer name; checked in this order.
 _STAGE_PATTERNS = (
     (re.compile(r"^(stem|stack\d+|classifier\d+)_"), None),
@@ -291,9 +283,11 @@ def format_training(parity: TrainingParity) -> str:
         f"after SGD step (lr {parity.learning_rate:g})": parity.steps,
         "BatchNorm statistic": parity.statistics,
     }
-    rows = [("worst relative L2", "Keras weight", "error", "tolerance", "")]
+    rows: list[tuple[str, ...] | str] = [
+        ("worst relative L2", "Keras weight", "error", "tolerance", "")
+    ]
     for title, items in groups.items():
-        rows.append((f"{title}: {len(items)} tensors", "", "", "", ""))
+        rows.append(f"{title}: {len(items)} tensors")
         worst = sorted(items, key=lambda item: item.relative_error, reverse=True)[:WORST_LISTED]
         rows += [
             (
@@ -305,13 +299,6 @@ def format_training(parity: TrainingParity) -> str:
             )
             for item in worst
         ]
-    widths = [max(len(row[column]) for row in rows if row[1]) for column in range(4)]
-    for row in rows:
-        if not row[1]:
-            lines.append(row[0])
-            continue
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [cell.rjust(width) for cell, width in zip(row[2:4], widths[2:], strict=True)]
-        lines.append("  ".join([*cells, row[4]]).rstrip())
+    lines += render_table(rows, right_aligned=(2, 3))
     lines.append("training parity " + ("passed" if parity.passed else "FAILED"))
     return "\n".join(lines)

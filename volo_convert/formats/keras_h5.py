@@ -9,23 +9,25 @@ model that may be a skeleton (built in `skeleton_scope`: no values held); the va
 one at a time from `ported_weights`, so the weights are never held in Keras and never
 assigned.
 
-Keras' private helpers encode the attributes exactly as its own writer does;
-tests/formats/test_keras_h5.py holds the file to what `model.save` writes.
+Keras' private helpers (through `compat.py`) encode the attributes exactly as its own
+writer does; tests/formats/test_keras_h5.py holds the file to what `model.save` writes.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import h5py
 import keras
 import numpy as np
-from keras.src.legacy.saving import json_utils, saving_options, saving_utils
-from keras.src.legacy.saving.legacy_h5_format import (
-    _legacy_weights,
-    save_attributes_to_hdf5_group,
+
+from volo_convert.compat import (
+    legacy_h5_metadata,
+    legacy_json,
+    legacy_layer_weights,
+    own_variables,
+    save_hdf5_attribute,
 )
 
 WEIGHTS_GROUP = "model_weights"
@@ -34,11 +36,9 @@ TOP_LEVEL_GROUP = "top_level_model_weights"
 
 def _write_metadata(file: h5py.File, model: keras.Model) -> None:
     """The root attributes: model_config, keras_version, backend, JSON-encoded as Keras does."""
-    with saving_options.keras_option_scope(use_legacy_config=True):
-        metadata = saving_utils.model_metadata(model, include_optimizer=False)
-    for name, value in metadata.items():
+    for name, value in legacy_h5_metadata(model).items():
         if isinstance(value, dict | list | tuple):
-            file.attrs[name] = json.dumps(value, default=json_utils.get_json_type).encode("utf8")
+            file.attrs[name] = legacy_json(value).encode("utf8")
         else:
             file.attrs[name] = value
 
@@ -46,12 +46,11 @@ def _write_metadata(file: h5py.File, model: keras.Model) -> None:
 def _variable_groups(model: keras.Model) -> list[tuple[str, list[keras.Variable]]]:
     """Group name -> its variables, in the order Keras writes them."""
     layer_groups = [
-        (layer.name, _legacy_weights(layer))
+        (layer.name, legacy_layer_weights(layer))
         for layer in sorted(model.layers, key=lambda layer: layer.name)
     ]
     model_weight_ids = {id(variable) for variable in model.weights}
-    own_variables = model._trainable_variables + model._non_trainable_variables
-    top_level = [variable for variable in own_variables if id(variable) in model_weight_ids]
+    top_level = [variable for variable in own_variables(model) if id(variable) in model_weight_ids]
     return [*layer_groups, (TOP_LEVEL_GROUP, top_level)]
 
 
@@ -62,14 +61,14 @@ def _create_datasets(group: h5py.Group, model: keras.Model) -> dict[str, h5py.Da
         Keras variable path -> its dataset.
     """
     layer_names = [layer.name.encode("utf8") for layer in model.layers]
-    save_attributes_to_hdf5_group(group, "layer_names", layer_names)
+    save_hdf5_attribute(group, "layer_names", layer_names)
     group.attrs["backend"] = keras.backend.backend().encode("utf8")
     group.attrs["keras_version"] = str(keras.__version__).encode("utf8")
     datasets = {}
     for group_name, variables in _variable_groups(model):
         variable_group = group.create_group(group_name)
         weight_names = [str(variable.path).encode("utf8") for variable in variables]
-        save_attributes_to_hdf5_group(variable_group, "weight_names", weight_names)
+        save_hdf5_attribute(variable_group, "weight_names", weight_names)
         for variable in variables:
             datasets[variable.path] = variable_group.create_dataset(
                 variable.path, tuple(variable.shape), dtype=variable.dtype

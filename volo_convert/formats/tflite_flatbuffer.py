@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from volo_convert.compat import builtin_code, tflite_schema
 from volo_convert.errors import ConversionError
 from volo_convert.options import TFLITE_DTYPES
 
@@ -20,9 +21,7 @@ METADATA_NAME = "volo_convert"
 
 def schema() -> Any:
     """TensorFlow's generated TFLite flatbuffer schema."""
-    from tensorflow.lite.python import schema_py_generated
-
-    return schema_py_generated
+    return tflite_schema()
 
 
 @functools.cache
@@ -34,10 +33,8 @@ def _builtin_names() -> dict[int, str]:
 
 def operator_name(flatbuffer: Any, opcode_index: int) -> str:
     """The builtin name of an operator code (BATCH_MATMUL), or `custom:CODE` for a custom op."""
-    from tensorflow.lite.python.schema_util import get_builtin_code_from_operator_code
-
     opcode = flatbuffer.OperatorCodes(opcode_index)
-    code = get_builtin_code_from_operator_code(opcode)
+    code = builtin_code(opcode)
     if code == schema().BuiltinOperator.CUSTOM:
         return f"custom:{opcode.CustomCode().decode()}"
     return _builtin_names()[code]

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from volo_convert.architecture.keras_model import norm_consumers
+from volo_convert.compat import calibrate_only, quantize_calibrated, with_io_types
 from volo_convert.formats.tflite_flatbuffer import operator_name, schema
 
 # SmoothQuant's migration strength: half of each LayerNorm channel's range goes to the weights.
@@ -128,13 +129,11 @@ def full_integer(converter: Any, calibration: np.ndarray, io: str, pixels: bool)
     `converter` has optimizations set; `io` int8 makes the input int8 (uint8 for pixels).
     """
     import tensorflow as tf
-    from tensorflow.lite.python.convert import mlir_quantize
-    from tensorflow.lite.python.util import modify_model_io_type
 
     converter.representative_dataset = lambda: ([image[None]] for image in calibration)
-    converter._experimental_calibrate_only = True  # what QuantizationDebugger does too
+    calibrate_only(converter)
     calibrated = converter.convert()
-    content = mlir_quantize(calibrated, denylisted_nodes=_float_nodes(calibrated))
+    content = quantize_calibrated(calibrated, _float_nodes(calibrated))
     if io == "int8":  # the logits come out of float ops, so they stay float32
-        content = modify_model_io_type(content, tf.uint8 if pixels else tf.int8, tf.float32)
+        content = with_io_types(content, tf.uint8 if pixels else tf.int8, tf.float32)
     return bytes(content)

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from volo_convert.compat import weights_only_globals
 from volo_convert.errors import ConversionError, about
 from volo_convert.paths import check_input
 from volo_convert.weights.file_scan import scan_file
@@ -88,9 +89,7 @@ def _refused_global(path: Path) -> str | None:
     Found by a dry run of the pickle with inert stand-ins, not from the wording of
     torch's error, which changes between releases.
     """
-    from torch._weights_only_unpickler import _get_allowed_globals
-
-    allowed = set(_get_allowed_globals())
+    allowed = weights_only_globals()
     allowed |= {f"{cls.__module__}.{cls.__qualname__}" for cls in SAFE_GLOBALS}
     try:
         stream = io.BytesIO(_pickle_bytes(path))

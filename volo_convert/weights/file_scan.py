@@ -8,7 +8,6 @@ tell. The same pass tells whether torch can memory-map the file.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import struct
 import zipfile
 import zlib
@@ -18,10 +17,11 @@ from typing import Any, NamedTuple
 from zlib_ng.zlib_ng import crc32
 
 from volo_convert.errors import ConversionError
+from volo_convert.paths import file_sha256
 
 LOCAL_HEADER_BYTES = 30  # a zip record's fixed local header, before its name and extra field
 LOCAL_HEADER_NAME_LENGTH_OFFSET = 26
-SCAN_CHUNK_BYTES = 16 * 1024 * 1024
+SCAN_CHUNK_BYTES = 16 * 1024 * 1024  # the most one inflate step returns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,46 @@ def _content_crc(data: memoryview, inflater: Any, crc: int) -> int:
     return crc
 
 
+class _RecordCrcs:
+    """Checks each zip record's stored CRC-32 as the file's chunks pass, in file order."""
+
+    def __init__(self, path: Path, spans: list[_RecordSpan]) -> None:
+        self.path = path
+        self.spans = spans
+        self.position, self.index, self.crc = 0, 0, 0
+        self.inflater: Any = None
+
+    def __call__(self, chunk: memoryview) -> None:
+        """Carries the CRC of the records `chunk` holds; checks each record it ends."""
+        position, end = self.position, self.position + len(chunk)
+        while self.index < len(self.spans) and self.spans[self.index].start <= end:
+            span = self.spans[self.index]
+            if span.deflated and self.inflater is None:
+                self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate
+            low, high = max(span.start, position), min(span.end, end)
+            if high > low:
+                self.crc = _content_crc(
+                    chunk[low - position : high - position], self.inflater, self.crc
+                )
+            if span.end > end:
+                break
+            if self.inflater is not None:
+                self.crc = crc32(self.inflater.flush(), self.crc)
+            if self.crc != span.record.CRC:
+                raise ConversionError(
+                    f"{self.path}: the checkpoint is corrupt: record {span.record.filename!r} "
+                    "does not match the CRC-32 stored for it (a damaged or incomplete "
+                    "download?)"
+                )
+            self.crc, self.index, self.inflater = 0, self.index + 1, None
+        self.position = end
+
+    def check_complete(self) -> None:
+        """Raises EOFError naming the first record the file ended before."""
+        if self.index < len(self.spans):
+            raise EOFError(self.spans[self.index].record.filename)
+
+
 class FileScan(NamedTuple):
     """What one pass over a checkpoint file found."""
 
@@ -88,37 +128,12 @@ def scan_file(path: Path, zip_container: bool) -> FileScan:
     The pass also brings the file into the page cache that torch.load then maps; zlib-ng's
     CRC-32 runs at about ten times zlib's speed.
     """
-    digest = hashlib.sha256()
     try:
         spans = _record_spans(path) if zip_container else []
-        buffer = memoryview(bytearray(SCAN_CHUNK_BYTES))
-        position, index, crc, inflater = 0, 0, 0, None
-        with path.open("rb", buffering=0) as stream:
-            while count := stream.readinto(buffer):
-                chunk, end = buffer[:count], position + count
-                digest.update(chunk)
-                while index < len(spans) and spans[index].start <= end:
-                    span = spans[index]
-                    if span.deflated and inflater is None:
-                        inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate
-                    low, high = max(span.start, position), min(span.end, end)
-                    if high > low:
-                        crc = _content_crc(chunk[low - position : high - position], inflater, crc)
-                    if span.end > end:
-                        break
-                    if inflater is not None:
-                        crc = crc32(inflater.flush(), crc)
-                    if crc != span.record.CRC:
-                        raise ConversionError(
-                            f"{path}: the checkpoint is corrupt: record {span.record.filename!r} "
-                            "does not match the CRC-32 stored for it (a damaged or incomplete "
-                            "download?)"
-                        )
-                    crc, index, inflater = 0, index + 1, None
-                position = end
-        if index < len(spans):
-            raise EOFError(spans[index].record.filename)
+        record_crcs = _RecordCrcs(path, spans)
+        sha256 = file_sha256(path, on_chunk=record_crcs)
+        record_crcs.check_complete()
     except (zipfile.BadZipFile, OSError, EOFError, struct.error, zlib.error):
         raise ConversionError(f"{path}: the checkpoint is truncated or corrupt") from None
     mappable = zip_container and not any(span.deflated for span in spans)
-    return FileScan(digest.hexdigest(), mappable)
+    return FileScan(sha256, mappable)

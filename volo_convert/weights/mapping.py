@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from volo_convert.architecture.variants import NUM_CLASS_BLOCKS, VoloConfig
+from volo_convert.architecture.variants import NUM_CLASS_BLOCKS, TRANSFORMER_STACKS, VoloConfig
 from volo_convert.errors import ConversionError
 from volo_convert.options import DEFAULT_HEAD, HEADS, check_choice
 from volo_convert.weights.transforms import TRANSFORMS
@@ -66,7 +66,7 @@ def _scope_values(scope: str, config: VoloConfig) -> Iterator[dict[str, int]]:
         for block in range(config.layers[0]):
             yield {"stack": 0, "network_index": 0, "block": block}
     elif scope == "transformer_block":
-        for stack in (1, 2, 3):
+        for stack in TRANSFORMER_STACKS:
             for block in range(config.layers[stack]):
                 # torch network.1 is the downsample, so stack s lives at network.{s + 1}
                 yield {"stack": stack, "network_index": stack + 1, "block": block}
