@@ -164,6 +164,16 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         ["--ema"],
         "{input}: --ema was given but the file holds no 'state_dict_ema'",
     ),
+    "ema-none": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", {"state_dict": sd, "state_dict_ema": None}),
+        ["--ema"],
+        "{input}: --ema was given but the file's 'state_dict_ema' holds None, not a state dict",
+    ),
+    "state-dict-none": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", {"epoch": 3, "state_dict": None}),
+        [],
+        "{input}: the file's 'state_dict' holds None, not a state dict",
+    ),
     "unknown-extension": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),
         ["-o", "{out}/d1.onnx"],
@@ -414,6 +424,12 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         ["--compute-dtype", "bfloat16", "--head", "features"],
         "a bfloat16 file is judged by top-1 agreement, which the features head has not; "
         "use --compute-dtype float32 for features",
+    ),
+    "min-top1-features": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--head", "features", "--min-top1", "0.5"],
+        "--min-top1 bars top-1 agreement, which the features head has not; features are "
+        "judged by --atol",
     ),
     "bfloat16-explain": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),

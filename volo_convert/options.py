@@ -243,6 +243,11 @@ class ConvertOptions:
         A conversion calls it once its options are built; a verification again with the
         precision and head of the file it loaded (`head` None: the one asked for).
         """
+        if self.min_top1 is not None and (head or self.head) == "features":
+            raise ConversionError(
+                "--min-top1 bars top-1 agreement, which the features head has not; features "
+                "are judged by --atol"
+            )
         judged = judged_by_top1(precision)
         if judged is None:
             return

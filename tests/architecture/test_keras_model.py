@@ -7,7 +7,7 @@ from pathlib import Path
 
 import keras
 import pytest
-from conftest import TINY_CONFIG, run
+from conftest import TINY_CONFIG, error_line, run, snapshot
 
 from volo_convert.architecture.keras_model import build_volo, model_head
 from volo_convert.checks.parity import check_parity
@@ -112,11 +112,20 @@ def test_cli_features_head_verify_reads_the_head(d1_checkpoint: Path, tmp_path: 
     assert report["head"] == "features" and report["parity"]["top1_agreement"] is None
     assert [stage["stage"] for stage in report["diagnosis"]["stages"]][-2:] == ["norm", "features"]
 
+    before = snapshot(tmp_path)
     result = run("verify", output, d1_checkpoint, "--head", "full")
     assert result.exit_code == 2
-    assert f"Error: {output}: the model ends in the features head, but --head full was given" in (
-        result.output
+    assert error_line(result) == (
+        f"Error: {output}: the model ends in the features head, but --head full was given"
     )
+    # features have no classes: a top-1 bar could never pass, so it is refused, not failed
+    result = run("verify", output, d1_checkpoint, "--min-top1", "0.5", "--report", tmp_path / "x")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        "Error: --min-top1 bars top-1 agreement, which the features head has not; features are "
+        "judged by --atol"
+    )
+    assert snapshot(tmp_path) == before
 
 
 def test_cli_unknown_head_and_explain_without_verify(d1_checkpoint: Path, tmp_path: Path) -> None:

@@ -646,3 +646,22 @@ def test_tflite_falls_back_to_tensorflows_interpreter(
     monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # as if not installed
     assert runtime_name("tflite") == "TensorFlow's TFLite interpreter (tf.lite.Interpreter)"
     assert check_parity(TFLiteRunner(path), tiny_run, FLOAT32_ATOL).passed
+
+
+def test_verify_reads_the_head_from_the_record_not_the_width(
+    d1_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`full` and `cls` have the same width; a TFLite or SavedModel file's record names it."""
+    output = tmp_path / "d1_cls.tflite"
+    result = run(d1_checkpoint, "-o", output, "--head", "cls", "--no-verify")
+    assert result.exit_code == 0, result.output
+    result = run("verify", output, d1_checkpoint, "--device", "cpu", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["head"] == "cls"
+    before = snapshot(tmp_path)
+    result = run("verify", output, d1_checkpoint, "--head", "full")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: {output}: the model ends in the cls head, but --head full was given"
+    )
+    assert snapshot(tmp_path) == before
