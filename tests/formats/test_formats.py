@@ -655,7 +655,9 @@ def test_verify_reads_the_head_from_the_record_not_the_width(
     output = tmp_path / "d1_cls.tflite"
     result = run(d1_checkpoint, "-o", output, "--head", "cls", "--no-verify")
     assert result.exit_code == 0, result.output
-    result = run("verify", output, d1_checkpoint, "--device", "cpu", "--report", tmp_path / "r.json")
+    result = run(
+        "verify", output, d1_checkpoint, "--device", "cpu", "--report", tmp_path / "r.json"
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r.json").read_text())["head"] == "cls"
     before = snapshot(tmp_path)
