@@ -408,6 +408,14 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         ["--image-size", str(2**40)],
         "image size must be at most 4096, got 1099511627776",
     ),
+    "pos-embed-too-large": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar",
+            with_change(sd, lambda c: c.update({"pos_embed": torch.zeros(1, 257, 257, 384)})),
+        ),
+        [],
+        "{input}: image size must be at most 4096, got 4112",
+    ),
     "atol-nan": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),
         ["--atol", "nan"],

@@ -73,9 +73,23 @@ def test_coverage_stays_strict_for_dropped_heads(tiny_state_dict: dict) -> None:
         port_weights(model, state_dict, weight_mappings(TINY_CONFIG, "cls"))
 
 
-def test_unknown_head_is_refused() -> None:
-    with pytest.raises(ConversionError, match=r"unknown head 'logits', expected one of full, cls"):
-        build_volo(TINY_CONFIG, TINY_IMAGE_SIZE, "logits")
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"head": "logits"}, r"unknown head 'logits', expected one of full, cls"),
+        ({"input_kind": "camera"}, r"unknown input 'camera'"),
+        ({"compute_dtype": "float16"}, r"unknown compute dtype 'float16'"),
+        ({"drop_rate": 1.0}, r"drop rate must be at least 0 and below 1"),
+        ({"image_size": 100}, r"image size must be a positive multiple of 16"),
+    ],
+)
+def test_build_refuses_what_options_let_through_as_a_bug(settings: dict, message: str) -> None:
+    """Options check the user's input; a bad value reaching the build is a bug (exit 3),
+    never read as the user's mistake (ConversionError, exit 2)."""
+    arguments = {"image_size": TINY_IMAGE_SIZE, "head": "full", **settings}
+    with pytest.raises(ValueError, match=message) as raised:
+        build_volo(TINY_CONFIG, arguments.pop("image_size"), arguments.pop("head"), **arguments)
+    assert not isinstance(raised.value, ConversionError)
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])

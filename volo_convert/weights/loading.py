@@ -10,7 +10,7 @@ import torch
 from volo_convert.architecture.torch_reference import parameter_shapes
 from volo_convert.architecture.variants import VoloConfig, detect_config, get_variant
 from volo_convert.errors import about
-from volo_convert.options import ConvertOptions
+from volo_convert.options import ConvertOptions, check_image_size
 from volo_convert.weights.checkpoint import check_finite, load_state_dict, tensor_shapes
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.memory import MappedCheckpoint
@@ -58,6 +58,8 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
     shapes = tensor_shapes(state_dict)
     with about(path):
         config, image_size = detect_config(shapes)
+        if options.image_size is None:  # the checkpoint's own size, read from pos_embed
+            check_image_size(image_size)
         if options.variant is not None:
             config = get_variant(options.variant).with_num_classes(config.num_classes)
         check_checkpoint(shapes, weight_mappings(config), parameter_shapes(config, image_size))
