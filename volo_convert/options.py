@@ -14,7 +14,6 @@ import os
 
 from volo_convert.errors import ConversionError
 
-EXIT_PASSED = 0
 EXIT_PARITY_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 3  # a bug in volo-convert; a signal exits with 128 + its number
