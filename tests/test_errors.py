@@ -940,3 +940,59 @@ def test_verification_batch_beyond_the_machine_memory_is_refused(
         error_line(result),
     )
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "direction"),
+    [
+        (["{checkpoint}", "-o", "-"], "output"),
+        (["{checkpoint}", "-o", "d1.h5", "--report", "-"], "output"),
+        (["-", "-o", "d1.h5"], "input"),
+        (["{checkpoint}", "-o", "d1.h5", "--images", "-"], "input"),
+        (
+            [
+                "{checkpoint}",
+                "-o",
+                "q.tflite",
+                "--tflite-dtype",
+                "int8",
+                "--calibration-images",
+                "-",
+            ],
+            "input",
+        ),  # noqa: E501
+        (["verify", "{model}", "{checkpoint}", "--junit", "-"], "output"),
+        (["verify", "{model}", "{checkpoint}", "--report", "-"], "output"),
+        (["verify", "-", "{checkpoint}"], "input"),
+        (["verify", "{model}", "-"], "input"),
+        (["inspect", "-"], "input"),
+        (["batch", "{checkpoint}", "-o", "-"], "output"),
+        (["batch", "-", "-o", "out"], "input"),
+        (["synthesize", "-", "--only", "d1_224_84.2.pth.tar"], "output"),
+        (["demo", "--workdir", "-"], "output"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else value,
+)
+def test_a_dash_for_a_standard_stream_is_refused_by_name(
+    arguments: list[str],
+    direction: str,
+    d1_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`-` is standard input or output in many tools; here no path means it: every path
+    goes through the input or the output policy (paths.py), which refuses it by name."""
+    work = tmp_path / "work"
+    work.mkdir()
+    model = work / "d1.keras"
+    model.write_bytes(b"a model")
+    monkeypatch.chdir(work)
+    before = snapshot(work)
+    places = {"checkpoint": d1_checkpoint, "model": model}
+    result = run(*(argument.format(**places) for argument in arguments))
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == (
+        f"Error: -: volo-convert does not use standard {direction}; name a file or folder "
+        "(an absolute path for one called -)"
+    )
+    assert snapshot(work) == before

@@ -33,7 +33,13 @@ from volo_convert.batch.report import (
 from volo_convert.batch.worker import convert_isolated
 from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.options import DEFAULT_ATOL, DEFAULT_BATCH_OPTIONS, BatchOptions, Status
-from volo_convert.paths import check_input, check_output_path, file_sha256, fingerprint
+from volo_convert.paths import (
+    check_input,
+    check_not_a_stream,
+    check_output_path,
+    file_sha256,
+    fingerprint,
+)
 from volo_convert.signals import Stopped
 
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".safetensors")
@@ -51,6 +57,7 @@ def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
     """
     found: list[Path] = []
     for path in map(Path, paths):
+        check_not_a_stream(path, "input")
         if path.is_dir():
             inside = sorted(
                 child for child in path.iterdir() if child.name.endswith(CHECKPOINT_SUFFIXES)
@@ -140,6 +147,7 @@ def _is_done(previous: BatchEntry | None, sha256: str, output: Path, atol: float
 
 def _prepare_out_dir(out_dir: Path, checkpoints: list[Path]) -> None:
     """Creates the output folder and checks that the reports can be written there."""
+    check_not_a_stream(out_dir, "output")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConversionError(f"{out_dir}: exists and is not a folder")
     try:

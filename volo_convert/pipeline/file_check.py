@@ -23,6 +23,7 @@ from volo_convert.formats import (
     weight_dtype,
 )
 from volo_convert.options import DEFAULT_CONVERT_OPTIONS, DEFAULT_HEAD, ConvertOptions
+from volo_convert.paths import check_input
 from volo_convert.pipeline.stages import (
     StageCallback,
     WarningCallback,
@@ -96,6 +97,7 @@ def verify_file(
     warn = collecting(warnings, on_warning)
     report_path = None if report_path is None else Path(report_path)
     fmt = artifact_format(model_path)
+    check_input(checkpoint_path)  # both inputs before any work
     check_outputs(None, report_path, [Path(model_path), Path(checkpoint_path)], options)
     check_trainable(fmt, options)
     device = resolve_device(options.device)
