@@ -106,17 +106,34 @@ def test_importtime_shows_no_torch() -> None:
     assert "torch" not in imported
 
 
-# Top to bottom; a module may import from its own row or the rows below it, never above.
-# The package itself registers the Keras layers, so it sits on top; importing its
-# `__version__` is no dependency (any submodule import runs the package first anyway).
-IMPORT_LAYERS = (
-    ("__init__", "cli", "__main__"),
-    ("api", "junit"),
-    ("pipeline", "batch", "results"),
-    ("checks", "formats"),
-    ("weights", "architecture", "synthetic"),
-    ("options", "errors", "environment", "paths", "signals", "provenance", "native_logs"),
-)
+ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
+
+
+def _table(header: str) -> list[list[str]]:
+    """The rows of the ARCHITECTURE.md table under `header`, each a list of its cells."""
+    lines = ARCHITECTURE.read_text().splitlines()
+    start = lines.index(header) + 2  # past the header and its |---| line
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def _named(cell: str) -> list[str]:
+    """The code names in a table cell: `cli/`, `api.py`, `weights/loading.py`."""
+    import re
+
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def _import_layers() -> list[tuple[str, ...]]:
+    """The layer table of ARCHITECTURE.md, top to bottom, as units (`cli`, `api`, ...)."""
+    return [
+        tuple(name.removesuffix("/").removesuffix(".py") for name in _named(modules))
+        for _, modules in _table("| layer | modules |")
+    ]
 
 
 def _unit(module: str) -> str:
@@ -145,7 +162,9 @@ def _package_imports() -> dict[str, set[str]]:
 
 
 def test_imports_run_one_way_without_cycles() -> None:
-    layer_of = {unit: index for index, units in enumerate(IMPORT_LAYERS) for unit in units}
+    """As ARCHITECTURE.md says: a module imports from its own row or the rows below it,
+    and no two units import each other, directly or round a cycle."""
+    layer_of = {unit: index for index, units in enumerate(_import_layers()) for unit in units}
     imports = _package_imports()
     upward = [
         f"{module} -> {target}"
@@ -246,3 +265,29 @@ def test_the_package_reads_only_documented_environment_variables() -> None:
                 elif isinstance(key, ast.Constant):
                     read.add(key.value)
     assert read == {name for name in read if f"{name}=" in readme or f"`{name}`" in readme}
+
+
+def test_every_module_has_a_row_in_the_architecture_table() -> None:
+    """Each module is named by its path, or by its file name in its folder's row; a
+    subpackage's `__init__.py` by any row of its folder."""
+    rows = _table("| module | concern |")
+    named = {name for cells in rows for name in _named(cells[0])}
+    in_folder_row = {
+        f"{folder}{name}"
+        for cells in rows
+        for folder in _named(cells[0])
+        if folder.endswith("/")
+        for name in _named(" ".join(cells))
+        if name.endswith(".py") and "/" not in name
+    }
+    folders = {name.rpartition("/")[0] + "/" for name in named if "/" in name}
+    missing = []
+    for source in sorted((REPO / "volo_convert").rglob("*.py")):
+        module = source.relative_to(REPO / "volo_convert").as_posix()
+        folder = module.rpartition("/")[0] + "/"
+        covered = module in named or module in in_folder_row
+        if source.name == "__init__.py" and folder in folders:
+            covered = True
+        if not covered:
+            missing.append(module)
+    assert missing == []
