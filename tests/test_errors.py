@@ -960,7 +960,7 @@ def test_verification_batch_beyond_the_machine_memory_is_refused(
                 "-",
             ],
             "input",
-        ),  # noqa: E501
+        ),
         (["verify", "{model}", "{checkpoint}", "--junit", "-"], "output"),
         (["verify", "{model}", "{checkpoint}", "--report", "-"], "output"),
         (["verify", "-", "{checkpoint}"], "input"),

@@ -434,6 +434,38 @@ def test_schema_1_and_2_records_still_read_as_float32_images_models() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("environment", None),
+        ("input", None),
+        ("input", {"kind": None, "dtype": "float32"}),
+        ("head", None),
+        ("head", "aux"),
+        ("image_size", "224"),
+        ("verification", {"max_abs_diff": None}),
+        ("verification", []),
+    ],
+)
+def test_a_record_holding_null_or_a_stranger_value_is_damaged(
+    field: str, value: object, tmp_path: Path
+) -> None:
+    """JSON may hold null or any type where the record needs a value of its own: such a
+    record is refused as damaged (exit 2) when read, not met later as a bug (exit 3)."""
+    document = json.loads(SAMPLE_PROVENANCE.to_json())
+    if field == "verification" and isinstance(value, dict):
+        value = {**document["verification"], **value}
+    document[field] = value
+    path = tmp_path / "d1.h5"
+    with h5py.File(path, "w") as file:
+        file.attrs["volo_convert_provenance"] = json.dumps(document)
+    before = snapshot(tmp_path)
+    result = run("inspect", path)
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == f"Error: {path}: its provenance record is damaged"
+    assert snapshot(tmp_path) == before
+
+
 def test_inspect_refuses_files_without_a_record(tiny_model: keras.Model, tmp_path: Path) -> None:
     path = tmp_path / "plain.keras"
     tiny_model.save(path)
