@@ -6,13 +6,15 @@ import dataclasses
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from xml.etree import ElementTree
 
 import keras
 import numpy as np
 import pytest
-from conftest import error_line, run
+from conftest import error_line, run, user_environment
 
 from volo_convert import __version__
 from volo_convert.checks.images import sample_images
@@ -43,10 +45,37 @@ def test_convert_writes_verified_file_and_report(
     assert np.isfinite(keras.ops.convert_to_numpy(reloaded.predict_on_batch(images))).all()
 
 
+def _without_timings(text: str, output: Path) -> list[str]:
+    """Output lines with the output path and the durations, which differ between runs, cut."""
+    text = text.replace(str(output), "OUTPUT")
+    return [re.sub(r"\d+\.\ds\b", "N.Ns", line) for line in text.splitlines()]
+
+
+@pytest.mark.large
 def test_convert_subcommand_and_module_entry_agree(d1_checkpoint: Path, tmp_path: Path) -> None:
-    result = run("convert", d1_checkpoint, "-o", tmp_path / "x.h5", "--no-verify")
-    assert result.exit_code == 0, result.output
-    assert "not verified (--no-verify)" in result.output
+    """`volo-convert convert CKPT`, `volo-convert CKPT` and `python -m volo_convert CKPT`
+    print the same lines and write the same model."""
+    outputs = [tmp_path / f"{name}.h5" for name in ("subcommand", "default", "module")]
+    subcommand = run("convert", d1_checkpoint, "-o", outputs[0], "--no-verify")
+    default = run(d1_checkpoint, "-o", outputs[1], "--no-verify")
+    module = subprocess.run(
+        [sys.executable, "-m", "volo_convert", d1_checkpoint, "-o", outputs[2], "--no-verify"],
+        capture_output=True,
+        text=True,
+        env=user_environment(PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+    )
+    assert (subcommand.exit_code, default.exit_code, module.returncode) == (0, 0, 0)
+    printed = [
+        _without_timings(subcommand.stdout, outputs[0]),
+        _without_timings(default.stdout, outputs[1]),
+        _without_timings(module.stdout, outputs[2]),
+    ]
+    assert printed[0] == printed[1] == printed[2]
+    assert "not verified (--no-verify)" in printed[0]
+    models = [keras.models.load_model(output, compile=False) for output in outputs]
+    for weights in zip(*(model.get_weights() for model in models), strict=True):
+        np.testing.assert_array_equal(weights[0], weights[1])
+        np.testing.assert_array_equal(weights[0], weights[2])
 
 
 def test_verify_command_passes_then_warns_and_fails_on_wrong_checkpoint(

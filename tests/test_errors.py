@@ -165,6 +165,16 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         ["--ema"],
         "{input}: --ema was given but the file holds no 'state_dict_ema'",
     ),
+    "ema-none": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", {"state_dict": sd, "state_dict_ema": None}),
+        ["--ema"],
+        "{input}: --ema was given but the file's 'state_dict_ema' holds None, not a state dict",
+    ),
+    "state-dict-none": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", {"epoch": 3, "state_dict": None}),
+        [],
+        "{input}: the file's 'state_dict' holds None, not a state dict",
+    ),
     "unknown-extension": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),
         ["-o", "{out}/d1.onnx"],
@@ -399,6 +409,14 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         ["--image-size", str(2**40)],
         "image size must be at most 4096, got 1099511627776",
     ),
+    "pos-embed-too-large": (
+        lambda folder, sd: _save(
+            folder / "d1.pth.tar",
+            with_change(sd, lambda c: c.update({"pos_embed": torch.zeros(1, 257, 257, 384)})),
+        ),
+        [],
+        "{input}: image size must be at most 4096, got 4112",
+    ),
     "atol-nan": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),
         ["--atol", "nan"],
@@ -415,6 +433,12 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         ["--compute-dtype", "bfloat16", "--head", "features"],
         "a bfloat16 file is judged by top-1 agreement, which the features head has not; "
         "use --compute-dtype float32 for features",
+    ),
+    "min-top1-features": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--head", "features", "--min-top1", "0.5"],
+        "--min-top1 bars top-1 agreement, which the features head has not; features are "
+        "judged by --atol",
     ),
     "bfloat16-explain": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),
@@ -917,3 +941,59 @@ def test_verification_batch_beyond_the_machine_memory_is_refused(
         error_line(result),
     )
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "direction"),
+    [
+        (["{checkpoint}", "-o", "-"], "output"),
+        (["{checkpoint}", "-o", "d1.h5", "--report", "-"], "output"),
+        (["-", "-o", "d1.h5"], "input"),
+        (["{checkpoint}", "-o", "d1.h5", "--images", "-"], "input"),
+        (
+            [
+                "{checkpoint}",
+                "-o",
+                "q.tflite",
+                "--tflite-dtype",
+                "int8",
+                "--calibration-images",
+                "-",
+            ],
+            "input",
+        ),
+        (["verify", "{model}", "{checkpoint}", "--junit", "-"], "output"),
+        (["verify", "{model}", "{checkpoint}", "--report", "-"], "output"),
+        (["verify", "-", "{checkpoint}"], "input"),
+        (["verify", "{model}", "-"], "input"),
+        (["inspect", "-"], "input"),
+        (["batch", "{checkpoint}", "-o", "-"], "output"),
+        (["batch", "-", "-o", "out"], "input"),
+        (["synthesize", "-", "--only", "d1_224_84.2.pth.tar"], "output"),
+        (["demo", "--workdir", "-"], "output"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else value,
+)
+def test_a_dash_for_a_standard_stream_is_refused_by_name(
+    arguments: list[str],
+    direction: str,
+    d1_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`-` is standard input or output in many tools; here no path means it: every path
+    goes through the input or the output policy (paths.py), which refuses it by name."""
+    work = tmp_path / "work"
+    work.mkdir()
+    model = work / "d1.keras"
+    model.write_bytes(b"a model")
+    monkeypatch.chdir(work)
+    before = snapshot(work)
+    places = {"checkpoint": d1_checkpoint, "model": model}
+    result = run(*(argument.format(**places) for argument in arguments))
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == (
+        f"Error: -: volo-convert does not use standard {direction}; name a file or folder "
+        "(an absolute path for one called -)"
+    )
+    assert snapshot(work) == before

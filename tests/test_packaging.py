@@ -106,20 +106,34 @@ def test_importtime_shows_no_torch() -> None:
     assert "torch" not in imported
 
 
-# Top to bottom; a module may import from its own row or the rows below it, never above.
-# The package itself registers the Keras layers, so it sits on top; importing its
-# `__version__` is no dependency (any submodule import runs the package first anyway).
-IMPORT_LAYERS = (
-    ("__init__", "cli", "__main__"),
-    ("api", "junit"),
-    ("pipeline", "batch", "results", "prediction"),
-    ("checks", "formats"),
-    ("weights", "architecture", "synthetic"),
-    (
-        "options", "errors", "environment", "paths", "signals", "provenance", "native_logs",
-        "compat", "text_table",
-    ),
-)  # fmt: skip
+ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
+
+
+def _table(header: str) -> list[list[str]]:
+    """The rows of the ARCHITECTURE.md table under `header`, each a list of its cells."""
+    lines = ARCHITECTURE.read_text().splitlines()
+    start = lines.index(header) + 2  # past the header and its |---| line
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def _named(cell: str) -> list[str]:
+    """The code names in a table cell: `cli/`, `api.py`, `weights/loading.py`."""
+    import re
+
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def _import_layers() -> list[tuple[str, ...]]:
+    """The layer table of ARCHITECTURE.md, top to bottom, as units (`cli`, `api`, ...)."""
+    return [
+        tuple(name.removesuffix("/").removesuffix(".py") for name in _named(modules))
+        for _, modules in _table("| layer | modules |")
+    ]
 
 
 def _unit(module: str) -> str:
@@ -148,7 +162,9 @@ def _package_imports() -> dict[str, set[str]]:
 
 
 def test_imports_run_one_way_without_cycles() -> None:
-    layer_of = {unit: index for index, units in enumerate(IMPORT_LAYERS) for unit in units}
+    """As ARCHITECTURE.md says: a module imports from its own row or the rows below it,
+    and no two units import each other, directly or round a cycle."""
+    layer_of = {unit: index for index, units in enumerate(_import_layers()) for unit in units}
     imports = _package_imports()
     upward = [
         f"{module} -> {target}"
@@ -175,3 +191,103 @@ def test_imports_run_one_way_without_cycles() -> None:
 
     for unit in units:
         visit(unit)
+
+
+def _top_level_names(source: Path) -> list[str]:
+    """The functions, classes and constants a module defines at its top level."""
+    import ast
+
+    names = []
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            names += [target.id for target in node.targets if isinstance(target, ast.Name)]
+    return [name for name in names if not name.startswith("__")]
+
+
+def _identifiers(sources: list[Path]) -> set[str]:
+    """Every name and attribute the sources use, and every identifier their strings hold."""
+    import ast
+    import re
+
+    used = set()
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Store):
+                used.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                used.add(node.attr)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                used |= set(re.findall(r"\w+", node.value))
+    return used
+
+
+def test_the_package_holds_no_dead_or_test_only_code() -> None:
+    """Every top-level name is used by the package itself or its scripts; what only tests
+    use is a hook, and tests reach such points through public seams instead."""
+    package = sorted((REPO / "volo_convert").rglob("*.py"))
+    used = _identifiers(package + sorted((REPO / "scripts").glob("*.py")))
+    unused = [
+        f"{source.relative_to(REPO)}: {name}"
+        for source in package
+        for name in _top_level_names(source)
+        if name not in used and not source.match("cli/*.py")  # click registers commands
+    ]
+    assert unused == []
+
+
+def test_the_package_reads_only_documented_environment_variables() -> None:
+    """An environment variable the README does not name is a hidden switch (a test hook)."""
+    import ast
+
+    readme = (REPO / "README.md").read_text()
+    read = set()
+    for source in (REPO / "volo_convert").rglob("*.py"):
+        tree = ast.parse(source.read_text())
+        constants = {
+            target.id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Subscript):
+                owner, key = node.value, node.slice
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner, key = node.func.value, (node.args or [None])[0]
+            else:
+                continue
+            if isinstance(owner, ast.Attribute) and owner.attr == "environ":
+                if isinstance(key, ast.Name):
+                    read.add(constants[key.id])
+                elif isinstance(key, ast.Constant):
+                    read.add(key.value)
+    assert read == {name for name in read if f"{name}=" in readme or f"`{name}`" in readme}
+
+
+def test_every_module_has_a_row_in_the_architecture_table() -> None:
+    """Each module is named by its path, or by its file name in its folder's row; a
+    subpackage's `__init__.py` by any row of its folder."""
+    rows = _table("| module | concern |")
+    named = {name for cells in rows for name in _named(cells[0])}
+    in_folder_row = {
+        f"{folder}{name}"
+        for cells in rows
+        for folder in _named(cells[0])
+        if folder.endswith("/")
+        for name in _named(" ".join(cells))
+        if name.endswith(".py") and "/" not in name
+    }
+    folders = {name.rpartition("/")[0] + "/" for name in named if "/" in name}
+    missing = []
+    for source in sorted((REPO / "volo_convert").rglob("*.py")):
+        module = source.relative_to(REPO / "volo_convert").as_posix()
+        folder = module.rpartition("/")[0] + "/"
+        covered = module in named or module in in_folder_row
+        if source.name == "__init__.py" and folder in folders:
+            covered = True
+        if not covered:
+            missing.append(module)
+    assert missing == []

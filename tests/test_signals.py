@@ -1,8 +1,7 @@
 """Stopping by signal: whatever asks the process to stop, nothing partial is left.
 
-Each run is a real `volo-convert` process stopped at a stage the test picks through the
-VOLO_CONVERT_PAUSE_AT hook (the process writes its pid and waits there), not after a
-guessed sleep.
+Each run is a real `volo-convert` process stopped at a stage the test picks (paused_cli.py
+pauses the pipeline there: the process writes its pid and waits), not after a guessed sleep.
 """
 
 from __future__ import annotations
@@ -25,17 +24,14 @@ STOP_SECONDS = 60
 
 def start_paused(args: list[object], stage: str, marker: Path) -> subprocess.Popen:
     """Starts `volo-convert ARGS`, pausing at `stage`; returns once the pause is reached."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "VOLO_CONVERT_PAUSE_AT": f"{stage}:{marker}",
-    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PAUSE_AT": f"{stage}:{marker}"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "volo_convert", *map(str, args)],
+        [sys.executable, str(ROOT / "tests" / "paused_cli.py"), *map(str, args)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, which a test may signal whole
     )
     deadline = time.monotonic() + START_SECONDS
     while not marker.exists() or not marker.read_text():
@@ -43,6 +39,14 @@ def start_paused(args: list[object], stage: str, marker: Path) -> subprocess.Pop
         assert time.monotonic() < deadline, f"never reached {stage}"
         time.sleep(0.2)
     return process
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def wait_gone(pid: int) -> None:
@@ -93,9 +97,12 @@ def batch_folder(d1_checkpoint: Path, tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("to_group", [False, True], ids=["driver", "process-group"])
 def test_stopped_batch_stops_its_worker_and_reports_what_was_done(
-    d1_checkpoint: Path, tmp_path: Path
+    d1_checkpoint: Path, tmp_path: Path, to_group: bool
 ) -> None:
+    """SIGTERM to the driver, or to its whole process group as a service manager or a
+    terminal's Ctrl-C sends it: the driver exits only once its worker has cleaned up."""
     out_dir = tmp_path / "out"
     marker = tmp_path / "paused"
     driver = start_paused(
@@ -105,11 +112,15 @@ def test_stopped_batch_stops_its_worker_and_reports_what_was_done(
     )
     worker = int(marker.read_text())
     assert worker != driver.pid
-    driver.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(driver.pid, signal.SIGTERM)
+    else:
+        driver.send_signal(signal.SIGTERM)
+    driver.wait(timeout=STOP_SECONDS)  # not communicate(): the worker holds the pipes too
+    assert not alive(worker)  # the driver waited for its worker's cleanup before it exited
     _, stderr = driver.communicate(timeout=STOP_SECONDS)
     assert driver.returncode == 143
     assert stderr.splitlines()[-1] == "Aborted: stopped by SIGTERM; nothing partial was left"
-    wait_gone(worker)
     assert sorted(path.name for path in out_dir.iterdir()) == ["report.json", "report.md"]
     rows = json.loads((out_dir / "report.json").read_text())["checkpoints"]
     assert [(row["file"], row["status"], row["reason"]) for row in rows] == [

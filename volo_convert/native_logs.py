@@ -77,11 +77,6 @@ def showing_everything() -> bool:
     return os.environ.get(DEBUG_ENVIRONMENT) == "1"
 
 
-def held_back_lines() -> list[str]:
-    """The lines held back so far in this process, in order."""
-    return list(_held_back_lines)
-
-
 def show_everything() -> None:
     """Prints the lines held back so far and holds none back from now on (`--debug`).
 

@@ -14,7 +14,6 @@ import os
 
 from volo_convert.errors import ConversionError
 
-EXIT_PASSED = 0
 EXIT_PARITY_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 3  # a bug in volo-convert; a signal exits with 128 + its number
@@ -101,26 +100,44 @@ class Status(enum.StrEnum):
     ERROR = "error"  # a batch file that could not be converted
 
 
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raises a ConversionError unless `value` is one of `choices`."""
+# The check functions below raise a ConversionError (exit 2) where they check a user's input,
+# here when options are built. The library calls them again on values that were checked
+# already, with `error=ValueError`: failing there is a bug, which must exit 3, not 2.
+
+
+def check_choice(
+    name: str, value: str, choices: tuple[str, ...], error: type[Exception] = ConversionError
+) -> None:
+    """Raises `error` unless `value` is one of `choices`."""
     if value not in choices:
-        raise ConversionError(f"unknown {name} {value!r}, expected one of {', '.join(choices)}")
+        raise error(f"unknown {name} {value!r}, expected one of {', '.join(choices)}")
 
 
-def check_image_size(image_size: int) -> None:
-    """Raises a ConversionError unless `image_size` is a positive multiple of 16 in bounds."""
+def check_image_size(image_size: int, error: type[Exception] = ConversionError) -> None:
+    """Raises `error` unless `image_size` is a positive multiple of 16 in bounds."""
     if image_size <= 0 or image_size % IMAGE_SIZE_MULTIPLE:
-        raise ConversionError(
+        raise error(
             f"image size must be a positive multiple of {IMAGE_SIZE_MULTIPLE}, got {image_size}"
         )
     if image_size > MAX_IMAGE_SIZE:
-        raise ConversionError(f"image size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
+        raise error(f"image size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
 
 
-def check_rate(name: str, rate: float) -> None:
-    """Raises a ConversionError unless 0 <= `rate` < 1 (a drop probability)."""
+def check_rate(name: str, rate: float, error: type[Exception] = ConversionError) -> None:
+    """Raises `error` unless 0 <= `rate` < 1 (a drop probability)."""
     if not 0.0 <= rate < 1.0:
-        raise ConversionError(f"{name} must be at least 0 and below 1, got {rate}")
+        raise error(f"{name} must be at least 0 and below 1, got {rate}")
+
+
+def check_tflite_io(
+    tflite_dtype: str, tflite_io: str, error: type[Exception] = ConversionError
+) -> None:
+    """Raises `error` unless the TFLite dtype and IO type are known and go together: an
+    int8 input and output belong to a full-integer file only."""
+    check_choice("TFLite dtype", tflite_dtype, TFLITE_DTYPES, error)
+    check_choice("TFLite IO type", tflite_io, TFLITE_IO, error)
+    if tflite_io != TFLITE_IO[0] and tflite_dtype != "int8":
+        raise error(f"--tflite-io {tflite_io} needs --tflite-dtype int8 (full integer)")
 
 
 def file_precision(tflite_dtype: str, compute_dtype: str) -> str:
@@ -202,12 +219,7 @@ class ConvertOptions:
             check_image_size(self.image_size)
         if self.output_format is not None:
             check_choice("format", self.output_format, FORMATS)
-        check_choice("TFLite dtype", self.tflite_dtype, TFLITE_DTYPES)
-        check_choice("TFLite IO type", self.tflite_io, TFLITE_IO)
-        if self.tflite_io != TFLITE_IO[0] and self.tflite_dtype != "int8":
-            raise ConversionError(
-                f"--tflite-io {self.tflite_io} needs --tflite-dtype int8 (full integer)"
-            )
+        check_tflite_io(self.tflite_dtype, self.tflite_io)
         if self.calibration_images and self.tflite_dtype != "int8":
             raise ConversionError("--calibration-images applies to --tflite-dtype int8 only")
         if self.input is not None:
@@ -244,6 +256,11 @@ class ConvertOptions:
         A conversion calls it once its options are built; a verification again with the
         precision and head of the file it loaded (`head` None: the one asked for).
         """
+        if self.min_top1 is not None and (head or self.head) == "features":
+            raise ConversionError(
+                "--min-top1 bars top-1 agreement, which the features head has not; features "
+                "are judged by --atol"
+            )
         judged = judged_by_top1(precision)
         if judged is None:
             return

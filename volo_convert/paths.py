@@ -28,6 +28,9 @@ TEMP_PREFIX = ".volo-"  # short and fixed, so any name the file system takes can
 PARTIAL_SUFFIX = ".partial"
 SAVEDMODEL_MARKER = "saved_model.pb"
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
+# Many tools read a path of `-` as standard input or output. volo-convert writes and reads
+# files only (staged, hashed, moved into place), so `-` is refused wherever a path is taken.
+STANDARD_STREAM = "-"
 FILE_KINDS = {
     stat.S_IFIFO: "a FIFO (named pipe)",
     stat.S_IFCHR: "a character device",
@@ -35,6 +38,15 @@ FILE_KINDS = {
     stat.S_IFSOCK: "a socket",
     stat.S_IFDIR: "a folder",
 }
+
+
+def check_not_a_stream(path: str | Path, direction: str) -> None:
+    """Refuses `-`, which would read as standard input or output (`direction`)."""
+    if str(path) == STANDARD_STREAM:
+        raise ConversionError(
+            f"-: volo-convert does not use standard {direction}; name a file or folder "
+            "(an absolute path for one called -)"
+        )
 
 
 def _kind(mode: int) -> str:
@@ -51,6 +63,7 @@ def check_input(
         folder_ok: a folder is accepted too (a SavedModel).
         what: what was expected, for the message.
     """
+    check_not_a_stream(path, "input")
     path = Path(path)
     try:
         mode = path.stat().st_mode
@@ -111,6 +124,7 @@ def check_output_path(
         others: the run's other outputs, each with what it is ("the model output"); this
             one may be none of them, nor lie inside one (a SavedModel folder).
     """
+    check_not_a_stream(path, "output")
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.name in ("", ".", ".."):

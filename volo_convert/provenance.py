@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
 from volo_convert.errors import ConversionError, one_line
-from volo_convert.options import DEFAULT_COMPUTE_DTYPE
+from volo_convert.options import DEFAULT_COMPUTE_DTYPE, HEADS
 
 PROVENANCE_NAME = "volo_convert_provenance"  # the attribute, zip entry, asset, metadata name
 # 2 added the input contract, the TFLite dtype and the top-1 bar; 3 the compute dtype; 4 the
@@ -97,12 +98,20 @@ class Provenance:
             )
         try:
             verification = document.pop("verification")
-            return cls(
+            record = cls(
                 **document,
                 verification=None if verification is None else VerificationRecord(**verification),
             )
         except (KeyError, TypeError):
             raise damaged from None
+        # JSON holds any value anywhere: a null, a list or a stranger head where the record
+        # needs a head or a dict would otherwise fail later, as a bug.
+        checked = [record] + ([] if record.verification is None else [record.verification])
+        if not all(map(_holds_its_types, checked)) or record.head not in HEADS:
+            raise damaged
+        if not all(isinstance(record.input.get(key), str) for key in ("kind", "dtype")):
+            raise damaged
+        return record
 
     def summary(self) -> str:
         """The record as `volo-convert inspect` prints it."""
@@ -148,6 +157,20 @@ class Provenance:
             ("machine", self.environment.get("machine", "unknown")),
         ]
         return "\n".join(f"{label:<10} {value}" for label, value in rows)
+
+
+def _holds_its_types(record: Any) -> bool:
+    """True when every field of a dataclass `record` holds a value of its annotated type."""
+    for name, hint in typing.get_type_hints(type(record)).items():
+        value = getattr(record, name)
+        allowed = tuple(typing.get_origin(kind) or kind for kind in typing.get_args(hint))
+        allowed = allowed if typing.get_origin(hint) is not dict else (dict,)
+        allowed = allowed or (hint,)
+        if float in allowed:
+            allowed = (*allowed, int)
+        if isinstance(value, bool) is not (bool in allowed) or not isinstance(value, allowed):
+            return False
+    return True
 
 
 def describe_input(contract: dict[str, Any]) -> str:

@@ -9,17 +9,12 @@ are ignored, so a second Ctrl-C cannot cut the cleanup short.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# A test hook: "STAGE:FILE" makes the process write its pid to FILE when STAGE starts, then
-# wait for a signal, so a test can stop it at a point it controls.
-PAUSE_VARIABLE = "VOLO_CONVERT_PAUSE_AT"
 
 
 class Stopped(BaseException):
@@ -58,13 +53,3 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for stop_signal, handler in previous.items():
             signal.signal(stop_signal, handler)
-
-
-def pause_if_asked(stage: str) -> None:
-    """Waits for a signal at `stage` when the PAUSE_VARIABLE test hook names it."""
-    wanted, _, marker = os.environ.get(PAUSE_VARIABLE, "").partition(":")
-    if wanted != stage or not marker:
-        return
-    Path(marker).write_text(str(os.getpid()))
-    while True:
-        signal.pause()

@@ -16,7 +16,12 @@ import torch
 from volo_convert.architecture.torch_reference import Volo
 from volo_convert.architecture.variants import RELEASE_CHECKPOINTS, VARIANTS, VoloConfig
 from volo_convert.errors import ConversionError, first_line
-from volo_convert.paths import check_output_path, move_into_place, staged_output
+from volo_convert.paths import (
+    check_not_a_stream,
+    check_output_path,
+    move_into_place,
+    staged_output,
+)
 
 # Gains on 1/sqrt(fan_in): large on attention logits (peaked softmax), small on the
 # residual branches' last layers (the residual stream stays in a float32-friendly range).
@@ -118,6 +123,7 @@ def write_release_checkpoints(
     Returns:
         The paths of the requested files.
     """
+    check_not_a_stream(folder, "output")
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)

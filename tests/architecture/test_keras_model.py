@@ -7,7 +7,7 @@ from pathlib import Path
 
 import keras
 import pytest
-from conftest import TINY_CONFIG, run
+from conftest import TINY_CONFIG, error_line, run, snapshot
 
 from volo_convert.architecture.keras_model import build_volo, model_head
 from volo_convert.checks.parity import check_parity
@@ -73,9 +73,23 @@ def test_coverage_stays_strict_for_dropped_heads(tiny_state_dict: dict) -> None:
         port_weights(model, state_dict, weight_mappings(TINY_CONFIG, "cls"))
 
 
-def test_unknown_head_is_refused() -> None:
-    with pytest.raises(ConversionError, match=r"unknown head 'logits', expected one of full, cls"):
-        build_volo(TINY_CONFIG, TINY_IMAGE_SIZE, "logits")
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"head": "logits"}, r"unknown head 'logits', expected one of full, cls"),
+        ({"input_kind": "camera"}, r"unknown input 'camera'"),
+        ({"compute_dtype": "float16"}, r"unknown compute dtype 'float16'"),
+        ({"drop_rate": 1.0}, r"drop rate must be at least 0 and below 1"),
+        ({"image_size": 100}, r"image size must be a positive multiple of 16"),
+    ],
+)
+def test_build_refuses_what_options_let_through_as_a_bug(settings: dict, message: str) -> None:
+    """Options check the user's input; a bad value reaching the build is a bug (exit 3),
+    never read as the user's mistake (ConversionError, exit 2)."""
+    arguments = {"image_size": TINY_IMAGE_SIZE, "head": "full", **settings}
+    with pytest.raises(ValueError, match=message) as raised:
+        build_volo(TINY_CONFIG, arguments.pop("image_size"), arguments.pop("head"), **arguments)
+    assert not isinstance(raised.value, ConversionError)
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])
@@ -112,11 +126,20 @@ def test_cli_features_head_verify_reads_the_head(d1_checkpoint: Path, tmp_path: 
     assert report["head"] == "features" and report["parity"]["top1_agreement"] is None
     assert [stage["stage"] for stage in report["diagnosis"]["stages"]][-2:] == ["norm", "features"]
 
+    before = snapshot(tmp_path)
     result = run("verify", output, d1_checkpoint, "--head", "full")
     assert result.exit_code == 2
-    assert f"Error: {output}: the model ends in the features head, but --head full was given" in (
-        result.output
+    assert error_line(result) == (
+        f"Error: {output}: the model ends in the features head, but --head full was given"
     )
+    # features have no classes: a top-1 bar could never pass, so it is refused, not failed
+    result = run("verify", output, d1_checkpoint, "--min-top1", "0.5", "--report", tmp_path / "x")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        "Error: --min-top1 bars top-1 agreement, which the features head has not; features are "
+        "judged by --atol"
+    )
+    assert snapshot(tmp_path) == before
 
 
 def test_cli_unknown_head_and_explain_without_verify(d1_checkpoint: Path, tmp_path: Path) -> None:

@@ -165,6 +165,29 @@ def test_cli_verifies_on_photos_and_warns_once_per_bad_file(
     assert report["warnings"] == [warnings[0].removeprefix("Warning: ")]
 
 
+def test_demo_warns_of_a_skipped_photo_as_convert_does(
+    d1_checkpoint: Path, photo_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`demo` shows the pipeline's warnings too; its checkpoint is the small d1 fixture."""
+    from volo_convert import synthetic
+
+    def small_checkpoint(folder: Path, names: list[str], **settings: object) -> list[Path]:
+        (folder / names[0]).parent.mkdir(parents=True, exist_ok=True)
+        (folder / names[0]).write_bytes(d1_checkpoint.read_bytes())
+        return [folder / names[0]]
+
+    monkeypatch.setattr(synthetic, "write_release_checkpoints", small_checkpoint)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "square.png").write_bytes((photo_folder / "square.png").read_bytes())
+    (photos / "cut.png").write_bytes((photo_folder / "square.png").read_bytes()[:60])
+    result = run("demo", "--workdir", tmp_path / "demo", "--device", "cpu", "--images", photos)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 1, result.output
+    assert warnings[0].startswith(f"Warning: {photos / 'cut.png'}: skipped, not a readable image")
+
+
 def test_cli_refuses_a_folder_without_photos(d1_checkpoint: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

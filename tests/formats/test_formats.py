@@ -438,6 +438,38 @@ def test_schema_1_to_3_records_still_read_as_float32_images_models() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("environment", None),
+        ("input", None),
+        ("input", {"kind": None, "dtype": "float32"}),
+        ("head", None),
+        ("head", "aux"),
+        ("image_size", "224"),
+        ("verification", {"max_abs_diff": None}),
+        ("verification", []),
+    ],
+)
+def test_a_record_holding_null_or_a_stranger_value_is_damaged(
+    field: str, value: object, tmp_path: Path
+) -> None:
+    """JSON may hold null or any type where the record needs a value of its own: such a
+    record is refused as damaged (exit 2) when read, not met later as a bug (exit 3)."""
+    document = json.loads(SAMPLE_PROVENANCE.to_json())
+    if field == "verification" and isinstance(value, dict):
+        value = {**document["verification"], **value}
+    document[field] = value
+    path = tmp_path / "d1.h5"
+    with h5py.File(path, "w") as file:
+        file.attrs["volo_convert_provenance"] = json.dumps(document)
+    before = snapshot(tmp_path)
+    result = run("inspect", path)
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == f"Error: {path}: its provenance record is damaged"
+    assert snapshot(tmp_path) == before
+
+
 def test_inspect_refuses_files_without_a_record(tiny_model: keras.Model, tmp_path: Path) -> None:
     path = tmp_path / "plain.keras"
     tiny_model.save(path)
@@ -650,3 +682,24 @@ def test_tflite_falls_back_to_tensorflows_interpreter(
     monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # as if not installed
     assert runtime_name("tflite") == "TensorFlow's TFLite interpreter (tf.lite.Interpreter)"
     assert check_parity(TFLiteRunner(path), tiny_run, FLOAT32_ATOL).passed
+
+
+def test_verify_reads_the_head_from_the_record_not_the_width(
+    d1_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`full` and `cls` have the same width; a TFLite or SavedModel file's record names it."""
+    output = tmp_path / "d1_cls.tflite"
+    result = run(d1_checkpoint, "-o", output, "--head", "cls", "--no-verify")
+    assert result.exit_code == 0, result.output
+    result = run(
+        "verify", output, d1_checkpoint, "--device", "cpu", "--report", tmp_path / "r.json"
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["head"] == "cls"
+    before = snapshot(tmp_path)
+    result = run("verify", output, d1_checkpoint, "--head", "full")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: {output}: the model ends in the cls head, but --head full was given"
+    )
+    assert snapshot(tmp_path) == before

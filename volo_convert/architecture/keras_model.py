@@ -307,12 +307,12 @@ def build_volo(
         A model mapping B, S, S, 3 float32 images (or pixels) to B, num_classes float32
         logits, or to B, C normalised class-token features for head `features`.
     """
-    check_image_size(image_size)
-    check_choice("head", head, HEADS)
-    check_rate("drop path rate", drop_path_rate)
-    check_rate("drop rate", drop_rate)
-    check_choice("input", input_kind, INPUTS)
-    check_choice("compute dtype", compute_dtype, COMPUTE_DTYPES)
+    check_image_size(image_size, ValueError)
+    check_choice("head", head, HEADS, ValueError)
+    check_rate("drop path rate", drop_path_rate, ValueError)
+    check_rate("drop rate", drop_rate, ValueError)
+    check_choice("input", input_kind, INPUTS, ValueError)
+    check_choice("compute dtype", compute_dtype, COMPUTE_DTYPES, ValueError)
     policy = COMPUTE_POLICIES[compute_dtype]
     dims, heads, mlp_ratio = config.embed_dims, config.num_heads, config.mlp_ratio
     inputs = keras.Input((image_size, image_size, 3), name=input_kind)  # B, S, S, 3

@@ -250,7 +250,7 @@ class Volo(nn.Module):
         drop_rate: float = DEFAULT_DROP_RATE,
     ) -> None:
         super().__init__()
-        check_choice("head", head, HEADS)
+        check_choice("head", head, HEADS, ValueError)
         self.head_type = head
         dims, heads, mlp_ratio = config.embed_dims, config.num_heads, config.mlp_ratio
         self.patch_embed = PatchEmbed(config.stem_hidden_dim, dims[0])

@@ -33,7 +33,12 @@ from volo_convert.batch.report import (
 from volo_convert.batch.worker import convert_isolated
 from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.options import DEFAULT_ATOL, DEFAULT_BATCH_OPTIONS, BatchOptions, Status
-from volo_convert.paths import check_output_path, file_sha256, fingerprint
+from volo_convert.paths import (
+    check_not_a_stream,
+    check_output_path,
+    file_sha256,
+    fingerprint,
+)
 from volo_convert.signals import Stopped
 from volo_convert.weights.hub_folder import CONFIG_NAME, checkpoint_source, is_hub_folder
 
@@ -53,6 +58,7 @@ def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
     """
     found: list[Path] = []
     for path in map(Path, paths):
+        check_not_a_stream(path, "input")
         if is_hub_folder(path):
             found.append(path)
         elif path.is_dir():
@@ -148,6 +154,7 @@ def _is_done(previous: BatchEntry | None, sha256: str, output: Path, atol: float
 
 def _prepare_out_dir(out_dir: Path, checkpoints: list[Path]) -> None:
     """Creates the output folder and checks that the reports can be written there."""
+    check_not_a_stream(out_dir, "output")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConversionError(f"{out_dir}: exists and is not a folder")
     try:

@@ -157,6 +157,8 @@ def compare_logits(
     top1 = (
         float((model_values.argmax(-1) == torch_values.argmax(-1)).mean()) if are_logits else None
     )
+    if min_top1 is not None and top1 is None:  # options refuse --min-top1 for features
+        raise ValueError("a top-1 bar was set for features, which have no classes")
     within_atol = atol is None or max_abs <= atol
     agrees = min_top1 is None or (top1 is not None and top1 >= min_top1)
     return ParityResult(

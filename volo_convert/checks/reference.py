@@ -93,7 +93,7 @@ def reference_memory_bytes(config: VoloConfig, image_size: int, batch_size: int)
 
 def resolve_device(device: str) -> torch.device:
     """Maps `auto|cpu|cuda` to a torch device, refusing CUDA where there is none."""
-    check_choice("device", device, DEVICES)
+    check_choice("device", device, DEVICES, ValueError)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

@@ -75,6 +75,21 @@ def _finish(
         sys.exit(EXIT_PARITY_FAILED)
 
 
+def _run_convert(
+    display: StageDisplay,
+    checkpoint: Path,
+    output: Path,
+    options: ConvertOptions,
+    report: Path | None,
+) -> Any:
+    """The one conversion behind `convert` and `demo`: its stages and warnings shown."""
+    from volo_convert.pipeline import convert as run_convert
+
+    return run_convert(
+        checkpoint, output, options, display, report_path=report, on_warning=display.warn
+    )
+
+
 @click.group(cls=DefaultCommandGroup, context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, "--version", prog_name="volo-convert")
 def cli() -> None:
@@ -154,13 +169,9 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
       volo-convert d1_224_84.2.pth.tar -o d1_int8.tflite --tflite-dtype int8 \\
           --calibration-images photos/ --input pixels --tflite-io int8
     """
-    from volo_convert.pipeline import convert as run_convert
-
     options = ConvertOptions(**fields)
     with StageDisplay() as display:
-        result = run_convert(
-            checkpoint, output, options, display, report_path=report, on_warning=display.warn
-        )
+        result = _run_convert(display, checkpoint, output, options, report)
     _finish(result, report)
 
 
@@ -327,7 +338,6 @@ def demo(workdir: Path, report: Path | None, **fields: Any) -> None:
     Example:
       volo-convert demo --workdir /tmp/volo-demo
     """
-    from volo_convert.pipeline import convert as run_convert
     from volo_convert.synthetic import write_release_checkpoints
 
     options = ConvertOptions(**fields)
@@ -337,7 +347,7 @@ def demo(workdir: Path, report: Path | None, **fields: Any) -> None:
         output = workdir / DEMO_OUTPUT
         if output.is_file() and not output.is_symlink():
             output.unlink()  # the previous demo's model
-        result = run_convert(checkpoint, output, options, display, report_path=report)
+        result = _run_convert(display, checkpoint, output, options, report)
     _finish(result, report)
 
 

@@ -60,7 +60,7 @@ def output_format(path: str | Path, requested: str | None = None) -> str:
     """
     suffix = Path(path).suffix.lower()
     if requested is not None:
-        check_choice("format", requested, FORMATS)
+        check_choice("format", requested, FORMATS, ValueError)
         named = FORMAT_SUFFIXES.get(suffix)
         if named is not None and named != requested:
             raise ConversionError(

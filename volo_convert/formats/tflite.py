@@ -45,7 +45,7 @@ from volo_convert.formats.tflite_flatbuffer import (
 )
 from volo_convert.formats.tflite_quantization import full_integer, smoothed_layer_norms
 from volo_convert.native_logs import TFLITE_LINES, known_lines_held_back
-from volo_convert.options import DEFAULT_INPUT, TFLITE_DTYPES, TFLITE_IO, check_choice
+from volo_convert.options import DEFAULT_INPUT, TFLITE_DTYPES, TFLITE_IO, check_tflite_io
 from volo_convert.provenance import PROVENANCE_NAME
 
 TFLITE_BATCH_SIZE = 1
@@ -100,12 +100,9 @@ def convert_to_tflite(
     """
     import tensorflow as tf
 
-    check_choice("TFLite dtype", dtype, TFLITE_DTYPES)
-    check_choice("TFLite IO type", io, TFLITE_IO)
+    check_tflite_io(dtype, io, ValueError)  # the options were checked when built
     if dtype == "int8" and calibration is None:
-        raise ConversionError("an int8 TFLite file needs calibration images")
-    if io != TFLITE_IO[0] and dtype != "int8":
-        raise ConversionError(f"--tflite-io {io} needs --tflite-dtype int8 (full integer)")
+        raise ValueError("an int8 TFLite file needs calibration images")
     input_kind = model_input(model)
     smoothing = (
         smoothed_layer_norms(model, calibration) if dtype == "int8" else contextlib.nullcontext()

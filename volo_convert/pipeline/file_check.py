@@ -33,19 +33,26 @@ from volo_convert.pipeline.stages import (
     notify,
 )
 from volo_convert.pipeline.verification import verification_images, verify
+from volo_convert.provenance import Provenance
 from volo_convert.results import ConversionResult
-from volo_convert.weights.hub_folder import input_files
+from volo_convert.weights.hub_folder import checkpoint_source, input_files
 from volo_convert.weights.loading import load_checkpoint
 
 
-def _artifact_head(model: Predictor, config: VoloConfig, requested: str | None) -> str:
-    """The head `model` ends in: read from a Keras graph, else from the output width.
+def _artifact_head(
+    model: Predictor, config: VoloConfig, requested: str | None, recorded: str | None
+) -> str:
+    """The head `model` ends in: read from a Keras graph, else from the provenance record,
+    else from the output width.
 
     A SavedModel or TFLite file keeps no layer names, and `full` and `cls` have the same
-    width, so there `--head cls` must be given; `features` shows in the width.
+    width, so a file without a record must be given `--head cls`; `features` shows in the
+    width.
     """
     if isinstance(model, keras.Model):
         head = model_head(model)
+    elif recorded is not None:
+        head = recorded
     elif model.output_shape[-1] == config.embed_dims[-1] != config.num_classes:
         head = "features"
     else:
@@ -57,14 +64,13 @@ def _artifact_head(model: Predictor, config: VoloConfig, requested: str | None) 
     return head
 
 
-def _recorded_sha256(model_path: str | Path, warn: WarningCallback) -> str | None:
-    """The SHA-256 of the checkpoint the model records it came from, if it records one."""
+def _recorded_provenance(model_path: str | Path, warn: WarningCallback) -> Provenance | None:
+    """The provenance record the model holds, if it holds a readable one."""
     try:
-        provenance = read_provenance(model_path)
+        return read_provenance(model_path)
     except ConversionError as error:
         warn(f"{error}; verifying anyway")
         return None
-    return None if provenance is None else provenance.source_sha256
 
 
 def verify_file(
@@ -91,11 +97,13 @@ def verify_file(
     warn = collecting(warnings, on_warning)
     report_path = None if report_path is None else Path(report_path)
     fmt = artifact_format(model_path)
+    checkpoint_source(checkpoint_path)  # both inputs before any work
     check_outputs(None, report_path, [Path(model_path), *input_files(checkpoint_path)], options)
     check_trainable(fmt, options)
     device = resolve_device(options.device)
     notify(on_stage, "loading")
-    recorded_sha256 = _recorded_sha256(model_path, warn)
+    provenance = _recorded_provenance(model_path, warn)
+    recorded_sha256 = None if provenance is None else provenance.source_sha256
     model = load_artifact(model_path, fmt)
     image_size = model.input_shape[1]
     if options.image_size is not None and options.image_size != image_size:
@@ -113,7 +121,9 @@ def verify_file(
             "verifying anyway"
         )
     with about(model_path):
-        head = _artifact_head(model, checkpoint.config, options.head)
+        head = _artifact_head(
+            model, checkpoint.config, options.head, None if provenance is None else provenance.head
+        )
     contract = input_contract(model)
     if options.input is not None and options.input != contract.kind:
         raise ConversionError(

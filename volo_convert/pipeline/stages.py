@@ -10,7 +10,6 @@ from volo_convert.errors import ConversionError
 from volo_convert.options import KERAS_FORMATS, SAVEDMODEL, ConvertOptions
 from volo_convert.paths import check_output_path
 from volo_convert.results import ConversionResult, write_report
-from volo_convert.signals import pause_if_asked
 
 StageCallback = Callable[[str], None]
 WarningCallback = Callable[[str], None]
@@ -28,10 +27,9 @@ def collecting(warnings: list[str], on_warning: WarningCallback | None) -> Warni
 
 
 def notify(on_stage: StageCallback | None, stage: str) -> None:
-    """Announces that `stage` starts (and pauses there when a test asks to)."""
+    """Announces that `stage` starts."""
     if on_stage is not None:
         on_stage(stage)
-    pause_if_asked(stage)
 
 
 def check_trainable(fmt: str, options: ConvertOptions) -> None:

@@ -171,7 +171,12 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _select_state_dict(loaded: Any, path: Path, ema: bool) -> Mapping[str, Any]:
-    """Finds the state dict inside a checkpoint container."""
+    """Finds the state dict inside a checkpoint container.
+
+    A container key counts only when it holds a mapping: `state_dict: None` or `model: None`
+    (as training scripts save when there is none) is passed over, and `--ema` on a
+    `state_dict_ema` that is not a mapping is refused by name.
+    """
     if not isinstance(loaded, Mapping):
         raise ConversionError(
             f"{path}: expected a state dict (tensor name -> tensor), got {type(loaded).__name__}"
@@ -179,11 +184,26 @@ def _select_state_dict(loaded: Any, path: Path, ema: bool) -> Mapping[str, Any]:
     if ema:
         if EMA_KEY not in loaded:
             raise ConversionError(f"{path}: --ema was given but the file holds no {EMA_KEY!r}")
+        if not isinstance(loaded[EMA_KEY], Mapping):
+            raise ConversionError(
+                f"{path}: --ema was given but the file's {EMA_KEY!r} holds "
+                f"{_held(loaded[EMA_KEY])}, not a state dict"
+            )
         return loaded[EMA_KEY]
     for key in CONTAINER_KEYS:
         if isinstance(loaded.get(key), Mapping):
             return loaded[key]
+    held = [(key, loaded[key]) for key in (*CONTAINER_KEYS, EMA_KEY) if key in loaded]
+    if empty := [key for key, value in held if not isinstance(value, torch.Tensor)]:
+        raise ConversionError(
+            f"{path}: the file's {empty[0]!r} holds {_held(loaded[empty[0]])}, not a state dict"
+        )
     return loaded
+
+
+def _held(value: Any) -> str:
+    """What a container key holds instead of a state dict, in words."""
+    return "None" if value is None else f"a {type(value).__name__}"
 
 
 def _check_tensor(key: str, tensor: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from volo_convert.architecture.variants import (
     get_variant,
 )
 from volo_convert.errors import about
-from volo_convert.options import ConvertOptions
+from volo_convert.options import ConvertOptions, check_image_size
 from volo_convert.weights.checkpoint import check_finite, load_state_dict, tensor_shapes
 from volo_convert.weights.hub_folder import check_hub_config, checkpoint_source, read_hub_config
 from volo_convert.weights.mapping import weight_mappings
@@ -78,6 +78,8 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
         config, image_size = detect_config(shapes)
         if hub is not None:
             check_hub_config(hub, config, image_size)
+        if options.image_size is None:  # the checkpoint's own size, read from pos_embed
+            check_image_size(image_size)
         if options.variant is not None:
             config = get_variant(options.variant).with_num_classes(config.num_classes)
         check_checkpoint(shapes, weight_mappings(config), parameter_shapes(config, image_size))

@@ -115,7 +115,7 @@ def expand_tables(
 
     Rows whose `heads` leave out `head` expand to mappings with no Keras path.
     """
-    check_choice("head", head, HEADS)
+    check_choice("head", head, HEADS, ValueError)
     mappings = []
     for table in tables:
         for values in _scope_values(table.scope, config):

@@ -15,7 +15,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, image_size: int) -> torch.Tensor:
     Uses torch's bicubic interpolation with align_corners=False on the 1, C, h, w grid,
     as upstream VOLO's `resize_pos_embed_4d`; TensorFlow's bicubic kernel differs.
     """
-    check_image_size(image_size)
+    check_image_size(image_size, ValueError)
     grid = image_size // POS_EMBED_STRIDE
     if tuple(pos_embed.shape[1:3]) == (grid, grid):
         return pos_embed
