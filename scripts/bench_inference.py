@@ -40,26 +40,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from inference_contenders import (
+    BASELINE,
+    FRAMEWORKS,
+    PARITY_IMAGES,
+    TIMING_SEED,
+    Contender,
+    Setup,
+    flops_per_image,
+    max_abs_diff,
+)
 from quiet_machine import add_load_arguments, limit_line, matmul_rates, require_quiet
-
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
-
-    from volo_convert.architecture.torch_reference import Volo
-    from volo_convert.architecture.variants import VoloConfig
 
 MIN_ROUNDS = 5
 WARMUP_CALLS = 2
 SETTLE_SECONDS = 0.2  # pause between contenders, so one's spinning threads do not slow the next
-PARITY_IMAGES = 2  # compared with the reference before timing (or the batch a file takes)
-PARITY_SEED = 2  # other images than the timed ones (seed 1)
-ONNX_OPSET = 18
 ANY_BATCH = "any"  # what a child answers when its model takes every batch size
 EXIT_MISMATCH = 1  # a contender's logits did not match the reference: it was not timed
 EXIT_USAGE = 2  # a contender's benchmark dependencies are not installed
@@ -67,210 +66,6 @@ INSTALL_HINT = (
     "pip install torch==2.13.0 '.[bench]' in the checkout (torch pinned, so that pip keeps "
     "the CPU wheel)"
 )
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What every contender builds its model from: the same weights, threads and a folder."""
-
-    config: VoloConfig
-    image_size: int
-    state_dict: dict[str, torch.Tensor]
-    reference: Volo  # the PyTorch reference on those weights, for the baseline and parity
-    threads: int
-    workdir: Path  # for the files a contender writes (ONNX, TFLite); gone when it exits
-    tflite_file: Path | None  # a float32 TFLite file to time instead of converting one
-
-
-@dataclass(frozen=True)
-class Runner:
-    """A built model: B, S, S, 3 float32 images -> B, K float32 logits."""
-
-    call: Callable[[np.ndarray], np.ndarray]
-    batch_size: int | None = None  # the only batch size the model takes; None: any
-
-
-@dataclass(frozen=True)
-class Framework:
-    """One way of running the model, in each compute dtype it offers."""
-
-    names: dict[str, str]  # compute dtype -> the contender's name
-    rate_framework: str  # the quiet_machine matmul program that bounds it
-    build: Callable[[str, Setup], Runner]  # (compute dtype, setup) -> runner
-    packages: tuple[str, ...] = ()  # benchmark dependencies beyond the project's own
-
-
-@dataclass(frozen=True)
-class Contender:
-    """One way of running the model: its framework, and its compute dtype."""
-
-    framework: str  # a key of FRAMEWORKS
-    dtype: str  # "float32" or "bfloat16"
-
-    @property
-    def name(self) -> str:
-        return FRAMEWORKS[self.framework].names[self.dtype]
-
-    @property
-    def rate_key(self) -> str:
-        """The quiet_machine.matmul_rates entry that bounds this contender."""
-        return f"{FRAMEWORKS[self.framework].rate_framework} {self.dtype}"
-
-
-def _nchw(images: np.ndarray) -> torch.Tensor:
-    """B, S, S, 3 numpy images -> B, 3, S, S torch tensor (a view)."""
-    import torch
-
-    return torch.from_numpy(images).permute(0, 3, 1, 2)  # B, 3, S, S
-
-
-def _torch_runner(dtype: str, setup: Setup) -> Runner:
-    """The PyTorch reference, in inference mode, under bfloat16 autocast for `bfloat16`."""
-    import torch
-
-    def torch_call(images: np.ndarray) -> np.ndarray:
-        with (
-            torch.inference_mode(),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"),
-        ):
-            return setup.reference(_nchw(images)).float().numpy()
-
-    return Runner(torch_call)
-
-
-def _keras_model(dtype: str, setup: Setup) -> Any:
-    """The converted Keras model in compute dtype `dtype`, with the weights ported."""
-    from volo_convert.architecture.keras_model import build_volo
-    from volo_convert.weights.mapping import weight_mappings
-    from volo_convert.weights.porting import port_weights
-
-    dtype_option = {"compute_dtype": dtype} if dtype != "float32" else {}
-    model = build_volo(setup.config, setup.image_size, **dtype_option)
-    port_weights(model, setup.state_dict, weight_mappings(setup.config))
-    return model
-
-
-def _keras_runner(dtype: str, setup: Setup) -> Runner:
-    """The Keras model's predict_on_batch."""
-    return Runner(_keras_model(dtype, setup).predict_on_batch)
-
-
-def _onnx_runner(dtype: str, setup: Setup) -> Runner:
-    """The reference exported to ONNX (dynamo exporter, dynamic batch), in onnxruntime's CPU
-    provider with `setup.threads` intra-op threads."""
-    import numpy as np
-    import onnxruntime
-    import torch
-
-    from volo_convert.checks.images import sample_images
-
-    assert dtype == "float32", dtype
-    # Two images: an example batch of 1 would make the exporter fix the batch dimension at 1.
-    example = _nchw(sample_images(2, setup.image_size)).contiguous()
-    path = setup.workdir / "volo.onnx"
-    program = torch.onnx.export(
-        setup.reference,
-        (example,),
-        dynamo=True,
-        opset_version=ONNX_OPSET,
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        verbose=False,
-    )
-    program.save(str(path))
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = setup.threads
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def onnx_call(images: np.ndarray) -> np.ndarray:
-        # The copy to the exported layout is timed, as a caller holding NHWC images pays it.
-        nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # B, 3, S, S
-        return session.run(None, {"images": nchw})[0]
-
-    return Runner(onnx_call)
-
-
-def _tflite_runner(dtype: str, setup: Setup) -> Runner:
-    """A float32 TFLite file under LiteRT with `setup.threads` threads: --tflite-file, or the
-    Keras model converted by the project. It takes the batch its input signature names (the
-    project's files: 1; a batch dimension of -1: any, resized on the first call at each)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    assert dtype == "float32", dtype
-    path = setup.tflite_file
-    if path is None:
-        from volo_convert.formats.tflite import convert_to_tflite
-
-        path = setup.workdir / "volo.tflite"
-        path.write_bytes(convert_to_tflite(_keras_model(dtype, setup)))
-    interpreter = Interpreter(model_path=str(path), num_threads=setup.threads)
-    (input_details,) = interpreter.get_input_details()
-    output_index = interpreter.get_output_details()[0]["index"]
-    if input_details["dtype"].__name__ != "float32":
-        raise SystemExit(f"{path}: takes {input_details['dtype'].__name__}, not float32 images")
-    file_batch = int(input_details["shape_signature"][0])  # -1: any batch size
-    allocated = [0]  # the batch size the interpreter's tensors are allocated for
-
-    def tflite_call(images: np.ndarray) -> np.ndarray:
-        if len(images) != allocated[0]:
-            interpreter.resize_tensor_input(input_details["index"], list(images.shape))
-            interpreter.allocate_tensors()
-            allocated[0] = len(images)
-        interpreter.set_tensor(input_details["index"], images)
-        interpreter.invoke()
-        return interpreter.get_tensor(output_index).copy()
-
-    return Runner(tflite_call, None if file_batch == -1 else file_batch)
-
-
-FRAMEWORKS = {
-    "torch": Framework(
-        {"float32": "PyTorch inference_mode", "bfloat16": "PyTorch bfloat16 autocast"},
-        "torch",
-        _torch_runner,
-    ),
-    "keras": Framework(
-        {"float32": "Keras predict_on_batch", "bfloat16": "Keras compute_dtype=bfloat16"},
-        "tensorflow",
-        _keras_runner,
-    ),
-    "onnxruntime": Framework(
-        {"float32": "ONNX Runtime (CPU provider)"},
-        "onnxruntime",
-        _onnx_runner,
-        ("onnxruntime", "onnx", "onnxscript"),
-    ),
-    "tflite": Framework(
-        {"float32": "TFLite float32 (LiteRT)"}, "litert", _tflite_runner, ("ai-edge-litert",)
-    ),
-}
-BASELINE = Contender("torch", "float32")
-
-
-def _flops_per_image(setup: Setup) -> float:
-    """Matmul and convolution FLOPs of one image through the PyTorch reference."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from volo_convert.checks.images import sample_images
-
-    call = _torch_runner(BASELINE.dtype, setup).call
-    with FlopCounterMode(display=False) as counter:
-        call(sample_images(1, setup.image_size, seed=1))
-    return float(counter.get_total_flops())
-
-
-def _max_abs_diff(runner: Runner, setup: Setup) -> float:
-    """Largest difference between the runner's logits and the reference's, on seeded images."""
-    import numpy as np
-
-    from volo_convert.checks.images import sample_images
-
-    images = sample_images(runner.batch_size or PARITY_IMAGES, setup.image_size, PARITY_SEED)
-    expected = _torch_runner(BASELINE.dtype, setup).call(images)
-    logits = np.asarray(runner.call(images), dtype=np.float32)
-    return float(np.max(np.abs(logits - expected)))
 
 
 def serve(contender: Contender, args: argparse.Namespace) -> None:
@@ -313,14 +108,14 @@ def serve(contender: Contender, args: argparse.Namespace) -> None:
         batches: dict[int, Any] = {}
         for request in sys.stdin:
             if request.strip() == "flops":
-                print(_flops_per_image(setup), file=answers)
+                print(flops_per_image(setup), file=answers)
                 continue
             if request.strip() == "parity":
-                print(_max_abs_diff(runner, setup), file=answers)
+                print(max_abs_diff(runner, setup), file=answers)
                 continue
             batch_size = int(request)
             if batch_size not in batches:
-                batches[batch_size] = sample_images(batch_size, args.image_size, seed=1)
+                batches[batch_size] = sample_images(batch_size, args.image_size, seed=TIMING_SEED)
                 for _ in range(WARMUP_CALLS):
                     runner.call(batches[batch_size])
             started = time.perf_counter()
@@ -349,9 +144,10 @@ class Child:
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
+        self.name = contender.name
         ready, _, batch_size = self._read().partition(" ")
         if ready != "ready":
-            raise SystemExit(f"{contender.name}: its process failed to start")
+            raise SystemExit(f"{contender.name}: its process failed to start (its error above)")
         self.batch_size = None if batch_size == ANY_BATCH else int(batch_size)
 
     def _read(self) -> str:
@@ -366,7 +162,10 @@ class Child:
         assert self.process.stdin is not None
         self.process.stdin.write(request + "\n")
         self.process.stdin.flush()
-        return float(self._read())
+        answer = self._read()
+        if not answer:
+            raise SystemExit(f"{self.name}: its process stopped at {request!r} (its error above)")
+        return float(answer)
 
     def close(self) -> None:
         assert self.process.stdin is not None
@@ -443,10 +242,11 @@ def require_packages(frameworks: list[str]) -> None:
             except importlib.metadata.PackageNotFoundError:
                 missing.append(package)
         if missing:
+            others = [other for other in frameworks[1:] if other != framework]
             print(
                 f"Error: {FRAMEWORKS[framework].names['float32']} needs {', '.join(missing)}, "
-                f"not installed here. They are benchmark dependencies: {INSTALL_HINT}; or "
-                f"leave it out with --contenders",
+                f"which is not installed. The benchmark's own dependencies install with "
+                f"{INSTALL_HINT}; or leave it out: --contenders {' '.join(others) or 'keras'}",
                 file=sys.stderr,
             )
             sys.exit(EXIT_USAGE)
@@ -486,7 +286,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--bfloat16", action="store_true", help="time both in bfloat16 too")
+    parser.add_argument(
+        "--bfloat16", action="store_true", help="time PyTorch and Keras in bfloat16 too"
+    )
     others = [framework for framework in FRAMEWORKS if framework != BASELINE.framework]
     parser.add_argument(
         "--contenders",
