@@ -3,11 +3,13 @@
 One load guard for all scripts: a benchmark refuses to start when the 1-minute load average is
 above `--max-load` (0.5 by default, for the 2-core machines we share), unless `--allow-busy` is
 given, in which case it runs and its table is flagged. The machine's own limit is measured the
-same way for every script: a large float32 (and bfloat16) matmul in PyTorch and in TensorFlow,
-each in a fresh process, so a ratio always has its ceiling next to it; for the conversion
+same way for every script: a large float32 (and bfloat16) matmul in PyTorch and in TensorFlow
+(and, for the inference benchmark's other contenders, in ONNX Runtime and LiteRT), each in a
+fresh process, so a ratio always has its ceiling next to it; for the conversion
 scripts, the I/O floor (imports, torch.load, an h5py write of the same tensors).
 
     python scripts/quiet_machine.py --threads 2     # print the load and the matmul rates
+    python scripts/quiet_machine.py --frameworks torch tensorflow onnxruntime litert
 """
 
 from __future__ import annotations
@@ -53,8 +55,63 @@ for _ in range(7):
     started = time.perf_counter(); matmul(a, b).numpy(); times.append(time.perf_counter() - started)
 print(2 * size**3 / statistics.median(times) / 1e9)
 """,
+    # The benchmark dependencies (the `bench` extra): B is a constant, as a model's weights
+    # are, so each runtime may prepack it the way it does in the model.
+    "onnxruntime": """
+import statistics, sys, time
+import numpy as np, onnxruntime
+from onnx import TensorProto, helper, numpy_helper
+size, threads, dtype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+generator = np.random.default_rng(0)
+a = generator.standard_normal((size, size), dtype=np.float32)
+b = numpy_helper.from_array(generator.standard_normal((size, size), dtype=np.float32), "b")
+graph = helper.make_graph(
+    [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+    [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
+    [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])], [b])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+options = onnxruntime.SessionOptions()
+options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+session = onnxruntime.InferenceSession(
+    model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+for _ in range(3): session.run(None, {"a": a})
+times = []
+for _ in range(7):
+    started = time.perf_counter(); session.run(None, {"a": a})
+    times.append(time.perf_counter() - started)
+print(2 * size**3 / statistics.median(times) / 1e9)
+""",
+    "litert": """
+import os, statistics, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np, tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+size, threads, dtype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+generator = np.random.default_rng(0)
+b = tf.constant(generator.standard_normal((size, size), dtype=np.float32))
+matmul = tf.function(lambda a: tf.matmul(a, b), input_signature=[tf.TensorSpec([size, size])])
+converter = tf.lite.TFLiteConverter.from_concrete_functions(
+    [matmul.get_concrete_function()], matmul)
+interpreter = Interpreter(model_content=converter.convert(), num_threads=threads)
+interpreter.allocate_tensors()
+interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
+                       generator.standard_normal((size, size), dtype=np.float32))
+for _ in range(3): interpreter.invoke()
+times = []
+for _ in range(7):
+    started = time.perf_counter(); interpreter.invoke(); times.append(time.perf_counter() - started)
+print(2 * size**3 / statistics.median(times) / 1e9)
+""",
 }
-MATMUL_SIZES = {"torch": 4096, "tensorflow": 2048}  # the sizes at which each reaches its peak
+# The sizes at which each reaches its peak
+MATMUL_SIZES = {"torch": 4096, "tensorflow": 2048, "onnxruntime": 2048, "litert": 2048}
+MATMUL_DTYPES = {  # the dtypes each program can time
+    "torch": ("float32", "bfloat16"),
+    "tensorflow": ("float32", "bfloat16"),
+    "onnxruntime": ("float32",),
+    "litert": ("float32",),
+}
+DEFAULT_FRAMEWORKS = ("torch", "tensorflow")
 
 # The I/O floor of a conversion: import the libraries, read the checkpoint with torch.load and
 # write the same tensors with h5py. No converter can take less.
@@ -114,19 +171,24 @@ def require_quiet(args: argparse.Namespace) -> Load:
 
 
 def matmul_rate(framework: str, threads: int, dtype: str = "float32") -> float:
-    """GFLOP/s of a large matmul in `framework` ("torch" or "tensorflow"), in a fresh process."""
+    """GFLOP/s of a large matmul in `framework` (a key of MATMUL_SIZES), in a fresh process."""
     size = MATMUL_SIZES[framework]
     command = [sys.executable, "-c", _MATMUL_PROGRAMS[framework], str(size), str(threads), dtype]
     printed = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return float(printed.split()[-1])
 
 
-def matmul_rates(threads: int, dtypes: tuple[str, ...] = ("float32",)) -> dict[str, float]:
-    """Maps "framework dtype" to GFLOP/s, for both frameworks and each dtype."""
+def matmul_rates(
+    threads: int,
+    dtypes: tuple[str, ...] = ("float32",),
+    frameworks: tuple[str, ...] = DEFAULT_FRAMEWORKS,
+) -> dict[str, float]:
+    """Maps "framework dtype" to GFLOP/s, for each framework and each dtype it can time."""
     return {
         f"{framework} {dtype}": matmul_rate(framework, threads, dtype)
         for dtype in dtypes
-        for framework in _MATMUL_PROGRAMS
+        for framework in frameworks
+        if dtype in MATMUL_DTYPES[framework]
     }
 
 
@@ -156,12 +218,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bfloat16", action="store_true", help="measure bfloat16 matmuls too")
+    parser.add_argument(
+        "--frameworks",
+        nargs="+",
+        choices=list(_MATMUL_PROGRAMS),
+        default=list(DEFAULT_FRAMEWORKS),
+        help="onnxruntime and litert need the `bench` extra (default: torch tensorflow)",
+    )
     parser.add_argument("--json", action="store_true")
     add_load_arguments(parser)
     args = parser.parse_args()
     load = require_quiet(args)
     dtypes = ("float32", "bfloat16") if args.bfloat16 else ("float32",)
-    rates = matmul_rates(args.threads, dtypes)
+    rates = matmul_rates(args.threads, dtypes, tuple(args.frameworks))
     if args.json:
         print(json.dumps({"load_average": load.average, "busy": load.busy, "gflops": rates}))
     else:
