@@ -428,6 +428,31 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         "--compute-dtype bfloat16 applies to Keras files and SavedModels, not .tflite; "
         "use --tflite-dtype for a smaller TFLite file",
     ),
+    "tflite-batch-not-tflite": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--tflite-batch", "8", "-o", "{out}/d1.keras"],
+        "--tflite-batch 8 applies to .tflite outputs only; other formats take any batch",
+    ),
+    "tflite-batch-dynamic-not-tflite": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--tflite-batch", "dynamic", "-o", "{out}/d1_savedmodel"],
+        "--tflite-batch dynamic applies to .tflite outputs only; other formats take any batch",
+    ),
+    "tflite-batch-zero": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--tflite-batch", "0", "-o", "{out}/d1.tflite"],
+        "--tflite-batch must be a whole number from 1 to 256, or dynamic, got '0'",
+    ),
+    "tflite-batch-too-large": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--tflite-batch", "257", "-o", "{out}/d1.tflite"],
+        "--tflite-batch must be a whole number from 1 to 256, or dynamic, got '257'",
+    ),
+    "tflite-batch-not-a-number": (
+        lambda folder, sd: _save(folder / "d1.pth.tar", sd),
+        ["--tflite-batch", "2.5", "-o", "{out}/d1.tflite"],
+        "--tflite-batch must be a whole number from 1 to 256, or dynamic, got '2.5'",
+    ),
     "bfloat16-features": (
         lambda folder, sd: _save(folder / "d1.pth.tar", sd),
         ["--compute-dtype", "bfloat16", "--head", "features"],

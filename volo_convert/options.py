@@ -43,6 +43,13 @@ DEFAULT_COMPUTE_DTYPE = "float32"
 TOP1_JUDGED = (*QUANTIZED_DTYPES, "bfloat16")
 # An int8 TFLite file's input: float32 (quantized inside), or int8 (uint8 for pixels).
 TFLITE_IO = ("float32", "int8")
+# The batch dimension of a TFLite file's input signature: a whole number (1, the phone case,
+# by default), or `dynamic` (any batch, set by the runtime's resize_tensor_input). A fixed-N
+# file takes exactly N images per invocation. 256 is far beyond what batching buys on a
+# CPU, and the interpreter allocates every activation for the whole batch up front.
+TFLITE_BATCH_DYNAMIC = "dynamic"
+DEFAULT_TFLITE_BATCH = 1
+MAX_TFLITE_BATCH = 256
 # What the model takes: ImageNet-normalised float32 images, or RGB pixels in 0..255 that
 # the model scales and normalises itself.
 INPUTS = ("images", "pixels")
@@ -140,6 +147,19 @@ def check_tflite_io(
         raise error(f"--tflite-io {tflite_io} needs --tflite-dtype int8 (full integer)")
 
 
+def tflite_batch(value: int | str) -> int | str:
+    """A TFLite batch as given (a whole number, its text, or `dynamic`), checked: N or `dynamic`."""
+    if value == TFLITE_BATCH_DYNAMIC:
+        return value
+    text = str(value).strip()
+    if not isinstance(value, bool) and text.isdecimal() and 1 <= int(text) <= MAX_TFLITE_BATCH:
+        return int(text)
+    raise ConversionError(
+        f"--tflite-batch must be a whole number from 1 to {MAX_TFLITE_BATCH}, or "
+        f"{TFLITE_BATCH_DYNAMIC}, got {value!r}"
+    )
+
+
 def file_precision(tflite_dtype: str, compute_dtype: str) -> str:
     """What a file's numerics are judged as: its TFLite dtype, else its compute dtype."""
     return tflite_dtype if tflite_dtype != TFLITE_DTYPES[0] else compute_dtype
@@ -184,6 +204,7 @@ class ConvertOptions:
     `drop_path_rate` and `drop_rate` go into the converted model, for fine-tuning.
     `compute_dtype` None means float32 for a conversion and, for a verification, what the
     model computes in; bfloat16 is judged by top-1 agreement, like a quantized file.
+    `tflite_batch` is a TFLite file's batch dimension: N, or `dynamic` (`tflite_batch`).
     """
 
     variant: str | None = None
@@ -191,6 +212,7 @@ class ConvertOptions:
     output_format: str | None = None
     tflite_dtype: str = TFLITE_DTYPES[0]
     tflite_io: str = TFLITE_IO[0]
+    tflite_batch: int | str = DEFAULT_TFLITE_BATCH
     input: str | None = None
     atol: float | None = None
     min_top1: float | None = None
@@ -220,6 +242,7 @@ class ConvertOptions:
         if self.output_format is not None:
             check_choice("format", self.output_format, FORMATS)
         check_tflite_io(self.tflite_dtype, self.tflite_io)
+        object.__setattr__(self, "tflite_batch", tflite_batch(self.tflite_batch))
         if self.calibration_images and self.tflite_dtype != "int8":
             raise ConversionError("--calibration-images applies to --tflite-dtype int8 only")
         if self.input is not None:

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from volo_convert.errors import ConversionError, one_line
-from volo_convert.options import DEFAULT_COMPUTE_DTYPE, HEADS
+from volo_convert.options import DEFAULT_COMPUTE_DTYPE, DEFAULT_TFLITE_BATCH, HEADS
 
 PROVENANCE_NAME = "volo_convert_provenance"  # the attribute, zip entry, asset, metadata name
 # 2 added the input contract, the TFLite dtype and the top-1 bar; 3 the compute dtype; 4 the
-# class names. Older ones are read as before: what they lack takes the only value there was.
+# class names (and, added within 4 with defaults, a TFLite file's batch and the batches it
+# was verified at). Older ones are read as before: what they lack takes the only value there was.
 SCHEMA_VERSION = 4
 READABLE_SCHEMAS = (1, 2, 3, SCHEMA_VERSION)
 LABELS_SHOWN = 3  # the class names `inspect` prints before "..."
@@ -41,6 +42,7 @@ class VerificationRecord:
     seconds: float
     mean_abs_diff: float | None = None  # None in schema 1
     min_top1: float | None = None
+    batches: list[int] | None = None  # a TFLite file's run batches; None for other formats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,9 @@ class Provenance:
     `verification` is None for a file written with `--no-verify`; `environment` holds
     the library versions and the machine (`environment.environment()`). `input` is the
     input contract (`formats.contract.InputContract.to_dict()`); `tflite_dtype` is None
-    for other formats. `compute_dtype` is what the model computes in (`options.COMPUTE_DTYPES`).
+    for other formats, and so is `tflite_batch` (N, or `dynamic`; None in records written
+    before files took a batch, which took one image). `compute_dtype` is what the model
+    computes in (`options.COMPUTE_DTYPES`).
     `labels` are the class names by index, where the checkpoint's hub config.json gives
     them (None otherwise), and `label_descriptions` their descriptions (timm's
     `label_descriptions`, e.g. "tench, Tinca tinca" for the synset n01440764).
@@ -70,6 +74,7 @@ class Provenance:
     verification: VerificationRecord | None
     environment: dict[str, str]
     tflite_dtype: str | None = None
+    tflite_batch: int | str | None = None
     input: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(IMAGES_INPUT))
     compute_dtype: str = DEFAULT_COMPUTE_DTYPE  # schemas 1 and 2 knew no other
     labels: list[str] | None = None  # schemas 1 to 3 recorded none
@@ -130,7 +135,8 @@ class Provenance:
                 f"max abs diff {verification.max_abs_diff:.3g}{atol}, "
                 f"max rel diff {verification.max_rel_diff:.3g}{top1}{bar}, {verification.images} "
                 f"images (seed {verification.seed}), reference on {verification.device}, model "
-                f"in {verification.runtime}, {verification.seconds:.1f}s"
+                f"in {verification.runtime}{describe_batches(verification.batches)}, "
+                f"{verification.seconds:.1f}s"
             )
         libraries = ", ".join(
             f"{name} {version}" for name, version in self.environment.items() if name != "machine"
@@ -144,6 +150,11 @@ class Provenance:
                 f"VOLO {self.variant} at {self.image_size}px, {self.num_classes} classes, "
                 f"{self.head} head, {self.output_format}"
                 + ("" if self.tflite_dtype is None else f" {self.tflite_dtype}")
+                + (
+                    ""
+                    if self.tflite_dtype is None
+                    else f", batch {self.tflite_batch or DEFAULT_TFLITE_BATCH}"
+                )
                 + (
                     ""
                     if self.compute_dtype == DEFAULT_COMPUTE_DTYPE
@@ -179,6 +190,13 @@ def describe_input(contract: dict[str, Any]) -> str:
     if "scale" in contract:
         line += f", scale {contract['scale']:.6g}, zero point {contract['zero_point']}"
     return line + ")"
+
+
+def describe_batches(batches: list[int] | None) -> str:
+    """Where a TFLite file was run in verification (" at batch 1 and 64"); "" if unrecorded."""
+    if not batches:
+        return ""
+    return f" at batch {' and '.join(map(str, batches))}"
 
 
 def describe_labels(labels: list[str]) -> str:

@@ -18,11 +18,17 @@ from volo_convert.options import (
     DEFAULT_COMPUTE_DTYPE,
     DEFAULT_HEAD,
     DEFAULT_INPUT,
+    DEFAULT_TFLITE_BATCH,
     Status,
     file_precision,
 )
 from volo_convert.paths import write_text
-from volo_convert.provenance import Provenance, VerificationRecord, describe_input
+from volo_convert.provenance import (
+    Provenance,
+    VerificationRecord,
+    describe_batches,
+    describe_input,
+)
 
 DEFAULT_IO = (DEFAULT_INPUT, "float32")  # the input the summary need not mention
 
@@ -60,6 +66,8 @@ class ConversionResult:
     warnings: list[str] = dataclasses.field(default_factory=list)
     training: TrainingParity | None = None
     tflite_dtype: str | None = None
+    tflite_batch: int | str | None = None  # a TFLite file's batch: N, or `dynamic`
+    verified_batches: list[int] | None = None  # the batches a TFLite file was verified at
     input: dict[str, Any] | None = None  # InputContract.to_dict(): what the model takes
     compute_dtype: str = DEFAULT_COMPUTE_DTYPE  # what the model computes in
 
@@ -101,6 +109,8 @@ class ConversionResult:
     def summary(self) -> str:
         """The figures as the CLI prints them: the model, timings, parity, diagnosis."""
         what = f"{self.output_format} {self.tflite_dtype}" if self.tflite_dtype else None
+        if what and self.tflite_batch not in (None, DEFAULT_TFLITE_BATCH):
+            what += f", batch {self.tflite_batch}"
         if self.compute_dtype != DEFAULT_COMPUTE_DTYPE:
             what = f"{self.output_format}, {self.compute_dtype} compute"
         route = f"{one_line(self.checkpoint)} -> {one_line(self.output)}"  # names escaped
@@ -133,7 +143,7 @@ class ConversionResult:
             lines.append(f"worst image     {one_line(worst.image)}: {worst.figures()}")
         lines.append(
             f"verified in {self.verify_seconds:.1f}s, reference on {parity.device}, "
-            f"model in {self.runtime}"
+            f"model in {self.runtime}" + describe_batches(self.verified_batches)
         )
         if self.diagnosis is not None:
             lines.append(format_diagnosis(self.diagnosis))
@@ -163,6 +173,7 @@ class ConversionResult:
                 device=parity.device,
                 runtime=self.runtime,
                 seconds=round(self.verify_seconds, 1),
+                batches=self.verified_batches,
             )
         return Provenance(
             converter_version=__version__,
@@ -175,6 +186,7 @@ class ConversionResult:
             num_classes=self.num_classes,
             output_format=str(self.output_format),
             tflite_dtype=self.tflite_dtype,
+            tflite_batch=self.tflite_batch,
             input=self.input,
             compute_dtype=self.compute_dtype,
             labels=None if self.labels is None else list(self.labels),

@@ -89,7 +89,7 @@ def test_quantized_files_use_builtin_ops_only(tiny_files: dict) -> None:
     check_builtin_ops(full)
     assert {"QUANTIZE", "DEQUANTIZE", "FULLY_CONNECTED", "CONV_2D"} <= set(names)
     assert {"SOFTMAX", "GELU", "BATCH_MATMUL"} <= set(FLOAT_OPS) & set(names)
-    assert file_metadata(full) == {"tflite_dtype": "int8", "input": "images"}
+    assert file_metadata(full) == {"tflite_dtype": "int8", "input": "images", "batch": 1}
 
 
 @pytest.mark.parametrize("name", ["int8-dynamic", "int8"])

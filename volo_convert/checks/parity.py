@@ -207,3 +207,9 @@ def check_parity(
         names=reference.names or None,
         photos=reference.photos,
     )
+
+
+def worst_parity(results: list[ParityResult]) -> ParityResult:
+    """Of several runs' parity on the same images, the first that failed, else the furthest."""
+    failed = [result for result in results if not result.passed]
+    return failed[0] if failed else max(results, key=lambda result: result.max_abs_diff)

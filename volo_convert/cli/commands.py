@@ -26,6 +26,7 @@ from volo_convert.cli.parameters import (
     JUNIT_PER_IMAGE,
     OVERWRITE,
     REPORT,
+    TFLITE_BATCH,
     TFLITE_IO_OPTION,
     TRAINING,
     DefaultCommandGroup,
@@ -126,6 +127,7 @@ def cli() -> None:
     "activations (int8-dynamic), or full integer (int8, calibrated).",
 )
 @TFLITE_IO_OPTION
+@TFLITE_BATCH
 @CALIBRATION_IMAGES
 @COMPUTE_DTYPE
 @INPUT
@@ -154,7 +156,8 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
     from the tensors. The output is written under a
     temporary name, reloaded in its own runtime (Keras, TensorFlow's SavedModel loader or
     the TFLite interpreter) and moved to OUTPUT only once it is complete and verified.
-    TFLite files take one image at a time and use builtin ops only.
+    TFLite files take one image per invocation (--tflite-batch sets another batch) and
+    use builtin ops only.
 
     \b
     Example:
@@ -166,6 +169,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
       volo-convert d1_224_84.2.pth.tar -o d1_bf16.keras --compute-dtype bfloat16
       volo-convert d1_224_84.2.pth.tar -o d1_fp16.tflite --tflite-dtype float16
       volo-convert volo_d1_224.sail_in1k/ -o d1.tflite
+      volo-convert d1_224_84.2.pth.tar -o d1_b8.tflite --tflite-batch 8
       volo-convert d1_224_84.2.pth.tar -o d1_int8.tflite --tflite-dtype int8 \\
           --calibration-images photos/ --input pixels --tflite-io int8
     """

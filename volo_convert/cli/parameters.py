@@ -26,6 +26,7 @@ from volo_convert.options import (
     DEFAULT_DROP_RATE,
     DEFAULT_MIN_TOP1,
     DEFAULT_SEED,
+    DEFAULT_TFLITE_BATCH,
     DEFAULT_VERIFY_IMAGES,
     DEVICES,
     EXIT_BAD_INPUT,
@@ -37,7 +38,9 @@ from volo_convert.options import (
     MANY_VERIFY_IMAGES,
     MAX_IMAGE_SIZE,
     MAX_SEED,
+    MAX_TFLITE_BATCH,
     MAX_VERIFY_IMAGES,
+    TFLITE_BATCH_DYNAMIC,
     TFLITE_IO,
 )
 
@@ -276,6 +279,15 @@ TFLITE_IO_OPTION = click.option(
     show_default=True,
     help="Input type of an int8 TFLite file: float32 (quantized inside), or int8 (uint8 with "
     "--input pixels); its logits are float32 either way.",
+)
+TFLITE_BATCH = click.option(
+    "--tflite-batch",
+    default=str(DEFAULT_TFLITE_BATCH),
+    show_default=True,
+    metavar=f"N|{TFLITE_BATCH_DYNAMIC}",
+    help="Batch dimension of a .tflite file's input signature: N images per invocation "
+    f"(1 to {MAX_TFLITE_BATCH}; 1 is the phone case), or {TFLITE_BATCH_DYNAMIC} (any batch, "
+    "set with the interpreter's resize_tensor_input).",
 )
 CALIBRATION_IMAGES = click.option(
     "--calibration-images",

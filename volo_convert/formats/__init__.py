@@ -25,6 +25,7 @@ from volo_convert.formats import keras_file, savedmodel, tflite
 from volo_convert.formats.contract import InputContract
 from volo_convert.options import (
     DEFAULT_COMPUTE_DTYPE,
+    DEFAULT_TFLITE_BATCH,
     FORMATS,
     SAVEDMODEL,
     TFLITE_DTYPES,
@@ -112,11 +113,13 @@ def save_model(
     tflite_io: str = TFLITE_IO[0],
     calibration: np.ndarray | None = None,
     weights: Iterable[tuple[str, np.ndarray]] | None = None,
+    tflite_batch: int | str = DEFAULT_TFLITE_BATCH,
 ) -> None:
     """Writes `model` to `path` in format `fmt`.
 
-    A TFLite file is written in `tflite_dtype` with `tflite_io` input, int8 ones calibrated
-    on `calibration` (B, S, S, 3 inputs of the model). For SKELETON_FORMATS, `weights`
+    A TFLite file is written in `tflite_dtype` with `tflite_io` input and a batch
+    dimension of `tflite_batch`, int8 ones calibrated on `calibration` (B, S, S, 3 inputs
+    of the model). For SKELETON_FORMATS, `weights`
     (variable path, value) gives the values and `model` may be a skeleton; other formats
     take them from `model`. The caller has checked the backend (`check_backend`) before
     doing any work.
@@ -126,7 +129,9 @@ def save_model(
     if fmt == SAVEDMODEL:
         savedmodel.export_saved_model(model, path)
     elif fmt == "tflite":
-        path.write_bytes(tflite.convert_to_tflite(model, tflite_dtype, tflite_io, calibration))
+        path.write_bytes(
+            tflite.convert_to_tflite(model, tflite_dtype, tflite_io, calibration, tflite_batch)
+        )
     else:
         keras_file.save(model, path, fmt, weights)
 
@@ -144,6 +149,25 @@ def load_artifact(path: str | Path, fmt: str | None = None) -> Predictor:
     if fmt == "tflite":
         return tflite.TFLiteRunner(path)
     return keras_file.load(path)
+
+
+def verification_runs(model: Predictor, images: int) -> list[tuple[int | None, Predictor]]:
+    """How a loaded model is verified on `images` images: (batch, the model run at it).
+
+    A TFLite file runs at its own batch N (a fixed-N file takes exactly N images per
+    invocation, padded when fewer are given); a `dynamic` one at batch 1 and at all the
+    images at once. Other formats run as they are, their batch recorded as None.
+    """
+    if not isinstance(model, tflite.TFLiteRunner):
+        return [(None, model)]
+    if model.batch_size is not None:
+        return [(model.batch_size, model)]
+    return [(1, model.at_batch(1)), (images, model.at_batch(images))]
+
+
+def tflite_batch(model: Predictor) -> int | str | None:
+    """A loaded TFLite file's batch (N, or `dynamic`); None for other formats."""
+    return model.tflite_batch if isinstance(model, tflite.TFLiteRunner) else None
 
 
 def write_provenance(path: Path, fmt: str, provenance: Provenance) -> None:

@@ -121,16 +121,32 @@ def _float_nodes(content: bytes) -> list[str]:
     return nodes
 
 
-def full_integer(converter: Any, calibration: np.ndarray, io: str, pixels: bool) -> bytes:
+def calibration_batches(calibration: np.ndarray, batch: int | None) -> list[np.ndarray]:
+    """`calibration` (B, S, S, 3) in batches a file of `batch` takes (None: one at a time).
+
+    The last batch of a fixed-N file is filled up with images from the start: the ranges
+    recorded are the minima and maxima over all batches, which repeats cannot change.
+    """
+    size = batch or 1
+    count = -(-len(calibration) // size) * size  # whole batches
+    images = np.resize(calibration, (count, *calibration.shape[1:]))  # wraps around
+    return [images[start : start + size] for start in range(0, count, size)]
+
+
+def full_integer(
+    converter: Any, calibration: np.ndarray, io: str, pixels: bool, batch: int | None = 1
+) -> bytes:
     """Calibrates on `calibration` (B, S, S, 3 model inputs) and quantizes all but FLOAT_OPS.
 
-    The calibration pass runs the float model on every image and records each tensor's
-    range; the quantizer then keeps FLOAT_OPS in float32 with (de)quantize ops around them.
-    `converter` has optimizations set; `io` int8 makes the input int8 (uint8 for pixels).
+    The calibration pass runs the float model on every image, in the file's `batch` (None
+    for a dynamic file: one at a time), and records each tensor's range; the quantizer then
+    keeps FLOAT_OPS in float32 with (de)quantize ops around them. `converter` has
+    optimizations set; `io` int8 makes the input int8 (uint8 for pixels).
     """
     import tensorflow as tf
 
-    converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+    batches = calibration_batches(calibration, batch)
+    converter.representative_dataset = lambda: ([images] for images in batches)
     calibrate_only(converter)
     calibrated = converter.convert()
     content = quantize_calibrated(calibrated, _float_nodes(calibrated))

@@ -32,6 +32,7 @@ from volo_convert.formats.contract import InputContract
 from volo_convert.options import (
     DEFAULT_COMPUTE_DTYPE,
     DEFAULT_CONVERT_OPTIONS,
+    DEFAULT_TFLITE_BATCH,
     SAVEDMODEL,
     TFLITE_DTYPES,
     ConvertOptions,
@@ -60,6 +61,11 @@ def _check_format_options(fmt: str, options: ConvertOptions) -> None:
     if options.tflite_dtype != TFLITE_DTYPES[0] and fmt != "tflite":
         raise ConversionError(
             f"--tflite-dtype {options.tflite_dtype} applies to .tflite outputs only"
+        )
+    if options.tflite_batch != DEFAULT_TFLITE_BATCH and fmt != "tflite":
+        raise ConversionError(
+            f"--tflite-batch {options.tflite_batch} applies to .tflite outputs only; other "
+            "formats take any batch"
         )
     if options.output_compute_dtype != DEFAULT_COMPUTE_DTYPE and fmt == "tflite":
         raise ConversionError(
@@ -192,6 +198,7 @@ def convert(
         transform=dataclasses.asdict(checkpoint.transform),
         warnings=warnings,
         tflite_dtype=options.tflite_dtype if fmt == "tflite" else None,
+        tflite_batch=options.tflite_batch if fmt == "tflite" else None,
         input=InputContract(options.output_input).to_dict(),
         compute_dtype=options.output_compute_dtype,
     )
@@ -201,7 +208,14 @@ def convert(
         written = "SavedModel folder" if fmt == SAVEDMODEL else f"{fmt} file"
         with _writing_staged(temp_path, output_path, f"write the {written}"):
             save_model(
-                model, temp_path, fmt, options.tflite_dtype, options.tflite_io, calibration, weights
+                model,
+                temp_path,
+                fmt,
+                options.tflite_dtype,
+                options.tflite_io,
+                calibration,
+                weights,
+                options.tflite_batch,
             )
         del model, weights
         result.convert_seconds = time.perf_counter() - started

@@ -20,6 +20,7 @@ from volo_convert.formats import (
     precision,
     read_provenance,
     runtime_name,
+    tflite_batch,
     weight_dtype,
 )
 from volo_convert.options import DEFAULT_CONVERT_OPTIONS, DEFAULT_HEAD, ConvertOptions
@@ -159,6 +160,7 @@ def verify_file(
         recorded_sha256=recorded_sha256,
         warnings=warnings,
         tflite_dtype=weight_dtype(model) if fmt == "tflite" else None,
+        tflite_batch=tflite_batch(model),
         input=contract.to_dict(),
         compute_dtype=file_compute_dtype,
     )

@@ -10,13 +10,19 @@ import torch
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.checks.diagnosis import diagnose
-from volo_convert.checks.parity import check_parity
+from volo_convert.checks.parity import check_parity, worst_parity
 from volo_convert.checks.photos import Photos, verification_photos
 from volo_convert.checks.reference import reference_memory_bytes, run_reference
 from volo_convert.checks.training import check_training_parity
 from volo_convert.environment import GIGABYTE, available_memory_bytes
 from volo_convert.errors import ConversionError
-from volo_convert.formats import Predictor, compute_dtype, input_contract, precision
+from volo_convert.formats import (
+    Predictor,
+    compute_dtype,
+    input_contract,
+    precision,
+    verification_runs,
+)
 from volo_convert.options import (
     DEFAULT_ATOL,
     DEFAULT_COMPUTE_DTYPE,
@@ -88,7 +94,8 @@ def verify(
     the training check if asked for.
 
     The reference runs once, on `photos` or else the seeded synthetic images;
-    parity and diagnosis both read that run. A SavedModel or TFLite file has no stage
+    parity and diagnosis both read that run. A TFLite file is run at each batch
+    `verification_runs` names, and every run must pass. A SavedModel or TFLite file has no stage
     outputs to read, and a bfloat16 model's would all miss an atol, so the float32 Keras
     graph it came from is diagnosed (against DEFAULT_ATOL where the file has no atol
     bar): if every stage of that passes, the export or the precision lost the parity. The
@@ -110,7 +117,11 @@ def verify(
     )
     atol = default_atol(dtype) if options.atol is None else options.atol
     min_top1 = default_min_top1(dtype) if options.min_top1 is None else options.min_top1
-    result.parity = check_parity(model, reference, atol, min_top1)
+    runs = verification_runs(model, len(reference.outputs))
+    result.parity = worst_parity(
+        [check_parity(runner, reference, atol, min_top1) for _, runner in runs]
+    )
+    result.verified_batches = [batch for batch, _ in runs if batch is not None] or None
     result.verify_seconds = time.perf_counter() - started
     diagnosis_atol = DEFAULT_ATOL if atol is None else atol
     if options.explain or not result.parity.passed:
