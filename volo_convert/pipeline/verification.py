@@ -15,14 +15,17 @@ from volo_convert.checks.parity import check_parity
 from volo_convert.checks.photos import verification_pixels
 from volo_convert.checks.reference import reference_memory_bytes, run_reference
 from volo_convert.checks.training import check_training_parity
+from volo_convert.checks.weight_floor import floor_outputs
 from volo_convert.environment import GIGABYTE, available_memory_bytes
 from volo_convert.errors import ConversionError
 from volo_convert.formats import Predictor, compute_dtype, input_contract, precision
 from volo_convert.options import (
     DEFAULT_ATOL,
     DEFAULT_COMPUTE_DTYPE,
+    QUANTIZED_DTYPES,
     ConvertOptions,
     default_atol,
+    default_max_floor_ratio,
     default_min_top1,
     default_verify_images,
 )
@@ -88,6 +91,9 @@ def verify(
     """Fills in `result`'s parity and timing, its diagnosis if asked for or failed, and
     the training check if asked for.
 
+    A quantized file is judged beside its weight-rounding floor: the float32 Keras graph
+    with its kernels rounded to int8, run on the same images.
+
     The reference runs once, on `pixels` (photos) or else the seeded synthetic images;
     parity and diagnosis both read that run. A SavedModel or TFLite file has no stage
     outputs to read, and a bfloat16 model's would all miss an atol, so the float32 Keras
@@ -111,12 +117,20 @@ def verify(
     )
     atol = default_atol(dtype) if options.atol is None else options.atol
     min_top1 = default_min_top1(dtype) if options.min_top1 is None else options.min_top1
-    result.parity = check_parity(model, reference, atol, min_top1)
+    graph, floor = None, None
+    if dtype in QUANTIZED_DTYPES:
+        graph = _keras_graph(model, checkpoint, result.head)
+        pixels_in = input_contract(graph).kind == "pixels"
+        floor = floor_outputs(graph, reference.pixels if pixels_in else reference.images)
+    result.parity = check_parity(
+        model, reference, atol, min_top1, floor, default_max_floor_ratio(dtype)
+    )
     result.verify_seconds = time.perf_counter() - started
     diagnosis_atol = DEFAULT_ATOL if atol is None else atol
     if options.explain or not result.parity.passed:
         notify(on_stage, "diagnosing")
-        graph = _keras_graph(model, checkpoint, result.head)
+        if graph is None:
+            graph = _keras_graph(model, checkpoint, result.head)
         result.diagnosis = diagnose(
             graph, checkpoint.config, reference, diagnosis_atol, rebuilt=graph is not model
         )
