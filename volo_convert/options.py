@@ -66,12 +66,16 @@ MANY_VERIFY_IMAGES = 64
 # whose int8 rounding alone flips 15% of top-1s (issue 20). They are judged against their
 # weight-rounding floor instead (checks/weight_floor.py, README "Quantized TFLite").
 DEFAULT_MIN_TOP1 = {"bfloat16": 0.9}
-# A quantized file's mean abs logit diff may be at most this many times the floor's. Measured
-# over 3 weight generators x 3 seeds (docs/BENCHMARKS.md, "int8 against its floor").
-MAX_FLOOR_RATIO = {"int8-dynamic": 1.25, "int8": 1.6}
+# A quantized file's mean abs logit diff may be at most this many times the floor's. Working
+# files measured 1.17-1.45x (int8-dynamic) and 1.5-2.4x (int8) over 3 weight styles x 3 seeds
+# (docs/BENCHMARKS.md, "int8 against its floor"); plain full-integer quantization, the broken
+# scheme, was about 10x. The bars sit above every working figure, far below broken ones.
+MAX_FLOOR_RATIO = {"int8-dynamic": 2.0, "int8": 3.0}
 # An image's float top-1 margin is clear of quantization noise at this many times the floor's
-# mean abs logit diff; on such images a quantized file must keep every top-1.
-CLEAR_MARGIN_FLOOR_MULTIPLE = 8.0
+# largest abs logit diff on that image (2 would keep the floor from flipping it; 4 leaves a
+# file twice the floor's noise there). On such images a quantized file must keep every top-1.
+# Per image, not per set: heavy-tailed weights put flips at 11x the floor's mean abs diff.
+CLEAR_MARGIN_MULTIPLE = 4.0
 MIN_CLEAR_TOP1 = 1.0
 # What to try when a quantized file misses its floor bars.
 QUANTIZATION_REMEDY = {

@@ -15,7 +15,7 @@ from volo_convert.checks.training import TrainingParity, format_training
 from volo_convert.environment import environment
 from volo_convert.errors import one_line
 from volo_convert.options import (
-    CLEAR_MARGIN_FLOOR_MULTIPLE,
+    CLEAR_MARGIN_MULTIPLE,
     DEFAULT_COMPUTE_DTYPE,
     DEFAULT_HEAD,
     DEFAULT_INPUT,
@@ -197,9 +197,8 @@ def _floor_lines(mean_abs_diff: float, floor: FloorFigures) -> list[str]:
         f"{floor.logit_std:.3g}",
         f"vs the floor    {floor.error_ratio:.2f}x  "
         f"({mean_abs_diff / floor.logit_std:.1%} of the std{bar})",
-        f"clear margin    {clear} with a float top-1 margin of at least "
-        f"{floor.clear_margin:.3g}, {CLEAR_MARGIN_FLOOR_MULTIPLE:g}x the floor's error; "
-        f"min {floor.min_clear_top1:.0%})",
+        f"clear margin    {clear} whose float top-1 margin is {CLEAR_MARGIN_MULTIPLE:g}x the "
+        f"floor's logit error there; min {floor.min_clear_top1:.0%})",
     ]
 
 

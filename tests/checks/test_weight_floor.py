@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY_CONFIG
 
 from volo_convert.architecture.keras_model import build_volo
-from volo_convert.checks.parity import compare_logits, top1_margins
+from volo_convert.checks.parity import clear_margins, compare_logits, top1_margins
 from volo_convert.checks.reference import run_reference
 from volo_convert.checks.weight_floor import (
     floor_outputs,
@@ -16,7 +16,7 @@ from volo_convert.checks.weight_floor import (
     round_per_channel,
     rounded_kernels,
 )
-from volo_convert.options import CLEAR_MARGIN_FLOOR_MULTIPLE, MAX_FLOOR_RATIO
+from volo_convert.options import CLEAR_MARGIN_MULTIPLE, MAX_FLOOR_RATIO
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.porting import port_weights
 
@@ -70,22 +70,26 @@ def _logits(margins: list[float], classes: int = 5) -> np.ndarray:
     return logits
 
 
-def test_clear_margin_images_are_those_whose_float_margin_clears_the_floor_error() -> None:
+def test_clear_margin_images_are_those_whose_margin_clears_the_floor_error_on_them() -> None:
     reference = _logits([0.05, 0.5, 2.0, 3.0])
     np.testing.assert_allclose(top1_margins(reference), [0.05, 0.5, 2.0, 3.0])
-    floor = reference + 0.1 * np.array([1, -1, 1, -1, 1])  # mean abs diff 0.1
+    floor_noise = np.array([0.01, 0.2, 0.4, 1.0])  # the floor's largest diff on each image
+    floor = reference + floor_noise[:, None] * np.array([1, -1, 1, -1, 1])
+    # Clear: margin >= 4x the noise there; 0.05 >= 0.04 and 2.0 >= 1.6, not 0.5 or 3.0.
+    assert CLEAR_MARGIN_MULTIPLE == 4.0
+    np.testing.assert_array_equal(clear_margins(reference, floor), [True, False, True, False])
     model = reference.copy()
-    model[0, 1] += 1.0  # flips the near-tie only
+    model[1, 1] += 1.0  # flips an image whose margin is not clear
     parity = compare_logits(
         model.astype(np.float32), reference.astype(np.float32), None, "cpu",
         floor_values=floor, max_error_ratio=MAX_FLOOR_RATIO["int8"],
     )  # fmt: skip
     figures = parity.floor
-    assert figures.floor_mean_abs_diff == pytest.approx(0.1)
-    assert figures.clear_margin == pytest.approx(CLEAR_MARGIN_FLOOR_MULTIPLE * 0.1)
-    assert figures.clear_images == 2  # margins 2.0 and 3.0 clear 0.8
+    assert figures.floor_mean_abs_diff == pytest.approx(floor_noise.mean())
+    assert figures.clear_images == 2
     assert parity.top1_agreement == 0.75 and figures.clear_top1_agreement == 1.0
-    assert figures.error_ratio == pytest.approx(0.5)  # one logit of 20 moved by 1
+    assert figures.floor_top1_agreement == 1.0
+    assert figures.error_ratio == pytest.approx(0.05 / floor_noise.mean())  # 1 of 20 by 1
     assert parity.passed and parity.failure is None
 
 
@@ -104,8 +108,7 @@ def test_a_file_far_above_its_floor_fails_and_says_by_how_much() -> None:
 
 def test_a_flipped_clear_margin_image_fails_even_within_the_ratio() -> None:
     reference = _logits([0.01, 0.02, 3.0, 4.0]).astype(np.float32)
-    floor = reference.copy()
-    floor[:, 2:] += np.float32(0.1)  # mean abs diff 0.06: margins of at least 0.48 are clear
+    floor = reference + np.float32(0.1)  # clear: margins of at least 0.4
     model = reference.copy()
     model[2, 1] += np.float32(3.5)  # flips the image with margin 3.0
     parity = compare_logits(
@@ -114,14 +117,14 @@ def test_a_flipped_clear_margin_image_fails_even_within_the_ratio() -> None:
     assert parity.floor.clear_images == 2 and parity.floor.clear_top1_agreement == 0.5
     assert not parity.passed
     assert parity.failure == (
-        "top-1 agreement 50.0% on the 2 images whose float margin is at least 0.48 "
-        f"({CLEAR_MARGIN_FLOOR_MULTIPLE:g}x the floor's error; at least 100%)"
+        "top-1 agreement 50.0% on the 2 images whose float margin is clear "
+        "(4x the floor's logit error there; at least 100%)"
     )
 
 
 def test_without_clear_margin_images_only_the_ratio_judges() -> None:
     reference = _logits([0.01, 0.02]).astype(np.float32)
-    floor = reference + np.float32(0.1)
+    floor = reference + np.float32(0.1)  # neither margin clears 0.4
     swapped = reference[:, [1, 0, 2, 3, 4]]  # every top-1 flipped, every logit within 0.02
     parity = compare_logits(
         swapped, reference, None, "cpu", floor_values=floor, max_error_ratio=1.25

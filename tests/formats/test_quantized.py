@@ -29,7 +29,7 @@ from volo_convert.formats.tflite_flatbuffer import (
 from volo_convert.formats.tflite_quantization import FLOAT_OPS, smoothed_layer_norms
 from volo_convert.options import (
     CALIBRATION_SEED,
-    CLEAR_MARGIN_FLOOR_MULTIPLE,
+    CLEAR_MARGIN_MULTIPLE,
     DEFAULT_CALIBRATION_IMAGES,
     MANY_VERIFY_IMAGES,
     MAX_FLOOR_RATIO,
@@ -281,7 +281,7 @@ def test_default_int8_conversion_passes_its_floor_check(
     lines = result.output.splitlines()
     assert any(line.startswith("weight floor    ") for line in lines), result.output
     assert f"vs the floor    {floor['error_ratio']:.2f}x" in result.output
-    assert f"{CLEAR_MARGIN_FLOOR_MULTIPLE:g}x the floor's error; min 100%)" in result.output
+    assert f"{CLEAR_MARGIN_MULTIPLE:g}x the floor's logit error there; min 100%)" in result.output
     assert lines[-1] == "PASS"
 
     result = run("verify", output, checkpoint, "--device", "cpu")  # verify holds the same bars
