@@ -80,13 +80,13 @@ class ConversionResult:
         if self.parity.passed and self.training is not None:
             return f"training parity failed: {self.training.failure_reason}"
         reason = f"parity failed: {self.parity.failure}"
-        floor = self.parity.floor
-        if floor is not None and not floor.passed and self.tflite_dtype in QUANTIZATION_REMEDY:
-            reason += f"; {QUANTIZATION_REMEDY[self.tflite_dtype]}"
         if self.diagnosis is not None and self.diagnosis.first_failing_stage:
             reason += f"; first stage out of tolerance: {self.diagnosis.first_failing_stage}"
         elif self.diagnosis is not None and self.diagnosis.rebuilt:
             reason += "; the Keras graph rebuilt from the checkpoint passes every stage"
+        floor = self.parity.floor
+        if floor is not None and not floor.passed and self.tflite_dtype in QUANTIZATION_REMEDY:
+            reason += f"; {QUANTIZATION_REMEDY[self.tflite_dtype]}"
         return reason
 
     def to_dict(self) -> dict[str, Any]:

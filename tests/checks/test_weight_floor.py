@@ -17,6 +17,7 @@ from volo_convert.checks.weight_floor import (
     rounded_kernels,
 )
 from volo_convert.options import CLEAR_MARGIN_MULTIPLE, MAX_FLOOR_RATIO
+from volo_convert.results import ConversionResult
 from volo_convert.weights.mapping import weight_mappings
 from volo_convert.weights.porting import port_weights
 
@@ -135,3 +136,40 @@ def test_without_clear_margin_images_only_the_ratio_judges() -> None:
         compare_logits(swapped, reference, None, "cpu", min_top1=0.5, floor_values=floor).failure
         == "top-1 agreement 0.0% is below --min-top1 50% (2 images)"
     )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "remedy"),
+    [
+        (
+            "int8",
+            "try --calibration-images with a few dozen real photos, or --tflite-dtype int8-dynamic",
+        ),
+        ("int8-dynamic", "try --tflite-dtype float16"),
+    ],
+)
+def test_a_failed_quantized_file_says_what_to_try(dtype: str, remedy: str) -> None:
+    reference = _logits([2.0, 3.0]).astype(np.float32)
+    parity = compare_logits(
+        reference + np.float32(0.5), reference, None, "cpu",
+        floor_values=reference + np.float32(0.1), max_error_ratio=MAX_FLOOR_RATIO[dtype],
+    )  # fmt: skip
+    result = ConversionResult(
+        checkpoint="d1.pth.tar", output="d1.tflite", variant="d1", image_size=224,
+        num_classes=5, parameters=1, parity=parity, tflite_dtype=dtype, output_format="tflite",
+    )  # fmt: skip
+    assert result.status == "failed"
+    assert result.failure_reason == (
+        f"parity failed: mean abs logit diff is 5.00x the weight-rounding floor's 0.1 "
+        f"(at most {MAX_FLOOR_RATIO[dtype]:g}x); {remedy}"
+    )
+    result.verify_seconds, result.runtime = 1.0, "LiteRT"
+    lines = result.summary().splitlines()
+    std = float(reference.std())
+    floor_line = f"weight floor    0.1 mean abs diff, {0.1 / std:.1%} of the logits' std {std:.3g}"
+    assert floor_line in lines
+    assert (
+        f"vs the floor    5.00x  ({0.5 / std:.1%} of the std, max {MAX_FLOOR_RATIO[dtype]:g}x)"
+        in lines
+    )
+    assert lines[-1] == "FAIL"

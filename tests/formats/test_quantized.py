@@ -280,9 +280,9 @@ def test_default_int8_conversion_passes_its_floor_check(
     assert floor["clear_top1_agreement"] == 1.0
     lines = result.output.splitlines()
     assert any(line.startswith("weight floor    ") for line in lines), result.output
-    assert f"vs the floor    {floor['error_ratio']:.2f}x" in result.output
+    assert f"vs the floor    {floor['error_ratio']:.2f}x" in result.output, result.output
     assert f"{CLEAR_MARGIN_MULTIPLE:g}x the floor's logit error there; min 100%)" in result.output
-    assert lines[-1] == "PASS"
+    assert "PASS" in lines
 
     result = run("verify", output, checkpoint, "--device", "cpu")  # verify holds the same bars
     assert result.exit_code == 0, result.output

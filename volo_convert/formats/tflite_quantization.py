@@ -9,6 +9,7 @@ README, "Quantized TFLite", says what each measure bought.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -168,7 +169,7 @@ def _refined_ranges(calibrated: bytes, calibration: np.ndarray) -> bytes:
     int8 activation's values are binned within its recorded range, and the range with the
     least squared error replaces it.
     """
-    from ai_edge_litert import interpreter as litert
+    import tensorflow as tf
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(calibrated)
@@ -179,7 +180,11 @@ def _refined_ranges(calibrated: bytes, calibration: np.ndarray) -> bytes:
         if quantization is not None and quantization.min is not None:
             ranges[index] = (float(quantization.min[0]), float(quantization.max[0]))
     ranges = {index: bounds for index, bounds in ranges.items() if bounds[1] > bounds[0]}
-    runner = litert.Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
+    with warnings.catch_warnings():  # keeping every tensor is what this pass is for
+        warnings.simplefilter("ignore")
+        runner = tf.lite.Interpreter(
+            model_content=calibrated, experimental_preserve_all_tensors=True
+        )
     runner.allocate_tensors()
     histograms = {index: np.zeros(RANGE_HISTOGRAM_BINS) for index in ranges}
     input_index = runner.get_input_details()[0]["index"]
