@@ -10,15 +10,17 @@ from typing import Any
 
 from volo_convert import __version__
 from volo_convert.checks.diagnosis import Diagnosis, format_diagnosis
-from volo_convert.checks.parity import ParityResult
+from volo_convert.checks.parity import FloorFigures, ParityResult
 from volo_convert.checks.training import TrainingParity, format_training
 from volo_convert.environment import environment
 from volo_convert.errors import one_line
 from volo_convert.options import (
+    CLEAR_MARGIN_MULTIPLE,
     DEFAULT_COMPUTE_DTYPE,
     DEFAULT_HEAD,
     DEFAULT_INPUT,
     DEFAULT_TFLITE_BATCH,
+    QUANTIZATION_REMEDY,
     Status,
     file_precision,
 )
@@ -96,6 +98,9 @@ class ConversionResult:
             reason += f"; first stage out of tolerance: {self.diagnosis.first_failing_stage}"
         elif self.diagnosis is not None and self.diagnosis.rebuilt:
             reason += "; the Keras graph rebuilt from the checkpoint passes every stage"
+        floor = self.parity.floor
+        if floor is not None and not floor.passed and self.tflite_dtype in QUANTIZATION_REMEDY:
+            reason += f"; {QUANTIZATION_REMEDY[self.tflite_dtype]}"
         return reason
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,12 +140,16 @@ class ConversionResult:
         lines.append(f"max rel diff    {parity.max_rel_diff:.3g}")
         if parity.top1_agreement is not None:
             bar = f", min {parity.min_top1:.0%}" if parity.min_top1 is not None else ""
+            floor_top1 = f"; floor {parity.floor.floor_top1_agreement:.0%}" if parity.floor else ""
             lines.append(
-                f"top-1 agreement {parity.top1_agreement:.0%}  ({parity.batch_size} images{bar})"
+                f"top-1 agreement {parity.top1_agreement:.0%}  "
+                f"({parity.batch_size} images{bar}{floor_top1})"
             )
         worst = parity.worst_image
         if parity.photos and worst is not None:  # synthetic images are named in the report
             lines.append(f"worst image     {one_line(worst.image)}: {worst.figures()}")
+        if parity.floor is not None:
+            lines += _floor_lines(parity.mean_abs_diff, parity.floor)
         lines.append(
             f"verified in {self.verify_seconds:.1f}s, reference on {parity.device}, "
             f"model in {self.runtime}" + describe_batches(self.verified_batches)
@@ -197,6 +206,26 @@ class ConversionResult:
             verification=verification,
             environment=environment(),
         )
+
+
+def _floor_lines(mean_abs_diff: float, floor: FloorFigures) -> list[str]:
+    """A quantized file's error beside its weight-rounding floor's, and its clear-margin
+    agreement, as the summary prints them."""
+    bar = f", max {floor.max_error_ratio:g}x" if floor.max_error_ratio is not None else ""
+    clear = (
+        f"{floor.clear_top1_agreement:.0%}  ({floor.clear_images} images"
+        if floor.clear_top1_agreement is not None
+        else "-  (no image"
+    )
+    return [
+        f"weight floor    {floor.floor_mean_abs_diff:.3g} mean abs diff, "
+        f"{floor.floor_mean_abs_diff / floor.logit_std:.1%} of the logits' std "
+        f"{floor.logit_std:.3g}",
+        f"vs the floor    {floor.error_ratio:.2f}x  "
+        f"({mean_abs_diff / floor.logit_std:.1%} of the std{bar})",
+        f"clear margin    {clear} whose float top-1 margin is {CLEAR_MARGIN_MULTIPLE:g}x the "
+        f"floor's logit error there; min {floor.min_clear_top1:.0%})",
+    ]
 
 
 def write_report(path: str | Path, result: ConversionResult) -> None:

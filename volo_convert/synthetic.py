@@ -2,12 +2,17 @@
 
 Default initialisation (zero biases, unit norms, near-uniform attention) hides wrong
 transposes and permutations, so every tensor here is drawn away from those values and
-the attention projections are scaled up until the softmaxes are peaked.
+the attention projections are scaled up until the softmaxes are peaked. Two further
+styles (options.WEIGHT_STYLES) serve the quantization study: VOLO's own initialisation
+with peaked attention, and realistic weights given what trained transformers have and
+random ones lack: heavy-tailed kernels and a few residual channels that run far larger
+than the rest, so every LayerNorm meets outliers.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import torch
 from volo_convert.architecture.torch_reference import Volo
 from volo_convert.architecture.variants import RELEASE_CHECKPOINTS, VARIANTS, VoloConfig
 from volo_convert.errors import ConversionError, first_line
+from volo_convert.options import WEIGHT_STYLES, check_choice
 from volo_convert.paths import (
     check_not_a_stream,
     check_output_path,
@@ -30,6 +36,16 @@ OUTLOOK_ATTENTION_GAIN = 10.0  # its logits are also scaled by head_dim**-0.5
 RESIDUAL_OUT_GAIN = 0.5
 HEAD_GAIN = 3.0
 BATCHES_TRACKED = 31250
+UPSTREAM_STD = 0.02  # VOLO's trunc_normal_ on every Linear, the pos_embed and the cls_token
+UPSTREAM_TRUNCATION = 2.0  # trunc_normal_ cuts at +-2 (absolute; two hundred stds)
+HEAVY_TAIL_DF = 3  # Student's t degrees of freedom of trained-like kernels
+OUTLIER_CHANNELS = 4  # residual channels per width that run large in trained-like weights
+OUTLIER_GAIN = 8.0
+# What writes into the residual stream, whose rows (last axis for the embeddings) carry the
+# outlier channels: the patch embedding, the downsamples, each block's projections out.
+RESIDUAL_WRITERS = re.compile(
+    r"^(patch_embed\.proj|network\.\d+\.proj|.*attn\.proj|.*mlp\.fc2)\.(weight|bias)$"
+)
 
 
 def _gain(key: str) -> float:
@@ -72,15 +88,99 @@ def _synthetic_tensor(key: str, template: torch.Tensor, generator: torch.Generat
     return normal(_gain(key) / math.sqrt(fan_in))
 
 
-def make_state_dict(config: VoloConfig, image_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Returns a release-format state dict (bare, with BN counters) for `config`."""
+def _upstream_state_dict(
+    template: dict[str, torch.Tensor], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The values VOLO's own initialisation gives, its attention scaled until peaked.
+
+    Linear kernels, the pos_embed and the cls_token are trunc_normal_(std 0.02), Linear
+    biases zero, norms one and zero; convolutions keep torch's default (uniform within
+    1/sqrt(fan_in), the bias too) and BatchNorm its fresh statistics.
+    """
+    values = {}
+    for key, tensor in template.items():
+        shape = tensor.shape
+        weight = template.get(key.removesuffix("bias") + "weight")
+        if key.endswith("num_batches_tracked"):
+            values[key] = torch.tensor(0, dtype=torch.long)
+        elif weight is not None and weight.dim() == 4:  # a convolution's weight or bias
+            bound = 1 / math.sqrt(math.prod(weight.shape[1:]))
+            values[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        elif key.endswith("running_var") or (key.endswith("weight") and tensor.dim() == 1):
+            values[key] = torch.ones(shape)
+        elif key.endswith(("running_mean", "bias")):
+            values[key] = torch.zeros(shape)
+        else:
+            peaked = key.endswith(
+                ("attn.attn.weight", "attn.qkv.weight", "attn.q.weight", "attn.kv.weight")
+            )
+            std = _gain(key) / math.sqrt(shape[-1]) if peaked else UPSTREAM_STD
+            drawn = torch.randn(shape, generator=generator) * std
+            values[key] = drawn.clamp(-UPSTREAM_TRUNCATION, UPSTREAM_TRUNCATION)
+    return values
+
+
+def _heavy_tailed(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Student's t (HEAVY_TAIL_DF) values scaled to unit variance."""
+    normal = torch.randn(shape, generator=generator)
+    chi_square = (torch.randn((HEAVY_TAIL_DF, *shape), generator=generator) ** 2).sum(0)
+    return (
+        normal
+        / torch.sqrt(chi_square / HEAVY_TAIL_DF)
+        * math.sqrt((HEAVY_TAIL_DF - 2) / HEAVY_TAIL_DF)
+    )
+
+
+def _trained_like(
+    state_dict: dict[str, torch.Tensor], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Realistic weights given heavy-tailed kernels and outlier residual channels.
+
+    Each kernel keeps its std but draws from Student's t. OUTLIER_CHANNELS channels of each
+    residual width are written OUTLIER_GAIN times larger by everything that writes into the
+    residual stream (and start so in the pos_embed and cls_token), so every LayerNorm of the
+    stage meets the same few large channels, as in trained transformers.
+    """
+    outliers: dict[int, torch.Tensor] = {}
+    shaped = {}
+    for key, tensor in state_dict.items():
+        if tensor.dim() >= 2 and key not in ("pos_embed", "cls_token"):
+            tensor = _heavy_tailed(tensor.shape, generator) * tensor.std()
+        axis = tensor.dim() - 1 if key in ("pos_embed", "cls_token") else 0
+        if axis or RESIDUAL_WRITERS.match(key):
+            width = tensor.shape[axis]
+            if width not in outliers:
+                outliers[width] = torch.randperm(width, generator=generator)[:OUTLIER_CHANNELS]
+            gains = torch.ones(width)
+            gains[outliers[width]] = OUTLIER_GAIN
+            broadcast = [width if position == axis else 1 for position in range(tensor.dim())]
+            tensor = tensor * gains.reshape(broadcast)
+        shaped[key] = tensor
+    return shaped
+
+
+def make_state_dict(
+    config: VoloConfig, image_size: int, seed: int = 0, style: str = WEIGHT_STYLES[0]
+) -> dict[str, torch.Tensor]:
+    """Returns a release-format state dict (bare, with BN counters) for `config`, its
+    values drawn in `style` (options.WEIGHT_STYLES)."""
+    check_choice("weight style", style, WEIGHT_STYLES)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         template = Volo(config, image_size).state_dict()
-    return {key: _synthetic_tensor(key, tensor, generator) for key, tensor in template.items()}
+    if style == "upstream-init":
+        return _upstream_state_dict(template, generator)
+    state_dict = {key: _synthetic_tensor(key, value, generator) for key, value in template.items()}
+    return _trained_like(state_dict, generator) if style == "trained-like" else state_dict
 
 
-def write_checkpoint(path: str | Path, config: VoloConfig, image_size: int, seed: int = 0) -> Path:
+def write_checkpoint(
+    path: str | Path,
+    config: VoloConfig,
+    image_size: int,
+    seed: int = 0,
+    style: str = WEIGHT_STYLES[0],
+) -> Path:
     """Writes a synthetic release-format `.pth.tar` (a bare state dict) and returns its path.
 
     It replaces a file at `path` (the callers decide that it may) through the output
@@ -89,7 +189,7 @@ def write_checkpoint(path: str | Path, config: VoloConfig, image_size: int, seed
     path = check_output_path(path, overwrite=True)
     with staged_output(path) as temp_path:
         try:
-            torch.save(make_state_dict(config, image_size, seed), temp_path)
+            torch.save(make_state_dict(config, image_size, seed, style), temp_path)
         except (OSError, RuntimeError) as error:  # torch words a full disk as a RuntimeError
             raise ConversionError(f"{path}: could not write ({first_line(error)})") from None
         move_into_place(temp_path, path)

@@ -8,14 +8,17 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_CONFIG, error_line, run
 from PIL import Image
 
+from volo_convert.architecture import variants
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.architecture.variants import VARIANTS
 from volo_convert.checks.images import normalize, sample_pixels
 from volo_convert.checks.parity import check_parity
 from volo_convert.checks.reference import ReferenceRun, run_reference
+from volo_convert.checks.weight_floor import floor_outputs
 from volo_convert.formats.tflite import TFLiteRunner, convert_to_tflite
 from volo_convert.formats.tflite_flatbuffer import (
     check_builtin_ops,
@@ -26,9 +29,10 @@ from volo_convert.formats.tflite_flatbuffer import (
 from volo_convert.formats.tflite_quantization import FLOAT_OPS, smoothed_layer_norms
 from volo_convert.options import (
     CALIBRATION_SEED,
+    CLEAR_MARGIN_MULTIPLE,
     DEFAULT_CALIBRATION_IMAGES,
-    DEFAULT_MIN_TOP1,
     MANY_VERIFY_IMAGES,
+    MAX_FLOOR_RATIO,
 )
 from volo_convert.synthetic import write_checkpoint
 from volo_convert.weights.mapping import weight_mappings
@@ -46,6 +50,18 @@ def tiny_run(tiny_state_dict: dict) -> ReferenceRun:
     return run_reference(
         TINY_CONFIG, TINY_SIZE, tiny_state_dict, device="cpu", batch_size=MANY_VERIFY_IMAGES
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_floors(tiny_state_dict: dict, tiny_run: ReferenceRun) -> dict[str, np.ndarray]:
+    """The weight-rounding floor's logits on the tiny run's images, by input kind."""
+    floors = {}
+    for input_kind in ("images", "pixels"):
+        model = build_volo(TINY_CONFIG, TINY_SIZE, input_kind=input_kind)
+        port_weights(model, tiny_state_dict, weight_mappings(TINY_CONFIG))
+        floors[input_kind] = floor_outputs(model, getattr(tiny_run, input_kind))
+    keras.backend.clear_session()
+    return floors
 
 
 @pytest.fixture(scope="module")
@@ -93,26 +109,36 @@ def test_quantized_files_use_builtin_ops_only(tiny_files: dict) -> None:
 
 
 @pytest.mark.parametrize("name", ["int8-dynamic", "int8"])
-def test_quantized_files_meet_their_agreement_bars(
-    tiny_files: dict, tiny_run: ReferenceRun, name: str
+def test_quantized_files_meet_their_floor_bars(
+    tiny_files: dict, tiny_run: ReferenceRun, tiny_floors: dict, name: str
 ) -> None:
     runner = TFLiteRunner(tiny_files[name])
     assert runner.weight_dtype == name
-    parity = check_parity(runner, tiny_run, atol=None, min_top1=DEFAULT_MIN_TOP1[name])
+    parity = check_parity(
+        runner, tiny_run, None, None, tiny_floors["images"], MAX_FLOOR_RATIO[name]
+    )
     assert parity.batch_size == MANY_VERIFY_IMAGES
-    assert parity.passed, parity  # top-1 agreement at least the default bar
+    assert parity.passed, parity  # within MAX_FLOOR_RATIO, every clear-margin top-1 kept
     assert 0 < parity.mean_abs_diff <= TINY_MAX_MEAN_ABS[name], parity
     assert parity.mean_abs_diff < parity.max_abs_diff
+    floor = parity.floor
+    # The file rounds the same kernels, and adds activation rounding (int8-dynamic a little).
+    assert 0.9 <= floor.error_ratio <= MAX_FLOOR_RATIO[name], floor
+    assert floor.clear_images >= MANY_VERIFY_IMAGES // 4 and floor.clear_top1_agreement == 1.0
 
 
-def test_int8_takes_camera_bytes_as_uint8(tiny_files: dict, tiny_run: ReferenceRun) -> None:
+def test_int8_takes_camera_bytes_as_uint8(
+    tiny_files: dict, tiny_run: ReferenceRun, tiny_floors: dict
+) -> None:
     runner = TFLiteRunner(tiny_files["int8-pixels-uint8"])
     contract = runner.input_contract
     assert (contract.kind, contract.dtype, contract.scale, contract.zero_point) == (
         "pixels", "uint8", 1.0, 0,
     )  # fmt: skip
     np.testing.assert_array_equal(contract.encode(tiny_run.pixels), tiny_run.pixels)
-    parity = check_parity(runner, tiny_run, atol=None, min_top1=DEFAULT_MIN_TOP1["int8"])
+    parity = check_parity(
+        runner, tiny_run, None, None, tiny_floors["pixels"], MAX_FLOOR_RATIO["int8"]
+    )
     assert parity.passed, parity
     assert parity.mean_abs_diff <= TINY_MAX_MEAN_ABS["int8"], parity
 
@@ -135,7 +161,10 @@ def test_cli_int8_dynamic_on_d1(d1_checkpoint: Path, tmp_path: Path) -> None:
     report = json.loads((tmp_path / "r.json").read_text())
     parity = report["parity"]
     assert parity["batch_size"] == MANY_VERIFY_IMAGES and parity["atol"] is None
-    assert parity["min_top1"] == DEFAULT_MIN_TOP1["int8-dynamic"] <= parity["top1_agreement"]
+    assert parity["min_top1"] is None and parity["top1_agreement"] > 0
+    floor = parity["floor"]
+    assert floor["max_error_ratio"] == MAX_FLOOR_RATIO["int8-dynamic"] >= floor["error_ratio"]
+    assert floor["floor_mean_abs_diff"] > 0 and floor["clear_top1_agreement"] in (1.0, None)
     assert report["tflite_dtype"] == "int8-dynamic" and report["status"] == "passed"
     assert "LiteRT (ai-edge-litert" in report["runtime"]  # the test extra installs it
     check_builtin_ops(output.read_bytes())
@@ -208,7 +237,7 @@ def test_d1_at_224_in_full_int8_taking_uint8_pixels(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "r.json").read_text())
     parity = report["parity"]
     assert parity["batch_size"] == MANY_VERIFY_IMAGES
-    assert parity["top1_agreement"] >= DEFAULT_MIN_TOP1["int8"], parity
+    assert parity["floor"]["error_ratio"] <= MAX_FLOOR_RATIO["int8"], parity
     assert report["input"]["kind"] == "pixels" and report["input"]["dtype"] == "uint8"
     content = output.read_bytes()
     check_builtin_ops(content)
@@ -230,3 +259,31 @@ def test_layer_norm_smoothing_keeps_the_float_model_and_puts_weights_back(
     assert np.abs(logits - tiny_run.outputs[:8]).max() <= 5e-5  # the same function
     for old, weight in zip(before, model.weights, strict=True):
         np.testing.assert_array_equal(old, keras.ops.convert_to_numpy(weight))
+
+
+def test_default_int8_conversion_passes_its_floor_check(
+    tiny_state_dict: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end, as a user runs it: the tiny model (made a known variant) to int8 with the
+    default calibration, judged by default against its weight-rounding floor."""
+    monkeypatch.setitem(variants.VARIANTS, "tiny", TINY_CONFIG)
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save(tiny_state_dict, checkpoint)
+    output = tmp_path / "tiny_int8.tflite"
+    result = run(
+        checkpoint, "-o", output, "--tflite-dtype", "int8", "--device", "cpu",
+        "--report", tmp_path / "r.json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    floor = json.loads((tmp_path / "r.json").read_text())["parity"]["floor"]
+    assert 0.9 <= floor["error_ratio"] <= MAX_FLOOR_RATIO["int8"]
+    assert floor["clear_top1_agreement"] == 1.0
+    lines = result.output.splitlines()
+    assert any(line.startswith("weight floor    ") for line in lines), result.output
+    assert f"vs the floor    {floor['error_ratio']:.2f}x" in result.output, result.output
+    assert f"{CLEAR_MARGIN_MULTIPLE:g}x the floor's logit error there; min 100%)" in result.output
+    assert "PASS" in lines
+
+    result = run("verify", output, checkpoint, "--device", "cpu")  # verify holds the same bars
+    assert result.exit_code == 0, result.output
+    assert f"vs the floor    {floor['error_ratio']:.2f}x" in result.output

@@ -11,6 +11,92 @@ import numpy as np
 from volo_convert.checks.images import synthetic_names
 from volo_convert.checks.reference import ReferenceRun
 from volo_convert.formats import Predictor, input_contract
+from volo_convert.options import CLEAR_MARGIN_MULTIPLE, MIN_CLEAR_TOP1
+
+
+@dataclasses.dataclass(frozen=True)
+class FloorFigures:
+    """A quantized file's logit error beside the weight-rounding floor's (`weight_floor.py`).
+
+    `floor_mean_abs_diff` is the mean abs logit difference of the float model with int8
+    kernels, `error_ratio` the file's over it. An image's float top-1 margin (top logit
+    minus the second) is clear when it is at least CLEAR_MARGIN_MULTIPLE times the floor's
+    largest abs logit difference on that image: the floor cannot flip it, nor a file whose
+    noise there is within that multiple's half of the floor's. `clear_top1_agreement` is
+    the file's agreement on those `clear_images` (None if there are none). `passed`: the
+    ratio is at most `max_error_ratio` (unless None) and the clear-margin agreement at
+    least `min_clear_top1`.
+    """
+
+    logit_std: float
+    floor_mean_abs_diff: float
+    floor_top1_agreement: float
+    error_ratio: float
+    clear_images: int
+    clear_top1_agreement: float | None
+    max_error_ratio: float | None
+    min_clear_top1: float
+    passed: bool
+
+    @property
+    def failure(self) -> str | None:
+        """Which floor bar was missed, in words; None if passed."""
+        if self.passed:
+            return None
+        if self.max_error_ratio is not None and not self.error_ratio <= self.max_error_ratio:
+            return (
+                f"mean abs logit diff is {self.error_ratio:.2f}x the weight-rounding floor's "
+                f"{self.floor_mean_abs_diff:.3g} (at most {self.max_error_ratio:g}x)"
+            )
+        return (
+            f"top-1 agreement {self.clear_top1_agreement:.1%} on the {self.clear_images} images "
+            f"whose float margin is clear ({CLEAR_MARGIN_MULTIPLE:g}x the floor's logit error "
+            f"there; at least {self.min_clear_top1:.0%})"
+        )
+
+
+def top1_margins(logits: np.ndarray) -> np.ndarray:
+    """B, K logits -> B: each image's top logit minus its second (inf for one class)."""
+    if logits.shape[-1] < 2:
+        return np.full(logits.shape[0], np.inf)
+    top_two = np.sort(logits.astype(np.float64), axis=-1)[:, -2:]  # B, 2
+    return top_two[:, 1] - top_two[:, 0]
+
+
+def clear_margins(torch_values: np.ndarray, floor_values: np.ndarray) -> np.ndarray:
+    """B booleans: whose float top-1 margin is at least CLEAR_MARGIN_MULTIPLE times the
+    floor's largest abs logit difference on that image."""
+    floor_noise = np.abs(floor_values.astype(np.float64) - torch_values).max(-1)  # B
+    return top1_margins(torch_values) >= CLEAR_MARGIN_MULTIPLE * floor_noise
+
+
+def floor_figures(
+    model_values: np.ndarray,
+    torch_values: np.ndarray,
+    floor_values: np.ndarray,
+    max_error_ratio: float | None,
+) -> FloorFigures:
+    """The file's B, K logits and the floor's, each against the reference's, and the verdict."""
+    reference = torch_values.astype(np.float64)
+    model_diff = float(np.abs(model_values - reference).mean())
+    floor_diff = float(np.abs(floor_values - reference).mean())
+    ratio = model_diff / floor_diff if floor_diff > 0 else float("inf")
+    classes = reference.argmax(-1)
+    clear = clear_margins(reference, floor_values)
+    model_agrees = model_values.argmax(-1) == classes
+    clear_top1 = float(model_agrees[clear].mean()) if clear.any() else None
+    within_ratio = max_error_ratio is None or ratio <= max_error_ratio
+    return FloorFigures(
+        logit_std=float(reference.std()),
+        floor_mean_abs_diff=floor_diff,
+        floor_top1_agreement=float((floor_values.argmax(-1) == classes).mean()),
+        error_ratio=ratio,
+        clear_images=int(clear.sum()),
+        clear_top1_agreement=clear_top1,
+        max_error_ratio=max_error_ratio,
+        min_clear_top1=MIN_CLEAR_TOP1,
+        passed=within_ratio and (clear_top1 is None or clear_top1 >= MIN_CLEAR_TOP1),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +129,6 @@ class ImageParity:
                 f"(margin {self.torch_top1_margin:.3g}), "
             )
         return f"{top1}max abs diff {self.max_abs_diff:.3g}"
-
-
-def top1_margins(logits: np.ndarray) -> np.ndarray:
-    """B, K logits -> B: each image's top logit minus its second (inf for one class)."""
-    if logits.shape[-1] < 2:
-        return np.full(logits.shape[0], np.inf)
-    top_two = np.sort(logits.astype(np.float64), axis=-1)[:, -2:]
-    return top_two[:, 1] - top_two[:, 0]
 
 
 def image_parities(
@@ -93,8 +171,10 @@ class ParityResult:
     logit. `top1_agreement` is the fraction of images whose top class is PyTorch's; None
     for features, which have no classes. `passed` means all values are finite, every
     difference is within `atol` (unless None) and top-1 agreement is at least `min_top1`
-    (unless None): float files are held to atol, quantized ones to min_top1. `per_image`
-    holds each image's figures, in order; `photos` says whether the images were photos.
+    (unless None): float files are held to atol, bfloat16 ones to min_top1. A quantized
+    file also has `floor`, its error beside the weight-rounding floor's, and must pass it.
+    `per_image` holds each image's figures, in order; `photos` says whether the images
+    were photos.
     """
 
     max_abs_diff: float
@@ -108,6 +188,7 @@ class ParityResult:
     passed: bool
     per_image: tuple[ImageParity, ...] = ()
     photos: bool = False
+    floor: FloorFigures | None = None
 
     @property
     def worst_image(self) -> ImageParity | None:
@@ -125,6 +206,8 @@ class ParityResult:
             return None
         if self.atol is not None and not self.max_abs_diff <= self.atol:
             return f"max abs diff {self.max_abs_diff:.3g} exceeds atol {self.atol:g}"
+        if self.floor is not None and not self.floor.passed:
+            return self.floor.failure
         if self.min_top1 is not None and self.top1_agreement is not None:
             return (
                 f"top-1 agreement {self.top1_agreement:.1%} is below --min-top1 "
@@ -147,9 +230,12 @@ def compare_logits(
     min_top1: float | None = None,
     names: Sequence[str] | None = None,
     photos: bool = False,
+    floor_values: np.ndarray | None = None,
+    max_error_ratio: float | None = None,
 ) -> ParityResult:
     """The parity figures for two B, K logit arrays (B, C features if not `are_logits`),
-    each image's under its name in `names` (`synthetic[i]` if None) from photos or not."""
+    each image's under its name in `names` (`synthetic[i]` if None) from photos or not,
+    with the floor's figures when the weight-rounding floor's B, K logits are given."""
     diff = np.abs(model_values.astype(np.float64) - torch_values.astype(np.float64))
     finite = bool(np.isfinite(model_values).all() and np.isfinite(torch_values).all())
     max_abs = float(diff.max()) if finite else float("inf")
@@ -161,6 +247,9 @@ def compare_logits(
         raise ValueError("a top-1 bar was set for features, which have no classes")
     within_atol = atol is None or max_abs <= atol
     agrees = min_top1 is None or (top1 is not None and top1 >= min_top1)
+    floor = None
+    if floor_values is not None and finite:
+        floor = floor_figures(model_values, torch_values, floor_values, max_error_ratio)
     return ParityResult(
         max_abs_diff=max_abs,
         mean_abs_diff=float(diff.mean()) if finite else float("inf"),
@@ -170,7 +259,7 @@ def compare_logits(
         min_top1=min_top1,
         batch_size=int(model_values.shape[0]),
         device=device,
-        passed=finite and within_atol and agrees,
+        passed=finite and within_atol and agrees and (floor is None or floor.passed),
         per_image=image_parities(
             synthetic_names(len(model_values)) if names is None else names,
             model_values,
@@ -178,11 +267,17 @@ def compare_logits(
             are_logits,
         ),
         photos=photos,
+        floor=floor,
     )
 
 
 def check_parity(
-    model: Predictor, reference: ReferenceRun, atol: float | None, min_top1: float | None = None
+    model: Predictor,
+    reference: ReferenceRun,
+    atol: float | None,
+    min_top1: float | None = None,
+    floor_values: np.ndarray | None = None,
+    max_error_ratio: float | None = None,
 ) -> ParityResult:
     """Runs `model` on the reference run's images and compares the final outputs.
 
@@ -195,6 +290,9 @@ def check_parity(
         reference: the reference's run on the verification images.
         atol: largest allowed absolute difference, or None for no such bar.
         min_top1: smallest allowed top-1 agreement, or None for no such bar.
+        floor_values: the weight-rounding floor's logits on the same images, for a
+            quantized file; None for no floor figures.
+        max_error_ratio: the largest allowed mean abs diff over the floor's, or None.
     """
     pixels = input_contract(model).kind == "pixels"
     return compare_logits(
@@ -206,6 +304,8 @@ def check_parity(
         min_top1=min_top1,
         names=reference.names or None,
         photos=reference.photos,
+        floor_values=floor_values,
+        max_error_ratio=max_error_ratio,
     )
 
 

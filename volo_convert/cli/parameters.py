@@ -141,7 +141,8 @@ MIN_TOP1 = click.option(
     type=click.FloatRange(min=0.0, max=1.0, min_open=True),
     help="Smallest allowed top-1 agreement with PyTorch, as a fraction.  [default: "
     + ", ".join(f"{value:g} for {dtype}" for dtype, value in DEFAULT_MIN_TOP1.items())
-    + "; none for float files]",
+    + "; none for float and quantized files, which are judged against their weight-rounding "
+    "floor]",
 )
 DEVICE = click.option(
     "--device",

@@ -14,6 +14,7 @@ from volo_convert.checks.parity import check_parity, worst_parity
 from volo_convert.checks.photos import Photos, verification_photos
 from volo_convert.checks.reference import reference_memory_bytes, run_reference
 from volo_convert.checks.training import check_training_parity
+from volo_convert.checks.weight_floor import floor_outputs
 from volo_convert.environment import GIGABYTE, available_memory_bytes
 from volo_convert.errors import ConversionError
 from volo_convert.formats import (
@@ -26,8 +27,10 @@ from volo_convert.formats import (
 from volo_convert.options import (
     DEFAULT_ATOL,
     DEFAULT_COMPUTE_DTYPE,
+    QUANTIZED_DTYPES,
     ConvertOptions,
     default_atol,
+    default_max_floor_ratio,
     default_min_top1,
     default_verify_images,
 )
@@ -93,6 +96,9 @@ def verify(
     """Fills in `result`'s parity and timing, its diagnosis if asked for or failed, and
     the training check if asked for.
 
+    A quantized file is judged beside its weight-rounding floor: the float32 Keras graph
+    with its kernels rounded to int8, run on the same images.
+
     The reference runs once, on `photos` or else the seeded synthetic images;
     parity and diagnosis both read that run. A TFLite file is run at each batch
     `verification_runs` names, and every run must pass. A SavedModel or TFLite file has no stage
@@ -117,16 +123,25 @@ def verify(
     )
     atol = default_atol(dtype) if options.atol is None else options.atol
     min_top1 = default_min_top1(dtype) if options.min_top1 is None else options.min_top1
+    graph, floor = None, None
+    if dtype in QUANTIZED_DTYPES:
+        graph = _keras_graph(model, checkpoint, result.head)
+        pixels_in = input_contract(graph).kind == "pixels"
+        floor = floor_outputs(graph, reference.pixels if pixels_in else reference.images)
     runs = verification_runs(model, len(reference.outputs))
     result.parity = worst_parity(
-        [check_parity(runner, reference, atol, min_top1) for _, runner in runs]
+        [
+            check_parity(runner, reference, atol, min_top1, floor, default_max_floor_ratio(dtype))
+            for _, runner in runs
+        ]
     )
     result.verified_batches = [batch for batch, _ in runs if batch is not None] or None
     result.verify_seconds = time.perf_counter() - started
     diagnosis_atol = DEFAULT_ATOL if atol is None else atol
     if options.explain or not result.parity.passed:
         notify(on_stage, "diagnosing")
-        graph = _keras_graph(model, checkpoint, result.head)
+        if graph is None:
+            graph = _keras_graph(model, checkpoint, result.head)
         result.diagnosis = diagnose(
             graph, checkpoint.config, reference, diagnosis_atol, rebuilt=graph is not model
         )
