@@ -31,9 +31,11 @@ def test_every_private_name_is_there(name: str) -> None:
 
 def test_every_private_attribute_is_there() -> None:
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
     instances = {
         "keras.Model": model,
-        "tensorflow.lite.TFLiteConverter": tf.lite.TFLiteConverter.from_keras_model(model),
+        "tensorflow.lite.TFLiteConverter": converter,
+        "tensorflow.lite.Interpreter": tf.lite.Interpreter(model_content=converter.convert()),
     }
     for attribute, (_, class_name) in PRIVATE_ATTRIBUTES.items():
         assert compat.private_attribute(instances[class_name], attribute) is not None

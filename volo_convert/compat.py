@@ -49,6 +49,8 @@ PRIVATE_ATTRIBUTES = {
     "_trainable_variables": ("keras", "keras.Model"),
     "_non_trainable_variables": ("keras", "keras.Model"),
     "_experimental_calibrate_only": ("tensorflow", "tensorflow.lite.TFLiteConverter"),
+    # LiteRT's Interpreter is TensorFlow's, moved: the same private method in both.
+    "_get_ops_details": ("tensorflow", "tensorflow.lite.Interpreter"),
 }
 # Where Keras lists the variables a StatelessScope left for later: a global_state key.
 UNINITIALIZED_VARIABLES = "uninitialized_variables"
@@ -176,6 +178,12 @@ def with_io_types(content: bytes, input_type: Any, output_type: Any) -> bytes:
     """A quantized flatbuffer whose input and output take the given TensorFlow dtypes."""
     modify_model_io_type = private("tensorflow.lite.python.util.modify_model_io_type")
     return modify_model_io_type(content, input_type, output_type)
+
+
+def interpreter_nodes(interpreter: Any) -> list[dict[str, Any]]:
+    """A loaded TFLite interpreter's nodes (`index`, `op_name`, `inputs`, `outputs`): the
+    file's, then the delegate nodes that took some of them over."""
+    return private_attribute(interpreter, "_get_ops_details")()
 
 
 def tflite_schema() -> Any:

@@ -234,6 +234,7 @@ class ConvertOptions:
     `compute_dtype` None means float32 for a conversion and, for a verification, what the
     model computes in; bfloat16 is judged by top-1 agreement, like a quantized file.
     `tflite_batch` is a TFLite file's batch dimension: N, or `dynamic` (`tflite_batch`).
+    `require_gpu_compatible` refuses a TFLite file the GPU delegate could not run.
     """
 
     variant: str | None = None
@@ -242,6 +243,7 @@ class ConvertOptions:
     tflite_dtype: str = TFLITE_DTYPES[0]
     tflite_io: str = TFLITE_IO[0]
     tflite_batch: int | str = DEFAULT_TFLITE_BATCH
+    require_gpu_compatible: bool = False
     input: str | None = None
     atol: float | None = None
     min_top1: float | None = None

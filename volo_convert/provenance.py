@@ -82,6 +82,8 @@ class Provenance:
     # How photos are prepared for the model (`variants.EvalTransform` as a dict): a hub
     # folder's config.json or the release values; None in records before it was kept.
     transform: dict[str, Any] | None = None
+    # A TFLite file's delegate report (`formats.tflite_delegates.DelegateReport.to_dict()`).
+    delegates: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """The document as stored in a file: JSON with a schema version."""
@@ -164,6 +166,11 @@ class Provenance:
             ("input", describe_input(self.input)),
             *([] if self.labels is None else [("labels", describe_labels(self.labels))]),
             ("verified", verified),
+            *(
+                []
+                if self.delegates is None
+                else [("delegates", describe_delegates(self.delegates))]
+            ),
             ("libraries", libraries),
             ("machine", self.environment.get("machine", "unknown")),
         ]
@@ -182,6 +189,21 @@ def _holds_its_types(record: Any) -> bool:
         if isinstance(value, bool) is not (bool in allowed) or not isinstance(value, allowed):
             return False
     return True
+
+
+def describe_delegates(report: dict[str, Any]) -> str:
+    """One line for a TFLite file's delegate report: the GPU delegate, XNNPACK, the rank."""
+    flagged = report["gpu_flagged"]
+    if report["gpu_compatible"]:
+        gpu = "compatible"
+    else:
+        gpu = f"not compatible ({len(flagged)} ops flagged{': ' + flagged[0] if flagged else ''})"
+    partitions = "partition" if report["xnnpack_partitions"] == 1 else "partitions"
+    return (
+        f"GPU delegate {gpu}; XNNPACK {report['xnnpack_nodes']} of {report['nodes']} nodes "
+        f"({report['xnnpack_partitions']} {partitions}); largest tensor rank "
+        f"{report['max_tensor_rank']}"
+    )
 
 
 def describe_input(contract: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from volo_convert.provenance import (
     Provenance,
     VerificationRecord,
     describe_batches,
+    describe_delegates,
     describe_input,
 )
 
@@ -69,6 +70,7 @@ class ConversionResult:
     training: TrainingParity | None = None
     tflite_dtype: str | None = None
     tflite_batch: int | str | None = None  # a TFLite file's batch: N, or `dynamic`
+    delegates: dict[str, Any] | None = None  # a TFLite file's DelegateReport.to_dict()
     verified_batches: list[int] | None = None  # the batches a TFLite file was verified at
     input: dict[str, Any] | None = None  # InputContract.to_dict(): what the model takes
     compute_dtype: str = DEFAULT_COMPUTE_DTYPE  # what the model computes in
@@ -126,6 +128,8 @@ class ConversionResult:
         ]
         if self.input is not None and (self.input["kind"], self.input["dtype"]) != DEFAULT_IO:
             lines.append(f"input           {describe_input(self.input)}")
+        if self.delegates is not None:
+            lines.append(f"delegates       {describe_delegates(self.delegates)}")
         if self.convert_seconds is not None:
             lines.append(f"converted in {self.convert_seconds:.1f}s")
         if self.parity is None:
@@ -196,6 +200,7 @@ class ConversionResult:
             output_format=str(self.output_format),
             tflite_dtype=self.tflite_dtype,
             tflite_batch=self.tflite_batch,
+            delegates=self.delegates,
             input=self.input,
             compute_dtype=self.compute_dtype,
             labels=None if self.labels is None else list(self.labels),

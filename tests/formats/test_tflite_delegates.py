@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_CONFIG, error_line, run, snapshot
+
+from volo_convert.architecture import variants
+from volo_convert.formats import tflite_delegates
 from volo_convert.formats.tflite_delegates import (
     DelegateReport,
     parse_gpu_analysis,
     xnnpack_coverage,
 )
+
+# The GPU delegate runs tensors of rank 4 (5 for some ops); outlook attention stays at 5.
+MAX_GPU_RANK = 5
 
 # The shape of the analyzer's text around a flagged operator (TensorFlow's own analyzer
 # test checks these lines for a model with a Flex op).
@@ -72,3 +84,68 @@ def test_the_report_round_trips_and_reads_in_one_line() -> None:
         "GPU delegate: not compatible (1 ops flagged: Op#0 FlexAddV2: Not supported custom op "
         "FlexAddV2); XNNPACK: 3 of 4 nodes (2 partitions); largest tensor rank 5"
     )
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_state_dict: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny configuration, made a variant volo-convert detects, as a checkpoint file."""
+    monkeypatch.setitem(variants.VARIANTS, "tiny", TINY_CONFIG)
+    checkpoint = tmp_path / "in" / "tiny.pth"
+    checkpoint.parent.mkdir()
+    torch.save(tiny_state_dict, checkpoint)
+    return checkpoint
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_float_files_stay_gpu_compatible_and_record_it(
+    dtype: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Locks in today's verdict: the float32 and float16 files run on the GPU delegate, with
+    no tensor above rank 5, and XNNPACK takes most of the graph."""
+    output = tmp_path / f"tiny_{dtype}.tflite"
+    result = run(
+        tiny_checkpoint, "-o", output, "--tflite-dtype", dtype, "--device", "cpu",
+        "--require-gpu-compatible", "--report", tmp_path / "report.json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    recorded = json.loads(run("inspect", "--json", output).output)["delegates"]
+    assert recorded == json.loads((tmp_path / "report.json").read_text())["delegates"]
+    report = DelegateReport.from_dict(recorded)
+    assert (report.gpu_compatible, report.gpu_flagged) == (True, ())
+    assert report.max_tensor_rank <= MAX_GPU_RANK
+    assert 0.5 * report.nodes < report.xnnpack_nodes <= report.nodes
+    assert report.xnnpack_partitions >= 1
+    assert f"delegates       {report.summary()}" in result.output.splitlines()
+    assert f"delegates  {report.summary()}" in run("inspect", output).output.splitlines()
+
+
+def test_require_gpu_compatible_refuses_a_flagged_file_and_writes_nothing(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flagged = ("Op#7 RESHAPE: Not supported reshape",)
+    monkeypatch.setattr(tflite_delegates, "gpu_compatibility", lambda content: (False, flagged))
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(tmp_path)
+    output = out / "tiny.tflite"
+    result = run(tiny_checkpoint, "-o", output, "--device", "cpu", "--require-gpu-compatible")
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: {output}: the TFLite file is not GPU-delegate compatible "
+        "(--require-gpu-compatible): Op#7 RESHAPE: Not supported reshape"
+    )
+    assert snapshot(tmp_path) == before
+    # without the flag the same file is written, its verdict recorded
+    assert run(tiny_checkpoint, "-o", output, "--device", "cpu").exit_code == 0
+    recorded = json.loads(run("inspect", "--json", output).output)["delegates"]
+    assert (recorded["gpu_compatible"], recorded["gpu_flagged"]) == (False, list(flagged))
+
+
+def test_require_gpu_compatible_needs_a_tflite_output(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    before = snapshot(tmp_path)
+    result = run(tiny_checkpoint, "-o", tmp_path / "tiny.h5", "--require-gpu-compatible")
+    assert result.exit_code == 2
+    assert error_line(result) == "Error: --require-gpu-compatible applies to .tflite outputs only"
+    assert snapshot(tmp_path) == before

@@ -128,6 +128,13 @@ def cli() -> None:
 )
 @TFLITE_IO_OPTION
 @TFLITE_BATCH
+@click.option(
+    "--require-gpu-compatible",
+    is_flag=True,
+    help="Refuse a .tflite file that TensorFlow's model analyzer finds the GPU delegate "
+    "cannot run (the file is never written). Every .tflite file records which delegates "
+    "can run it; inspect shows it.",
+)
 @CALIBRATION_IMAGES
 @COMPUTE_DTYPE
 @INPUT

@@ -37,6 +37,7 @@ from volo_convert.formats.contract import (
     check_input_kind,
 )
 from volo_convert.formats.savedmodel import export_saved_model
+from volo_convert.formats.tflite_delegates import DelegateReport, delegate_report
 from volo_convert.formats.tflite_flatbuffer import (
     METADATA_NAME,
     add_metadata,
@@ -244,10 +245,15 @@ class TFLiteRunner:
                 f"{path}: its {METADATA_NAME} metadata is damaged ({first_line(error)})"
             ) from None
         self.run_batch: int | None = None
+        self._content = content
         self._input_index = input_details["index"]
         self._output_index = output_details["index"]
         self._output_scale, self._output_zero_point = output_details["quantization"]
         self.input_contract = _tensor_contract(input_details, check_input_kind(kind, path))
+
+    def delegate_report(self) -> DelegateReport:
+        """Which delegates can run the file: the GPU delegate, XNNPACK (as loaded here)."""
+        return delegate_report(self._content, self._interpreter)
 
     @property
     def tflite_batch(self) -> int | str:

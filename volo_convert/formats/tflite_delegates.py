@@ -19,7 +19,9 @@ import io
 import re
 from typing import Any
 
+from volo_convert.compat import interpreter_nodes
 from volo_convert.formats.tflite_flatbuffer import schema
+from volo_convert.provenance import describe_delegates
 
 DELEGATE_OPERATOR = "DELEGATE"  # what the interpreter names a node a delegate took over
 _OPERATOR_LINE = re.compile(r"^\s*Op#(\d+) (\w+)\(")
@@ -53,17 +55,8 @@ class DelegateReport:
         return cls(**{**document, "gpu_flagged": tuple(document["gpu_flagged"])})
 
     def summary(self) -> str:
-        """One line: `GPU delegate: compatible; XNNPACK: 431 of 431 nodes (1 partition); ...`."""
-        if self.gpu_compatible:
-            gpu = "compatible"
-        else:
-            gpu = f"not compatible ({len(self.gpu_flagged)} ops flagged: {self.gpu_flagged[0]})"
-        partitions = "partition" if self.xnnpack_partitions == 1 else "partitions"
-        return (
-            f"GPU delegate: {gpu}; XNNPACK: {self.xnnpack_nodes} of {self.nodes} nodes "
-            f"({self.xnnpack_partitions} {partitions}); largest tensor rank "
-            f"{self.max_tensor_rank}"
-        )
+        """One line, as `inspect` and the printed summary show it (`describe_delegates`)."""
+        return describe_delegates(self.to_dict())
 
 
 def gpu_compatibility(content: bytes) -> tuple[bool, tuple[str, ...]]:
@@ -142,7 +135,7 @@ def delegate_report(content: bytes, interpreter: Any) -> DelegateReport:
     """The delegate report of a flatbuffer, `interpreter` having loaded and allocated it."""
     compatible, flagged = gpu_compatibility(content)
     outputs = [details["index"] for details in interpreter.get_output_details()]
-    delegated, nodes, partitions = xnnpack_coverage(interpreter._get_ops_details(), outputs)
+    delegated, nodes, partitions = xnnpack_coverage(interpreter_nodes(interpreter), outputs)
     return DelegateReport(
         gpu_compatible=compatible,
         gpu_flagged=flagged,

@@ -8,6 +8,7 @@ import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -29,6 +30,7 @@ from volo_convert.formats import (
     write_provenance,
 )
 from volo_convert.formats.contract import InputContract
+from volo_convert.formats.tflite import TFLiteRunner
 from volo_convert.options import (
     DEFAULT_COMPUTE_DTYPE,
     DEFAULT_CONVERT_OPTIONS,
@@ -67,6 +69,8 @@ def _check_format_options(fmt: str, options: ConvertOptions) -> None:
             f"--tflite-batch {options.tflite_batch} applies to .tflite outputs only; other "
             "formats take any batch"
         )
+    if options.require_gpu_compatible and fmt != "tflite":
+        raise ConversionError("--require-gpu-compatible applies to .tflite outputs only")
     if options.output_compute_dtype != DEFAULT_COMPUTE_DTYPE and fmt == "tflite":
         raise ConversionError(
             f"--compute-dtype {options.output_compute_dtype} applies to Keras files and "
@@ -138,6 +142,19 @@ def _writing_staged(temp_path: Path, output_path: Path, what: str) -> Iterator[N
     except OSError as error:
         reason = os_error_reason(error).replace(str(temp_path), str(output_path))
         raise ConversionError(f"{output_path}: could not {what} ({reason})") from None
+
+
+def _delegates(runner: TFLiteRunner, output_path: Path, options: ConvertOptions) -> dict[str, Any]:
+    """The staged TFLite file's delegate report; refused, if asked, where the GPU delegate
+    could not run it."""
+    report = runner.delegate_report()
+    if options.require_gpu_compatible and not report.gpu_compatible:
+        flagged = "; ".join(report.gpu_flagged) or "the model analyzer does not pass it"
+        raise ConversionError(
+            f"{output_path}: the TFLite file is not GPU-delegate compatible "
+            f"(--require-gpu-compatible): {flagged}"
+        )
+    return report.to_dict()
 
 
 def convert(
@@ -223,6 +240,8 @@ def convert(
             notify(on_stage, "reloading")
             reloaded = load_artifact(temp_path, fmt)
             result.input = input_contract(reloaded).to_dict()
+            if fmt == "tflite":
+                result.delegates = _delegates(reloaded, output_path, options)
             if device is not None:
                 verify(reloaded, checkpoint, options, photos, device, result, on_stage)
             del reloaded

@@ -161,6 +161,7 @@ def verify_file(
         warnings=warnings,
         tflite_dtype=weight_dtype(model) if fmt == "tflite" else None,
         tflite_batch=tflite_batch(model),
+        delegates=model.delegate_report().to_dict() if fmt == "tflite" else None,
         input=contract.to_dict(),
         compute_dtype=file_compute_dtype,
     )
