@@ -9,7 +9,7 @@ representative images and run every convolution and dense layer in integers
 
 Each file carries a `volo_convert` metadata entry naming its dtype and input kind, written
 with the model, and its provenance record, added once it is verified
-(`tflite_flatbuffer.py` reads and writes both).
+(`tflite_flatbuffer.py` reads and writes both; it reads them without TensorFlow).
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ import struct
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
 
-from volo_convert.architecture.keras_model import model_input
 from volo_convert.errors import ConversionError, first_line
 from volo_convert.formats.contract import (
     InputContract,
@@ -43,10 +41,12 @@ from volo_convert.formats.tflite_flatbuffer import (
     schema,
     weight_dtype,
 )
-from volo_convert.formats.tflite_quantization import full_integer, smoothed_layer_norms
 from volo_convert.native_logs import TFLITE_LINES, known_lines_held_back
 from volo_convert.options import DEFAULT_INPUT, TFLITE_DTYPES, TFLITE_IO, check_choice
 from volo_convert.provenance import PROVENANCE_NAME
+
+if TYPE_CHECKING:
+    import keras
 
 TFLITE_BATCH_SIZE = 1
 
@@ -99,6 +99,9 @@ def convert_to_tflite(
         The flatbuffer, taking 1, S, S, 3 inputs and returning 1, K logits.
     """
     import tensorflow as tf
+
+    from volo_convert.architecture.keras_model import model_input
+    from volo_convert.formats.tflite_quantization import full_integer, smoothed_layer_norms
 
     check_choice("TFLite dtype", dtype, TFLITE_DTYPES)
     check_choice("TFLite IO type", io, TFLITE_IO)
