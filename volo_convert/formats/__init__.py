@@ -6,8 +6,9 @@ Every loaded model has `input_shape`, `output_shape` and `predict_on_batch`, lik
 model; `weight_dtype`, `compute_dtype`, `precision` and `input_contract` read what a loaded
 file holds, computes in and takes. Every
 format also stores a provenance record (`provenance.py`) its own native way, which
-`write_provenance` and `read_provenance` reach. Keras and TensorFlow are imported by the
-functions that use them, never at module level: `inspect` reads a record without either.
+`write_provenance` and `read_provenance` reach. Keras, TensorFlow, numpy and h5py are imported
+by the functions that use them, never at module level in `formats/`: `inspect` reads a
+record with the standard library alone (h5py for a `.h5` file).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-
-import numpy as np
 
 from volo_convert.errors import ConversionError
 from volo_convert.formats import keras_file, savedmodel, tflite
@@ -36,6 +35,7 @@ from volo_convert.provenance import Provenance
 
 if TYPE_CHECKING:
     import keras
+    import numpy as np
 
 FORMAT_SUFFIXES = {".h5": "h5", ".keras": "keras", ".tflite": "tflite"}
 STAGING_SUFFIXES = {fmt: suffix for suffix, fmt in FORMAT_SUFFIXES.items()}  # Keras needs it

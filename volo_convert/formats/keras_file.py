@@ -1,7 +1,7 @@
 """Keras 3 files (`.h5`, `.keras`): run under any Keras backend once this package is imported.
 
-Their provenance record is read with h5py or zipfile alone: Keras is imported by the
-functions that save and load.
+Their provenance record is read with h5py or zipfile alone: Keras (and h5py) are imported
+by the functions that use them.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import h5py
 
 from volo_convert.errors import ConversionError, first_line
 from volo_convert.provenance import PROVENANCE_NAME
@@ -64,6 +62,8 @@ def write_provenance(path: Path, fmt: str, document: str) -> None:
     Keras reads neither, so the file loads as before.
     """
     if fmt == "h5":
+        import h5py
+
         with h5py.File(path, "r+") as file:
             file.attrs[PROVENANCE_NAME] = document
     else:
@@ -75,6 +75,8 @@ def read_provenance(path: Path, fmt: str) -> str | None:
     """The document `write_provenance` stored, or None if the file holds none."""
     try:
         if fmt == "h5":
+            import h5py
+
             with h5py.File(path, "r") as file:
                 document = file.attrs.get(PROVENANCE_NAME)
                 return None if document is None else str(document)

@@ -9,8 +9,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from volo_convert.errors import ConversionError, first_line
 from volo_convert.formats.contract import InputContract, check_classifier_shapes, check_input_kind
 from volo_convert.options import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE, DEFAULT_INPUT
@@ -18,6 +16,7 @@ from volo_convert.provenance import PROVENANCE_NAME
 
 if TYPE_CHECKING:
     import keras
+    import numpy as np
 
 SERVING_SIGNATURE = "serving_default"
 ASSETS_FOLDER = "assets"  # files a SavedModel ships with; TensorFlow loads without them

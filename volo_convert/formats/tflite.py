@@ -15,15 +15,13 @@ with the model, and its provenance record, added once it is verified
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
+import mmap
 import struct
 import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from volo_convert.errors import ConversionError, first_line
 from volo_convert.formats.contract import (
@@ -47,6 +45,7 @@ from volo_convert.provenance import PROVENANCE_NAME
 
 if TYPE_CHECKING:
     import keras
+    import numpy as np
 
 TFLITE_BATCH_SIZE = 1
 
@@ -138,6 +137,8 @@ def convert_to_tflite(
 
 def interpreter_name() -> str:
     """The interpreter TFLite files are run in here: LiteRT where installed, else TF's."""
+    import importlib.metadata
+
     try:
         import ai_edge_litert.interpreter  # noqa: F401
     except ImportError:
@@ -170,15 +171,24 @@ def write_provenance(path: Path, document: str) -> None:
 
 
 def read_provenance(path: Path) -> str | None:
-    """The document `write_provenance` stored, or None if the file holds none."""
+    """The document `write_provenance` stored, or None if the file holds none.
+
+    The file is mapped, not read: only the pages the record's tables sit on are touched.
+    """
     try:
-        return metadata_document(path.read_bytes(), PROVENANCE_NAME)
+        with (
+            path.open("rb") as stream,
+            mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as content,
+        ):
+            return metadata_document(content, PROVENANCE_NAME)
     except (OSError, IndexError, ValueError, AttributeError, struct.error) as error:
         raise ConversionError(f"{path}: not a readable TFLite file ({first_line(error)})") from None
 
 
 def _tensor_contract(details: dict[str, Any], kind: str) -> InputContract:
     """The contract of an input tensor: its dtype and, if quantized, scale and zero point."""
+    import numpy as np
+
     dtype = np.dtype(details["dtype"]).name
     scale, zero_point = details["quantization"]
     if dtype == "float32" or scale == 0:
@@ -232,6 +242,8 @@ class TFLiteRunner:
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
         """B, S, S, 3 images (or pixels) -> B, K float32 logits."""
+        import numpy as np
+
         logits = []
         for image in self.input_contract.encode(images):
             self._interpreter.set_tensor(self._input_index, image[None])

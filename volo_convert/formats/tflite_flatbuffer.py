@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import mmap
 import struct
 from typing import Any
-
-import numpy as np
 
 from volo_convert.errors import ConversionError
 from volo_convert.options import TFLITE_DTYPES
@@ -73,6 +72,8 @@ def add_metadata(model: Any, name: str, document: str) -> None:
 
     Operators, tensors and weights are carried over unchanged.
     """
+    import numpy as np
+
     buffer = schema().BufferT()
     buffer.data = np.frombuffer(document.encode("utf-8"), dtype=np.uint8)
     model.buffers.append(buffer)
@@ -89,7 +90,7 @@ class _Table:
     Raises ValueError where an offset leads outside `content`.
     """
 
-    def __init__(self, content: bytes, position: int) -> None:
+    def __init__(self, content: bytes | mmap.mmap, position: int) -> None:
         self.content, self.position = content, position
         self.vtable = position - self._unpack("<i", position)
 
@@ -132,11 +133,14 @@ class _Table:
         if field is None:
             return []
         start = self._target(field)
-        elements = [start + 4 + 4 * index for index in range(self._unpack("<I", start))]
+        count = self._unpack("<I", start)
+        if start + 4 + 4 * count > len(self.content):
+            raise ValueError(f"a {count}-table vector at {start} runs past the end of the file")
+        elements = [start + 4 + 4 * index for index in range(count)]
         return [_Table(self.content, self._target(element)) for element in elements]
 
 
-def metadata_document(content: bytes, name: str) -> str | None:
+def metadata_document(content: bytes | mmap.mmap, name: str) -> str | None:
     """The document of the metadata entry `name` in a flatbuffer, or None if it has none.
 
     Raises ValueError when `content` is no TFLite flatbuffer, or a damaged one.
