@@ -2,8 +2,10 @@
 
 Each case is `python -m volo_convert ARGS` started afresh, timed from start to exit (the
 interpreter's own start included), best of `--rounds`; `python -c pass` is measured the
-same way beside them, the floor no command can go under. The package measured is the one
-the children import: this checkout's with `PYTHONPATH=.`, another with another path.
+same way beside them, the floor no command can go under. Children run with `python -P`, so
+the working folder is not put on their path: the package measured is the one this script
+imports too, this checkout's with `PYTHONPATH=.`, another with another path, else the
+installed one.
 
     volo-convert synthesize ckpt/ --variants d1 --image-size 224
     volo-convert ckpt/d1_224_84.2.pth.tar -o d1.h5      # and d1.keras, d1.tflite, d1_savedmodel/
@@ -25,12 +27,13 @@ DEFAULT_ROUNDS = 5
 HELP_SECONDS, INSPECT_SECONDS = 0.5, 1.0  # issue 21's bars, whole process
 
 
-CLI = ["-m", "volo_convert"]  # `python -m volo_convert` is `volo-convert`
+CLI = ["-P", "-m", "volo_convert"]  # `volo-convert`, from the package on PYTHONPATH
 
 
 def cases(models: list[Path]) -> dict[str, tuple[list[str], float | None]]:
     """Case name -> (arguments after `python`, the bar it must stay under or None)."""
-    found: dict[str, tuple[list[str], float | None]] = {"python -c pass": (["-c", "pass"], None)}
+    found: dict[str, tuple[list[str], float | None]] = {}
+    found["python -c pass"] = (["-P", "-c", "pass"], None)
     found["volo-convert --version"] = ([*CLI, "--version"], HELP_SECONDS)
     found["volo-convert --help"] = ([*CLI, "--help"], HELP_SECONDS)
     for command in sorted(cli.commands):
