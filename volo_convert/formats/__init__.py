@@ -6,9 +6,10 @@ Every loaded model has `input_shape`, `output_shape` and `predict_on_batch`, lik
 model; `weight_dtype`, `compute_dtype`, `precision` and `input_contract` read what a loaded
 file holds, computes in and takes. Every
 format also stores a provenance record (`provenance.py`) its own native way, which
-`write_provenance` and `read_provenance` reach. Keras, TensorFlow, numpy and h5py are imported
-by the functions that use them, never at module level in `formats/`: `inspect` reads a
-record with the standard library alone (h5py for a `.h5` file).
+`write_provenance` and `read_provenance` reach. This module and those it imports take Keras,
+TensorFlow, numpy and h5py in the functions that use them, never at module level, so
+`inspect` reads a record with the standard library alone (h5py for a `.h5` file);
+`keras_h5` and `tflite_quantization` are imported only by the functions that write.
 """
 
 from __future__ import annotations

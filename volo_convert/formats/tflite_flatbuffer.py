@@ -95,6 +95,7 @@ class _Table:
         self.vtable = position - self._unpack("<i", position)
 
     def _unpack(self, layout: str, position: int) -> Any:
+        """The value of `layout` (as for struct) at `position`, checked to lie in the file."""
         if not 0 <= position <= len(self.content) - struct.calcsize(layout):
             raise ValueError(f"offset {position} outside the {len(self.content)}-byte file")
         return struct.unpack_from(layout, self.content, position)[0]
