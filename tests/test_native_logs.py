@@ -19,10 +19,12 @@ from volo_convert.native_logs import DEBUG_ENVIRONMENT, STARTUP_LINES
 STARTUP_PATTERNS = [re.compile(pattern) for pattern in STARTUP_LINES]
 CLI = [sys.executable, "-m", "volo_convert"]
 
-# Imports the package, then shows what it held back, as `--debug` does, after a marker line.
+# Imports the package and Keras, then shows what was held back, as `--debug` does, after a
+# marker line.
 SHOW_HELD_BACK = """
 import sys
 import volo_convert
+import keras
 from volo_convert.native_logs import show_everything
 print("held back:", file=sys.stderr, flush=True)
 show_everything()
@@ -94,14 +96,13 @@ def test_lines_written_just_before_an_abort_still_reach_the_user() -> None:
 
 def test_debug_shows_the_startup_lines_before_the_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "missing.h5"
-    quiet = subprocess.run(
-        [*CLI, "inspect", missing], capture_output=True, text=True, env=user_environment()
-    )
+    verify = [*CLI, "verify", missing, tmp_path / "missing.pth.tar"]  # a command with Keras
+    quiet = subprocess.run(verify, capture_output=True, text=True, env=user_environment())
     assert quiet.returncode == 2
     assert quiet.stderr == f"Error: {missing}: no such file\n"
 
     debug = subprocess.run(
-        [*CLI, "inspect", missing, "--debug"],
+        [*verify, "--debug"],
         capture_output=True,
         text=True,
         env=user_environment(),

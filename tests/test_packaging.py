@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from conftest import TINY_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,10 +54,12 @@ def test_wheel_ships_the_mapping_tables(tmp_path: Path) -> None:
 
 # Run in a fresh process: loads the files after a plain `import volo_convert`, reports
 # whether torch came in with it, and the largest logit difference from `expected.npy`.
+# IMPORTS names the order: Keras first (registered at once) or the package first
+# (registered the moment Keras is imported).
 LOAD_AFTER_IMPORT = """
 import sys
-import keras, numpy as np
-import volo_convert
+{imports}
+import numpy as np
 images, expected = np.load(sys.argv[1]), np.load(sys.argv[2])
 for path in sys.argv[3:]:
     model = keras.models.load_model(path)
@@ -65,8 +68,11 @@ print("torch imported:", "torch" in sys.modules)
 """
 
 
+@pytest.mark.parametrize(
+    "imports", ["import keras\nimport volo_convert", "import volo_convert\nimport keras"]
+)
 def test_plain_import_registers_the_layers_without_torch(
-    tiny_state_dict: dict, tmp_path: Path
+    imports: str, tiny_state_dict: dict, tmp_path: Path
 ) -> None:
     import numpy as np
 
@@ -84,7 +90,7 @@ def test_plain_import_registers_the_layers_without_torch(
     for path in files:
         model.save(path)
     completed = subprocess.run(
-        [sys.executable, "-c", LOAD_AFTER_IMPORT, tmp_path / "images.npy",
+        [sys.executable, "-c", LOAD_AFTER_IMPORT.format(imports=imports), tmp_path / "images.npy",
          tmp_path / "expected.npy", *files],
         capture_output=True, text=True, cwd=tmp_path,
     )  # fmt: skip
@@ -98,7 +104,7 @@ def test_plain_import_registers_the_layers_without_torch(
 
 def test_importtime_shows_no_torch() -> None:
     completed = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import volo_convert"],
+        [sys.executable, "-X", "importtime", "-c", "import volo_convert; import keras"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     imported = {line.split("|")[-1].strip() for line in completed.stderr.splitlines()}

@@ -2,7 +2,9 @@
 
 Importing the package registers its custom Keras layers, so `keras.models.load_model`
 reads a converted `.h5` or `.keras` file right after `import volo_convert`. It imports
-Keras, never torch; TensorFlow's start-up lines are held back (see `native_logs`).
+neither Keras nor torch: the layers are registered once Keras is imported, before or after
+(`architecture/keras_startup.py`), and TensorFlow's start-up lines are then held back
+(see `native_logs`).
 
 `volo_convert.convert(...)` and `volo_convert.verify(...)` are the Python API (see `api`);
 they import torch when first used.
@@ -12,18 +14,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from volo_convert import native_logs as _native_logs
+from volo_convert.architecture.keras_startup import register_layers_with_keras
 
-# Keras refuses to start under an unknown KERAS_BACKEND. The CLI reports that as a usage
-# error (exit 2) rather than a traceback; a library user meets Keras' own error on import.
-KERAS_IMPORT_ERROR: str | None = None
-with _native_logs.known_lines_held_back(_native_logs.STARTUP_LINES):
-    try:
-        from volo_convert.architecture import keras_layers as _keras_layers  # noqa: F401
-
-        _native_logs.find_tensorflow_devices()
-    except (ImportError, ValueError) as _error:
-        KERAS_IMPORT_ERROR = f"Keras cannot start: {_error} (check KERAS_BACKEND)"
+register_layers_with_keras()
 
 _API = ("convert", "verify")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -486,6 +487,33 @@ def test_inspect_refuses_files_without_a_record(tiny_model: keras.Model, tmp_pat
     assert result.output == f"Error: {damaged}: its provenance record is damaged\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.h5", "plain.keras"]
     assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut in half", "no identifier", "not a flatbuffer"])
+def test_inspect_names_a_damaged_tflite_file(
+    damage: str, tiny_tflite: dict[str, bytes], tmp_path: Path
+) -> None:
+    """The record is read from the flatbuffer's tables without TensorFlow: however the
+    file is damaged, one line names it, exit 2, and nothing is written."""
+    recorded = tmp_path / "recorded.tflite"
+    recorded.write_bytes(tiny_tflite["float32"])
+    write_provenance(recorded, "tflite", SAMPLE_PROVENANCE)
+    content = recorded.read_bytes()
+    damaged = {
+        "empty": b"",
+        "cut in half": content[: len(content) // 2],
+        "no identifier": content[:4] + b"XXXX" + content[8:],
+        "not a flatbuffer": content[:4] + b"TFL3" + b"\xff" * 64,
+    }[damage]
+    path = tmp_path / "damaged.tflite"
+    path.write_bytes(damaged)
+    before = snapshot(tmp_path)
+    result = run("inspect", path)
+    assert result.exit_code == 2
+    assert re.fullmatch(
+        rf"Error: {re.escape(str(path))}: not a readable TFLite file \(.+\)", error_line(result)
+    )
+    assert snapshot(tmp_path) == before
 
 
 def test_a_file_of_another_model_is_told_apart_from_a_bad_port(

@@ -16,6 +16,7 @@ from volo_convert.cli.parameters import (
     TRUST_CHECKPOINT,
     check_junit_path,
     handles_errors,
+    start_keras,
     verification_options,
 )
 from volo_convert.cli.progress import StageDisplay
@@ -74,6 +75,7 @@ def batch(
       volo-convert batch checkpoints/ -o keras/ --junit parity.xml
       volo-convert batch d1_224_84.2.pth.tar d5_512_87.07.pth.tar -o keras/ --format keras
     """
+    start_keras()
     from volo_convert.batch.report import REPORT_MD, render_text
     from volo_convert.batch.runner import batch_outputs, find_checkpoints, run_batch
     from volo_convert.junit import entry_case, write_junit

@@ -34,6 +34,7 @@ from volo_convert.cli.parameters import (
     checkpoint_options,
     handles_errors,
     head_option,
+    start_keras,
     verification_options,
 )
 from volo_convert.cli.progress import StageDisplay
@@ -41,7 +42,6 @@ from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.options import (
     DEFAULT_HEAD,
     DEFAULT_TOP_K,
-    EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
     EXIT_PARITY_FAILED,
     FORMATS,
@@ -180,6 +180,7 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
       volo-convert d1_224_84.2.pth.tar -o d1_int8.tflite --tflite-dtype int8 \\
           --calibration-images photos/ --input pixels --tflite-io int8
     """
+    start_keras()
     options = ConvertOptions(**fields)
     with StageDisplay() as display:
         result = _run_convert(display, checkpoint, output, options, report)
@@ -230,6 +231,7 @@ def verify(
       volo-convert verify d1_int8.tflite d1_224_84.2.pth.tar --images photos/
       volo-convert verify d1_bf16.keras d1_224_84.2.pth.tar --images photos/
     """
+    start_keras()
     from volo_convert.junit import error_case, write_junit
     from volo_convert.pipeline import verify_file
 
@@ -312,6 +314,7 @@ def predict(model_file: Path, images: tuple[str, ...], top_k: int, as_json: bool
     """
     import json
 
+    start_keras()
     from volo_convert.prediction import predict as run_predict
 
     def warn(message: str) -> None:
@@ -349,6 +352,7 @@ def demo(workdir: Path, report: Path | None, **fields: Any) -> None:
     Example:
       volo-convert demo --workdir /tmp/volo-demo
     """
+    start_keras()
     from volo_convert.synthetic import write_release_checkpoints
 
     options = ConvertOptions(**fields)
@@ -367,12 +371,8 @@ cli.add_command(synthesize)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    import volo_convert
-
-    if volo_convert.KERAS_IMPORT_ERROR is not None:  # a bad KERAS_BACKEND, say
-        click.echo(f"Error: {one_line(volo_convert.KERAS_IMPORT_ERROR)}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+    """Console-script entry point. It imports no Keras, TensorFlow or torch: the commands
+    that need them import them when they run (`start_keras`), so `--help` answers at once."""
     # A stop signal (INT, TERM, HUP) unwinds every cleanup, then ends in one line and
     # 128 + its number, whatever the command was doing.
     try:

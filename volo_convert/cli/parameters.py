@@ -111,6 +111,19 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     )(wrapper)
 
 
+def start_keras() -> None:
+    """Imports Keras, for the commands that build or run a model (not `--help`, not `inspect`).
+
+    Keras refuses to start under an unknown KERAS_BACKEND: that is the user's setting, so
+    it reads as bad input (exit 2) rather than an internal error. Importing it registers
+    the custom layers and holds TensorFlow's start-up lines back (`import volo_convert`).
+    """
+    try:
+        import keras  # noqa: F401
+    except (ImportError, ValueError) as error:
+        raise ConversionError(f"Keras cannot start: {error} (check KERAS_BACKEND)") from None
+
+
 def _show_native_logs(context: click.Context, parameter: click.Parameter, debug: bool) -> bool:
     """`--debug` also shows the native lines held back so far, and holds back none after."""
     if debug:

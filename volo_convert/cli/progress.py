@@ -6,11 +6,12 @@ import sys
 import threading
 import time
 from types import TracebackType
-from typing import TextIO
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, TextIO
 
 from volo_convert.errors import one_line
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 REFRESH_SECONDS = 0.2  # how often the live line's clock moves
 
@@ -39,6 +40,8 @@ class StageDisplay:
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         if self.stream.isatty():
+            from tqdm import tqdm  # here, not at the top: `--help` need not import it
+
             self._bar = tqdm(bar_format="{desc}", file=self.stream, leave=False, dynamic_ncols=True)
             self._ticker = threading.Thread(target=self._tick, daemon=True)
             self._ticker.start()

@@ -6,7 +6,10 @@ Every loaded model has `input_shape`, `output_shape` and `predict_on_batch`, lik
 model; `weight_dtype`, `compute_dtype`, `precision` and `input_contract` read what a loaded
 file holds, computes in and takes. Every
 format also stores a provenance record (`provenance.py`) its own native way, which
-`write_provenance` and `read_provenance` reach.
+`write_provenance` and `read_provenance` reach. This module and those it imports take Keras,
+TensorFlow, numpy and h5py in the functions that use them, never at module level, so
+`inspect` reads a record with the standard library alone (h5py for a `.h5` file);
+`keras_h5` and `tflite_quantization` are imported only by the functions that write.
 """
 
 from __future__ import annotations
@@ -14,12 +17,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import keras
-import numpy as np
-
-from volo_convert.architecture.keras_model import model_compute_dtype, model_input
 from volo_convert.errors import ConversionError
 from volo_convert.formats import keras_file, savedmodel, tflite
 from volo_convert.formats.contract import InputContract
@@ -35,6 +34,10 @@ from volo_convert.options import (
 )
 from volo_convert.paths import SAVEDMODEL_MARKER, check_input
 from volo_convert.provenance import Provenance
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
 
 FORMAT_SUFFIXES = {".h5": "h5", ".keras": "keras", ".tflite": "tflite"}
 STAGING_SUFFIXES = {fmt: suffix for suffix, fmt in FORMAT_SUFFIXES.items()}  # Keras needs it
@@ -97,6 +100,8 @@ def artifact_format(path: str | Path) -> str:
 
 def check_backend(fmt: str) -> None:
     """Refuses to write a TensorFlow format under another Keras backend."""
+    import keras
+
     backend = keras.backend.backend()
     if fmt in TENSORFLOW_FORMATS and backend != "tensorflow":
         raise ConversionError(
@@ -205,6 +210,10 @@ def weight_dtype(model: Predictor) -> str:
 def compute_dtype(model: Predictor) -> str:
     """What a loaded model computes in (COMPUTE_DTYPES): read from a Keras model's layers
     or a SavedModel's metadata; float32 for a TFLite file."""
+    import keras
+
+    from volo_convert.architecture.keras_model import model_compute_dtype
+
     if isinstance(model, keras.Model):
         return model_compute_dtype(model)
     return getattr(model, "compute_dtype", DEFAULT_COMPUTE_DTYPE)
@@ -217,6 +226,10 @@ def precision(model: Predictor) -> str:
 
 def input_contract(model: Predictor) -> InputContract:
     """What a loaded model takes: read from the file, or from a Keras model's layers."""
+    import keras
+
+    from volo_convert.architecture.keras_model import model_input
+
     if isinstance(model, keras.Model):
         return InputContract(model_input(model))
     return model.input_contract
@@ -228,4 +241,6 @@ def runtime_name(fmt: str) -> str:
         return "TensorFlow (tf.saved_model.load)"
     if fmt == "tflite":
         return tflite.interpreter_name()
+    import keras
+
     return f"Keras ({keras.backend.backend()} backend)"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from volo_convert.architecture.variants import IMAGENET_MEAN, IMAGENET_STD, PIXEL_MAX
 from volo_convert.errors import ConversionError
 from volo_convert.options import DEFAULT_INPUT, INPUTS
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # What each input kind holds, as the report spells it.
 INPUT_VALUES = {
@@ -34,6 +35,8 @@ class InputContract:
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         """B, S, S, 3 float images or pixels (or uint8 pixels) -> what the model is fed."""
+        import numpy as np
+
         if self.scale is None or self.zero_point is None:
             return values.astype(self.dtype)
         limits = np.iinfo(self.dtype)

@@ -1,18 +1,22 @@
-"""TensorFlow SavedModel folders: written from the Keras graph, run with TensorFlow alone."""
+"""TensorFlow SavedModel folders: written from the Keras graph, run with TensorFlow alone.
+
+The provenance record and the metadata are files in the folder, read without TensorFlow.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
-import numpy as np
-
-from volo_convert.architecture.keras_model import model_compute_dtype, model_input
 from volo_convert.errors import ConversionError, first_line
 from volo_convert.formats.contract import InputContract, check_classifier_shapes, check_input_kind
 from volo_convert.options import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE, DEFAULT_INPUT
 from volo_convert.provenance import PROVENANCE_NAME
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
 
 SERVING_SIGNATURE = "serving_default"
 ASSETS_FOLDER = "assets"  # files a SavedModel ships with; TensorFlow loads without them
@@ -36,6 +40,8 @@ def export_saved_model(model: keras.Model, path: Path, batch_size: int | None = 
         batch_size: a fixed batch size, or None for any.
     """
     import tensorflow as tf
+
+    from volo_convert.architecture.keras_model import model_compute_dtype, model_input
 
     spec = tf.TensorSpec((batch_size, *model.input_shape[1:]), tf.float32, name="images")
     module = tf.Module()

@@ -11,25 +11,21 @@ images and run every convolution and dense layer in integers (`tflite_quantizati
 
 Each file carries a `volo_convert` metadata entry naming its dtype, input kind and batch,
 written with the model, and its provenance record, added once it is verified
-(`tflite_flatbuffer.py` reads and writes both).
+(`tflite_flatbuffer.py` reads and writes both; it reads them without TensorFlow).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.metadata
 import json
+import mmap
 import struct
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
-import numpy as np
-
-from volo_convert.architecture.keras_model import model_input
 from volo_convert.errors import ConversionError, first_line
 from volo_convert.formats.contract import (
     InputContract,
@@ -47,7 +43,6 @@ from volo_convert.formats.tflite_flatbuffer import (
     schema,
     weight_dtype,
 )
-from volo_convert.formats.tflite_quantization import full_integer, smoothed_layer_norms
 from volo_convert.native_logs import TFLITE_LINES, known_lines_held_back
 from volo_convert.options import (
     DEFAULT_INPUT,
@@ -59,6 +54,10 @@ from volo_convert.options import (
     tflite_batch,
 )
 from volo_convert.provenance import PROVENANCE_NAME
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
 
 
 def _converter(folder: str) -> Any:
@@ -114,6 +113,9 @@ def convert_to_tflite(
     """
     import tensorflow as tf
 
+    from volo_convert.architecture.keras_model import model_input
+    from volo_convert.formats.tflite_quantization import full_integer, smoothed_layer_norms
+
     check_tflite_io(dtype, io, ValueError)  # the options were checked when built
     batch = tflite_batch(batch)
     if dtype == "int8" and calibration is None:
@@ -154,6 +156,8 @@ def _fixed_batch(batch: int | str) -> int | None:
 
 def interpreter_name() -> str:
     """The interpreter TFLite files are run in here: LiteRT where installed, else TF's."""
+    import importlib.metadata
+
     try:
         import ai_edge_litert.interpreter  # noqa: F401
     except ImportError:
@@ -186,15 +190,24 @@ def write_provenance(path: Path, document: str) -> None:
 
 
 def read_provenance(path: Path) -> str | None:
-    """The document `write_provenance` stored, or None if the file holds none."""
+    """The document `write_provenance` stored, or None if the file holds none.
+
+    The file is mapped, not read: only the pages the record's tables sit on are touched.
+    """
     try:
-        return metadata_document(path.read_bytes(), PROVENANCE_NAME)
+        with (
+            path.open("rb") as stream,
+            mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as content,
+        ):
+            return metadata_document(content, PROVENANCE_NAME)
     except (OSError, IndexError, ValueError, AttributeError, struct.error) as error:
         raise ConversionError(f"{path}: not a readable TFLite file ({first_line(error)})") from None
 
 
 def _tensor_contract(details: dict[str, Any], kind: str) -> InputContract:
     """The contract of an input tensor: its dtype and, if quantized, scale and zero point."""
+    import numpy as np
+
     dtype = np.dtype(details["dtype"]).name
     scale, zero_point = details["quantization"]
     if dtype == "float32" or scale == 0:
@@ -283,6 +296,8 @@ class TFLiteRunner:
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
         """B, S, S, 3 images (or pixels) -> B, K float32 logits."""
+        import numpy as np
+
         encoded = self.input_contract.encode(images)
         size = self.batch_size or self.run_batch or len(encoded)
         logits = []

@@ -1,22 +1,29 @@
 """What a TFLite flatbuffer holds: its operators, its metadata entries, its weight dtype.
 
 Read through TensorFlow's generated schema; metadata is added with the same object round
-trip the converter uses for its own `CONVERSION_METADATA`.
+trip the converter uses for its own `CONVERSION_METADATA`. Metadata is read without
+TensorFlow (`_Table` walks the few tables it needs), so `inspect` need not import it.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import mmap
+import struct
 from typing import Any
-
-import numpy as np
 
 from volo_convert.compat import builtin_code, tflite_schema
 from volo_convert.errors import ConversionError
 from volo_convert.options import TFLITE_DTYPES
 
 METADATA_NAME = "volo_convert"
+FILE_IDENTIFIER = b"TFL3"  # bytes 4-7 of every TFLite flatbuffer
+# Field numbers in TensorFlow's schema.fbs: Model.buffers and .metadata, Metadata.name and
+# .buffer, Buffer.data and .offset and .size (data stored after the flatbuffer, files > 2 GB).
+MODEL_BUFFERS, MODEL_METADATA = 4, 6
+METADATA_NAME_FIELD, METADATA_BUFFER = 0, 1
+BUFFER_DATA, BUFFER_OFFSET, BUFFER_SIZE = 0, 1, 2
 
 
 def schema() -> Any:
@@ -62,6 +69,8 @@ def add_metadata(model: Any, name: str, document: str) -> None:
 
     Operators, tensors and weights are carried over unchanged.
     """
+    import numpy as np
+
     buffer = schema().BufferT()
     buffer.data = np.frombuffer(document.encode("utf-8"), dtype=np.uint8)
     model.buffers.append(buffer)
@@ -71,13 +80,84 @@ def add_metadata(model: Any, name: str, document: str) -> None:
     model.metadata = [*(model.metadata or []), entry]
 
 
-def metadata_document(content: bytes, name: str) -> str | None:
-    """The document of the metadata entry `name` in a flatbuffer, or None if it has none."""
-    flatbuffer = schema().Model.GetRootAsModel(content, 0)
-    for index in range(flatbuffer.MetadataLength()):
-        entry = flatbuffer.Metadata(index)
-        if entry.Name().decode("utf-8") == name:
-            return flatbuffer.Buffers(entry.Buffer()).DataAsNumpy().tobytes().decode("utf-8")
+class _Table:
+    """A flatbuffer table at `position` of `content`: its fields by number, read as the
+    format lays them out (a vtable of field offsets; vectors and strings by uoffset).
+
+    Raises ValueError where an offset leads outside `content`.
+    """
+
+    def __init__(self, content: bytes | mmap.mmap, position: int) -> None:
+        self.content, self.position = content, position
+        self.vtable = position - self._unpack("<i", position)
+
+    def _unpack(self, layout: str, position: int) -> Any:
+        """The value of `layout` (as for struct) at `position`, checked to lie in the file."""
+        if not 0 <= position <= len(self.content) - struct.calcsize(layout):
+            raise ValueError(f"offset {position} outside the {len(self.content)}-byte file")
+        return struct.unpack_from(layout, self.content, position)[0]
+
+    def _field(self, number: int) -> int | None:
+        """Where field `number` is stored, or None when the table leaves it out."""
+        entry = 4 + 2 * number
+        if entry >= self._unpack("<H", self.vtable):
+            return None
+        offset = self._unpack("<H", self.vtable + entry)
+        return None if offset == 0 else self.position + offset
+
+    def _target(self, position: int) -> int:
+        """Where the uoffset at `position` points."""
+        return position + self._unpack("<I", position)
+
+    def scalar(self, number: int, layout: str) -> int:
+        """A scalar field (`layout` as for struct); 0, the schema's default, when left out."""
+        field = self._field(number)
+        return 0 if field is None else self._unpack(layout, field)
+
+    def byte_vector(self, number: int) -> bytes | None:
+        """A string or byte vector field."""
+        field = self._field(number)
+        if field is None:
+            return None
+        start = self._target(field)
+        length = self._unpack("<I", start)
+        if start + 4 + length > len(self.content):
+            raise ValueError(f"a {length}-byte vector at {start} runs past the end of the file")
+        return self.content[start + 4 : start + 4 + length]
+
+    def tables(self, number: int) -> list[_Table]:
+        """A vector-of-tables field."""
+        field = self._field(number)
+        if field is None:
+            return []
+        start = self._target(field)
+        count = self._unpack("<I", start)
+        if start + 4 + 4 * count > len(self.content):
+            raise ValueError(f"a {count}-table vector at {start} runs past the end of the file")
+        elements = [start + 4 + 4 * index for index in range(count)]
+        return [_Table(self.content, self._target(element)) for element in elements]
+
+
+def metadata_document(content: bytes | mmap.mmap, name: str) -> str | None:
+    """The document of the metadata entry `name` in a flatbuffer, or None if it has none.
+
+    Raises ValueError when `content` is no TFLite flatbuffer, or a damaged one.
+    """
+    if content[4:8] != FILE_IDENTIFIER:
+        raise ValueError(f"no {FILE_IDENTIFIER.decode()} identifier")
+    model = _Table(content, struct.unpack_from("<I", content)[0])
+    for entry in model.tables(MODEL_METADATA):
+        if entry.byte_vector(METADATA_NAME_FIELD) == name.encode("utf-8"):
+            buffers, index = model.tables(MODEL_BUFFERS), entry.scalar(METADATA_BUFFER, "<I")
+            if index >= len(buffers):
+                raise ValueError(f"metadata {name} names buffer {index} of {len(buffers)}")
+            buffer = buffers[index]
+            offset, size = buffer.scalar(BUFFER_OFFSET, "<Q"), buffer.scalar(BUFFER_SIZE, "<Q")
+            if offset > 1:  # stored after the flatbuffer
+                if offset + size > len(content):
+                    raise ValueError(f"metadata {name} runs past the end of the file")
+                return content[offset : offset + size].decode("utf-8")
+            return (buffer.byte_vector(BUFFER_DATA) or b"").decode("utf-8")
     return None
 
 
