@@ -120,7 +120,7 @@ def test_inspect_imports_no_heavy_module(fmt: str, recorded_files: dict[str, Pat
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.splitlines()[3] == (
         f"model      VOLO tiny at {TINY_SIZE}px, 10 classes, full head, {fmt}"
-        + (" float32" if fmt == "tflite" else "")
+        + (" float32, batch 1" if fmt == "tflite" else "")
     )
     assert heavy == ""
 

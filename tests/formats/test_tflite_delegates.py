@@ -81,8 +81,8 @@ def test_the_report_round_trips_and_reads_in_one_line() -> None:
     )
     assert DelegateReport.from_dict(report.to_dict()) == report
     assert report.summary() == (
-        "GPU delegate: not compatible (1 ops flagged: Op#0 FlexAddV2: Not supported custom op "
-        "FlexAddV2); XNNPACK: 3 of 4 nodes (2 partitions); largest tensor rank 5"
+        "GPU delegate not compatible (1 ops flagged: Op#0 FlexAddV2: Not supported custom op "
+        "FlexAddV2); XNNPACK 3 of 4 nodes (2 partitions); largest tensor rank 5"
     )
 
 
