@@ -30,7 +30,7 @@ DEFAULT_HEAD = "full"
 DEVICES = ("auto", "cpu", "cuda")
 SAVEDMODEL = "savedmodel"  # a folder: an output path without extension, or ending in "/"
 FORMATS = ("h5", "keras", SAVEDMODEL, "tflite")
-KERAS_FORMATS = ("h5", "keras")  # what a batch writes: one file per checkpoint
+KERAS_FORMATS = ("h5", "keras")  # Keras model files: what --training can check
 # float32, float16 weights, int8 weights with float activations, full integer.
 TFLITE_DTYPES = ("float32", "float16", "int8-dynamic", "int8")
 QUANTIZED_DTYPES = ("int8-dynamic", "int8")  # judged by top-1 agreement, not by atol
@@ -303,6 +303,28 @@ class ConvertOptions:
             raise ConversionError("--training compares with PyTorch, so it needs verification")
         check_rate("drop path rate", self.drop_path_rate)
         check_rate("drop rate", self.drop_rate)
+        if self.output_format is not None:
+            self.check_format(self.output_format)
+
+    def check_format(self, fmt: str) -> None:
+        """Refuses the options that do not apply to the output format `fmt`; called when
+        built if the format is named, else once the output path names it."""
+        if self.tflite_dtype != TFLITE_DTYPES[0] and fmt != "tflite":
+            raise ConversionError(
+                f"--tflite-dtype {self.tflite_dtype} applies to .tflite outputs only"
+            )
+        if self.tflite_batch != DEFAULT_TFLITE_BATCH and fmt != "tflite":
+            raise ConversionError(
+                f"--tflite-batch {self.tflite_batch} applies to .tflite outputs only; other "
+                "formats take any batch"
+            )
+        if self.require_gpu_compatible and fmt != "tflite":
+            raise ConversionError("--require-gpu-compatible applies to .tflite outputs only")
+        if self.output_compute_dtype != DEFAULT_COMPUTE_DTYPE and fmt == "tflite":
+            raise ConversionError(
+                f"--compute-dtype {self.output_compute_dtype} applies to Keras files and "
+                "SavedModels, not .tflite; use --tflite-dtype for a smaller TFLite file"
+            )
 
     def check_precision(self, precision: str, head: str | None = None) -> None:
         """Refuses what a file of `precision` cannot be verified with.
@@ -360,7 +382,8 @@ class ConvertOptions:
 
 @dataclasses.dataclass(frozen=True)
 class BatchOptions:
-    """How every checkpoint of a batch is converted: one set of ConvertOptions for all.
+    """How every checkpoint of a batch is converted: one set of ConvertOptions for all,
+    checked once when built, with the format always named (the batch names each output).
 
     Each file's output replaces an earlier run's (it is verified before it does), so
     `convert.overwrite` is implied; `force` converts again files found done.
@@ -372,7 +395,7 @@ class BatchOptions:
     force: bool = False
 
     def __post_init__(self) -> None:
-        check_choice("batch format", self.convert.output_format or "", KERAS_FORMATS)
+        check_choice("batch format", self.convert.output_format or "", FORMATS)
 
 
 DEFAULT_CONVERT_OPTIONS = ConvertOptions()

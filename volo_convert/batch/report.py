@@ -20,6 +20,7 @@ REPORT_MD = "report.md"
 
 COLUMNS = (
     "file",
+    "output",
     "variant",
     "size",
     "parameters",
@@ -57,6 +58,7 @@ class BatchEntry:
     reason: str | None = None
     output_files: dict[str, str] | None = None  # what was written: name -> "size:sha256"
     stage: str | None = None  # the last stage this file reached; where a failure happened
+    settings: dict[str, str] | None = None  # what the output was written with (runner.py)
 
     @property
     def ok(self) -> bool:
@@ -83,19 +85,22 @@ class BatchEntry:
                 raise ValueError(f"field {name!r} holds {value!r}")
         if row["status"] not in set(Status):
             raise ValueError(f"unknown status {row['status']!r}")
-        if row.get("output_files") and not all(
-            isinstance(value, str) for value in row["output_files"].values()
-        ):
-            raise ValueError("field 'output_files' holds a value that is not text")
+        for name in ("output_files", "settings"):
+            if row.get(name) and not all(isinstance(value, str) for value in row[name].values()):
+                raise ValueError(f"field {name!r} holds a value that is not text")
         return cls(**row)
 
 
 @dataclasses.dataclass
 class BatchReport:
-    """The whole batch: one entry per checkpoint, and the totals."""
+    """The whole batch: one entry per output of this run, and the totals; `kept` are the
+    rows an earlier run left for other outputs still in the folder, which report.json and
+    report.md go on listing after this run's rows (the totals and the exit code are this
+    run's)."""
 
     entries: list[BatchEntry]
     wall_seconds: float = 0.0
+    kept: list[BatchEntry] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -119,7 +124,7 @@ class BatchReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "summary": self.summary(),
-            "checkpoints": [dataclasses.asdict(entry) for entry in self.entries],
+            "checkpoints": [dataclasses.asdict(entry) for entry in self.entries + self.kept],
         }
 
 
@@ -136,6 +141,7 @@ def entry_cells(entry: BatchEntry) -> list[str]:
     """The report row of one entry, one string per column of COLUMNS, each one line."""
     return [
         one_line(entry.file),
+        one_line(entry.output),
         entry.variant or "-",
         "-" if entry.image_size is None else str(entry.image_size),
         _figure(entry.parameters, ","),
@@ -173,7 +179,7 @@ def render_markdown(report: BatchReport) -> str:
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
-    for entry in report.entries:
+    for entry in report.entries + report.kept:
         cells = [cell.replace("|", "\\|") for cell in entry_cells(entry)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -7,12 +7,13 @@ one conversion is returned before the next starts, and the process's peak RSS is
 file's true peak. The driver never imports torch; only the workers do.
 
 After every file, `report.json` and `report.md` are rewritten in the output folder, so an
-interrupted batch resumes where it stopped: a checkpoint is skipped when the report says
-it passed from a file with the same SHA-256 and the output still holds the very bytes
-that were written (size and SHA-256 of each file). The driver hashes a checkpoint only to
-compare it with such a row; on a fresh run the conversion's own hash fills the report. A
-stop signal reaches the worker too (it dies with its driver even when the driver is killed
-outright), removes what the worker staged, and the report says what was done so far.
+interrupted batch resumes where it stopped: an output is skipped when the report says it
+passed, with the same settings, from a checkpoint with the same SHA-256, and the output
+still holds the very bytes that were written (size and SHA-256 of each file). The driver
+hashes a checkpoint only to compare it with such a row; on a fresh run the conversion's own
+hash fills the report. A stop signal reaches the worker too (it dies with its driver even
+when the driver is killed outright), removes what the worker staged, and the report says
+what was done so far.
 """
 
 from __future__ import annotations
@@ -32,7 +33,21 @@ from volo_convert.batch.report import (
 )
 from volo_convert.batch.worker import convert_isolated
 from volo_convert.errors import ConversionError, first_line, one_line
-from volo_convert.options import DEFAULT_ATOL, DEFAULT_BATCH_OPTIONS, BatchOptions, Status
+from volo_convert.options import (
+    DEFAULT_BATCH_OPTIONS,
+    DEFAULT_COMPUTE_DTYPE,
+    DEFAULT_HEAD,
+    DEFAULT_INPUT,
+    DEFAULT_TFLITE_BATCH,
+    SAVEDMODEL,
+    TFLITE_DTYPES,
+    BatchOptions,
+    ConvertOptions,
+    Status,
+    default_atol,
+    default_min_top1,
+    file_precision,
+)
 from volo_convert.paths import (
     check_not_a_stream,
     check_output_path,
@@ -95,17 +110,62 @@ def output_stem(checkpoint: Path) -> str:
     return checkpoint.stem
 
 
-def output_path(checkpoint: Path, out_dir: Path, fmt: str) -> Path:
-    """Where the batch writes `checkpoint`'s model: OUT_DIR/<stem>.<format>."""
-    return out_dir / f"{output_stem(checkpoint)}.{fmt}"
+def output_name(checkpoint: Path, options: ConvertOptions) -> str:
+    """The name of `checkpoint`'s output, unique per format and what sets the model apart,
+    so several outputs of one checkpoint can sit in one folder.
+
+    `<stem>[_<tflite dtype>][_b<tflite batch>][_<compute dtype>][_<head>][_<input>]`, then
+    `.h5`, `.keras`, `.tflite` or `_savedmodel` (a folder); each tag only where it is not
+    the default: `d1_224_84.2_int8.tflite`, `d1_224_84.2_b8.tflite`,
+    `d1_224_84.2_bfloat16_savedmodel`. (--tflite-io and --calibration-images are not in
+    the name; the report's row records them.)
+    """
+    fmt = options.output_format
+    assert fmt is not None, "a batch always names its format"
+    tags = [output_stem(checkpoint)]
+    if options.tflite_dtype != TFLITE_DTYPES[0]:
+        tags.append(options.tflite_dtype)
+    if options.tflite_batch != DEFAULT_TFLITE_BATCH:
+        tags.append(f"b{options.tflite_batch}")
+    if options.output_compute_dtype != DEFAULT_COMPUTE_DTYPE:
+        tags.append(options.output_compute_dtype)
+    if options.output_head != DEFAULT_HEAD:
+        tags.append(options.output_head)
+    if options.output_input != DEFAULT_INPUT:
+        tags.append(options.output_input)
+    name = "_".join(tags)
+    return f"{name}_{SAVEDMODEL}" if fmt == SAVEDMODEL else f"{name}.{fmt}"
 
 
-def batch_outputs(checkpoints: list[Path], out_dir: str | Path, fmt: str) -> dict[Path, str]:
+def output_path(checkpoint: Path, out_dir: Path, options: ConvertOptions) -> Path:
+    """Where the batch writes `checkpoint`'s model: OUT_DIR/`output_name`."""
+    return out_dir / output_name(checkpoint, options)
+
+
+def output_settings(options: ConvertOptions) -> dict[str, str]:
+    """What an output was written with, beyond its checkpoint: a re-run skips an output
+    only when these match the report's row."""
+    return {
+        "format": str(options.output_format),
+        "tflite_dtype": options.tflite_dtype,
+        "tflite_io": options.tflite_io,
+        "tflite_batch": str(options.tflite_batch),
+        "compute_dtype": options.output_compute_dtype,
+        "head": options.output_head,
+        "input": options.output_input,
+        "calibration_images": "\n".join(options.calibration_images),
+        "require_gpu_compatible": str(options.require_gpu_compatible),
+    }
+
+
+def batch_outputs(
+    checkpoints: list[Path], out_dir: str | Path, options: ConvertOptions
+) -> dict[Path, str]:
     """Every path the batch writes, with what it is: the reports and each model."""
     out_dir = Path(out_dir)
     outputs = {out_dir / name: "the batch report" for name in (REPORT_JSON, REPORT_MD)}
     for checkpoint in checkpoints:
-        outputs[output_path(checkpoint, out_dir, fmt)] = f"the output of {checkpoint.name}"
+        outputs[output_path(checkpoint, out_dir, options)] = f"the output of {checkpoint.name}"
     return outputs
 
 
@@ -138,18 +198,41 @@ def load_previous_entries(
     return entries
 
 
-def _is_done(previous: BatchEntry | None, sha256: str, output: Path, atol: float) -> bool:
-    """True when an earlier run converted and verified this very content, and its output
-    still holds the very bytes it wrote."""
-    return (
-        previous is not None
-        and previous.ok
-        and previous.sha256 == sha256
-        and previous.max_abs_diff is not None
-        and previous.max_abs_diff <= atol
-        and bool(previous.output_files)
-        and fingerprint(output) == previous.output_files
-    )
+def _is_done(
+    previous: BatchEntry | None, sha256: str, output: Path, options: ConvertOptions
+) -> bool:
+    """True when an earlier run converted and verified this very content into this output
+    with the same settings, within today's bars, and the output still holds the very bytes
+    it wrote."""
+    if previous is None or not previous.ok or previous.sha256 != sha256:
+        return False
+    if previous.settings != output_settings(options):
+        return False
+    precision = file_precision(options.tflite_dtype, options.output_compute_dtype)
+    atol = options.atol if options.atol is not None else default_atol(precision)
+    if atol is not None and (previous.max_abs_diff is None or previous.max_abs_diff > atol):
+        return False
+    min_top1 = options.min_top1 if options.min_top1 is not None else default_min_top1(precision)
+    if min_top1 is not None and (
+        previous.top1_agreement is None or previous.top1_agreement < min_top1
+    ):
+        return False
+    return bool(previous.output_files) and fingerprint(output) == previous.output_files
+
+
+def _kept_entries(
+    previous: dict[str, BatchEntry], written: set[str], out_dir: Path
+) -> list[BatchEntry]:
+    """The earlier rows of the other outputs in `out_dir` (another format, say) that
+    still hold what they wrote: the report goes on describing them."""
+    return [
+        entry
+        for name, entry in previous.items()
+        if name not in written
+        and entry.ok
+        and bool(entry.output_files)
+        and fingerprint(out_dir / name) == entry.output_files
+    ]
 
 
 def _prepare_out_dir(out_dir: Path, checkpoints: list[Path]) -> None:
@@ -172,7 +255,6 @@ def _convert_one(
     output: Path,
     previous: BatchEntry | None,
     options: BatchOptions,
-    atol: float,
     notify: BatchStageCallback,
 ) -> BatchEntry:
     """The report row of one checkpoint: skipped as done, converted, or why it failed.
@@ -180,7 +262,13 @@ def _convert_one(
     The checkpoint is hashed here only when an earlier run left a row to compare with;
     otherwise the worker's conversion hashes it, as it reads it, for the row.
     """
-    entry = BatchEntry(file=checkpoint.name, output=output.name, sha256=None, status=Status.ERROR)
+    entry = BatchEntry(
+        file=checkpoint.name,
+        output=output.name,
+        sha256=None,
+        status=Status.ERROR,
+        settings=output_settings(options.convert),
+    )
     try:
         weights = checkpoint_source(checkpoint).weights
         if previous is not None:
@@ -192,7 +280,7 @@ def _convert_one(
         return dataclasses.replace(
             entry, reason=f"{checkpoint}: cannot be read ({first_line(error)})"
         )
-    if entry.sha256 is not None and _is_done(previous, entry.sha256, output, atol):
+    if entry.sha256 is not None and _is_done(previous, entry.sha256, output, options.convert):
         return dataclasses.replace(previous, file=checkpoint.name, status=Status.SKIPPED)
     notify(checkpoint, "starting")
     return convert_isolated(
@@ -211,12 +299,14 @@ def run_batch(
     """Converts and verifies every checkpoint into `out_dir`.
 
     A file that fails is recorded with its reason and the batch goes on. The report
-    files are rewritten after every checkpoint; a stop signal stops the worker, records
-    the file in hand as stopped, writes the report and re-raises.
+    files are rewritten after every checkpoint, one row per output; the rows an earlier
+    run left for other outputs still in place are kept (`BatchReport.kept`). A stop
+    signal stops the worker, records the file in hand as stopped, writes the report and
+    re-raises.
 
     Args:
         checkpoints: the checkpoint files, as `find_checkpoints` lists them.
-        out_dir: where the Keras files and `report.json`/`report.md` go (created).
+        out_dir: where the models and `report.json`/`report.md` go (created).
         options: see `BatchOptions`.
         on_stage: called with (checkpoint, stage) as each stage of each file starts.
         on_entry: called with each finished entry.
@@ -225,26 +315,31 @@ def run_batch(
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, checkpoints)
     warn = on_warning or (lambda line: None)
-    previous_entries = {} if options.force else load_previous_entries(out_dir, warn)
-    report = BatchReport(entries=[])
+    previous_entries = load_previous_entries(out_dir, warn)
+    outputs = [output_path(checkpoint, out_dir, options.convert) for checkpoint in checkpoints]
+    kept = _kept_entries(previous_entries, {output.name for output in outputs}, out_dir)
+    report = BatchReport(entries=[], kept=kept)
     started = time.perf_counter()
-    fmt = options.convert.output_format
-    atol = DEFAULT_ATOL if options.convert.atol is None else options.convert.atol
 
     def notify(checkpoint: Path, stage: str) -> None:
         if on_stage is not None:
             on_stage(checkpoint, stage)
 
-    for checkpoint in checkpoints:
-        output = output_path(checkpoint, out_dir, fmt)
+    for checkpoint, output in zip(checkpoints, outputs, strict=True):
+        previous = None if options.force else previous_entries.get(output.name)
         try:
-            entry = _convert_one(
-                checkpoint, output, previous_entries.get(output.name), options, atol, notify
-            )
+            entry = _convert_one(checkpoint, output, previous, options, notify)
         except Stopped as stopped:
             reason = f"stopped by {stopped.name} before it finished"
             report.entries.append(
-                BatchEntry(checkpoint.name, output.name, None, Status.ERROR, reason=reason)
+                BatchEntry(
+                    checkpoint.name,
+                    output.name,
+                    None,
+                    Status.ERROR,
+                    reason=reason,
+                    settings=output_settings(options.convert),
+                )
             )
             report.wall_seconds = time.perf_counter() - started
             write_batch_report(out_dir, report)

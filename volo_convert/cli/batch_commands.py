@@ -12,10 +12,12 @@ import click
 from volo_convert.architecture.variants import RELEASE_CHECKPOINTS
 from volo_convert.cli.parameters import (
     CONTEXT_SETTINGS,
+    CONVERT_HEAD,
     JUNIT,
     TRUST_CHECKPOINT,
     check_junit_path,
     handles_errors,
+    output_options,
     start_keras,
     verification_options,
 )
@@ -24,7 +26,7 @@ from volo_convert.errors import ConversionError, one_line
 from volo_convert.options import (
     DEFAULT_SEED,
     EXIT_PARITY_FAILED,
-    KERAS_FORMATS,
+    FORMATS,
     MAX_SEED,
     BatchOptions,
     ConvertOptions,
@@ -39,16 +41,18 @@ from volo_convert.options import (
     "out_dir",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for the Keras files and report.json / report.md (created if missing).",
+    help="Folder for the models and report.json / report.md (created if missing).",
 )
 @click.option(
     "--format",
     "output_format",
-    type=click.Choice(KERAS_FORMATS),
-    default=KERAS_FORMATS[0],
+    type=click.Choice(FORMATS),
+    default=FORMATS[0],
     show_default=True,
-    help="Format of every output file.",
+    help="Format of every output (savedmodel: a folder per checkpoint).",
 )
+@output_options
+@CONVERT_HEAD
 @verification_options
 @TRUST_CHECKPOINT
 @JUNIT
@@ -62,18 +66,27 @@ def batch(
     """Convert and verify many checkpoints; a folder means its checkpoint files and
     hub folders (subfolders holding config.json), and a hub folder itself.
 
-    Each output is named after its input (d1_224_84.2.pth.tar -> d1_224_84.2.h5). Each
-    file runs in its own process; a bad one is reported and the others go on. The
-    summary table is printed and written to OUT_DIR/report.json and report.md after
-    every file. A re-run skips files already converted and verified from the same
-    content (SHA-256), unless --force. Exits 0 only if every checkpoint passed.
+    Each output is named after its input and what sets it apart, so several formats of
+    one checkpoint can share a folder: d1_224_84.2.pth.tar -> d1_224_84.2.h5,
+    d1_224_84.2.keras, d1_224_84.2_savedmodel/, d1_224_84.2.tflite,
+    d1_224_84.2_int8.tflite (a non-float32 --tflite-dtype), d1_224_84.2_b8.tflite
+    (--tflite-batch 8), d1_224_84.2_bfloat16.keras, d1_224_84.2_features.h5 (--head),
+    d1_224_84.2_pixels.tflite (--input). Each file runs in its own process; a bad one is
+    reported and the others go on. The summary table, one row per output, is printed and
+    written to OUT_DIR/report.json and report.md after every file (rows of other outputs
+    an earlier run left there are kept). A re-run skips an output already converted and
+    verified from the same content (SHA-256) with the same options, unless --force.
+    Exits 0 only if every checkpoint passed.
 
     \b
     Example:
       volo-convert synthesize checkpoints/
-      volo-convert batch checkpoints/ -o keras/
-      volo-convert batch checkpoints/ -o keras/ --junit parity.xml
-      volo-convert batch d1_224_84.2.pth.tar d5_512_87.07.pth.tar -o keras/ --format keras
+      volo-convert batch checkpoints/ -o models/
+      volo-convert batch checkpoints/ -o models/ --junit parity.xml
+      volo-convert batch checkpoints/ -o models/ --format tflite --tflite-dtype int8 \\
+          --calibration-images photos/
+      volo-convert batch checkpoints/ -o models/ --format savedmodel
+      volo-convert batch d1_224_84.2.pth.tar d5_512_87.07.pth.tar -o models/ --format keras
     """
     start_keras()
     from volo_convert.batch.report import REPORT_MD, render_text
@@ -82,7 +95,7 @@ def batch(
 
     options = BatchOptions(ConvertOptions(overwrite=True, **fields), force=force)
     found = find_checkpoints(checkpoints)
-    outputs = batch_outputs(found, out_dir, options.convert.output_format)
+    outputs = batch_outputs(found, out_dir, options.convert)
     check_junit_path(junit, found, options.convert.overwrite, others=outputs)
     with StageDisplay() as display:
 

@@ -15,37 +15,35 @@ import click
 from volo_convert import __version__
 from volo_convert.cli.batch_commands import batch, synthesize
 from volo_convert.cli.parameters import (
-    CALIBRATION_IMAGES,
-    COMPUTE_DTYPE,
     CONTEXT_SETTINGS,
+    CONVERT_HEAD,
     DROP_PATH_RATE,
     DROP_RATE,
     EXPLAIN,
-    INPUT,
     JUNIT,
     JUNIT_PER_IMAGE,
+    MODEL_COMPUTE_DTYPE,
+    MODEL_INPUT,
     OVERWRITE,
     REPORT,
-    TFLITE_BATCH,
-    TFLITE_IO_OPTION,
     TRAINING,
     DefaultCommandGroup,
     check_junit_path,
     checkpoint_options,
+    float32_verification_options,
     handles_errors,
     head_option,
+    output_options,
     start_keras,
     verification_options,
 )
 from volo_convert.cli.progress import StageDisplay
 from volo_convert.errors import ConversionError, first_line, one_line
 from volo_convert.options import (
-    DEFAULT_HEAD,
     DEFAULT_TOP_K,
     EXIT_CODES_HELP,
     EXIT_PARITY_FAILED,
     FORMATS,
-    TFLITE_DTYPES,
     ConvertOptions,
 )
 from volo_convert.signals import Stopped, stop_on_signals
@@ -118,26 +116,7 @@ def cli() -> None:
     type=click.Choice(FORMATS),
     help="The output format, instead of the one OUTPUT's extension names.",
 )
-@click.option(
-    "--tflite-dtype",
-    type=click.Choice(TFLITE_DTYPES),
-    default=TFLITE_DTYPES[0],
-    show_default=True,
-    help="Precision of a .tflite output: float32, float16 weights, int8 weights with float "
-    "activations (int8-dynamic), or full integer (int8, calibrated).",
-)
-@TFLITE_IO_OPTION
-@TFLITE_BATCH
-@click.option(
-    "--require-gpu-compatible",
-    is_flag=True,
-    help="Refuse a .tflite file that TensorFlow's model analyzer finds the GPU delegate "
-    "cannot run (the file is never written). Every .tflite file records which delegates "
-    "can run it; inspect shows it.",
-)
-@CALIBRATION_IMAGES
-@COMPUTE_DTYPE
-@INPUT
+@output_options
 @checkpoint_options
 @verification_options
 @REPORT
@@ -146,11 +125,7 @@ def cli() -> None:
     "--no-verify", "verify", flag_value=False, default=True, help="Skip the parity check."
 )
 @OVERWRITE
-@head_option(
-    DEFAULT_HEAD,
-    "full: the published logits (class head + 0.5 x max of the aux head); cls: the class "
-    "head alone; features: no head, the normalised class token (B, C) for transfer learning.",
-)
+@CONVERT_HEAD
 @DROP_PATH_RATE
 @DROP_RATE
 @handles_errors
@@ -199,8 +174,8 @@ def convert(checkpoint: Path, output: Path, report: Path | None, **fields: Any) 
 @OVERWRITE
 @head_option(None, "The head MODEL must end in (default: whichever it ends in).")
 @TRAINING
-@INPUT
-@COMPUTE_DTYPE
+@MODEL_INPUT
+@MODEL_COMPUTE_DTYPE
 @handles_errors
 def verify(
     model_file: Path,
@@ -336,7 +311,7 @@ def predict(model_file: Path, images: tuple[str, ...], top_k: int, as_json: bool
     show_default=True,
     help="Folder for the synthetic checkpoint and the converted model.",
 )
-@verification_options
+@float32_verification_options
 @REPORT
 @EXPLAIN
 @OVERWRITE

@@ -22,8 +22,11 @@ from volo_convert.options import (
     COMPUTE_DTYPES,
     DEFAULT_ATOL,
     DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_COMPUTE_DTYPE,
     DEFAULT_DROP_PATH_RATE,
     DEFAULT_DROP_RATE,
+    DEFAULT_HEAD,
+    DEFAULT_INPUT,
     DEFAULT_MIN_TOP1,
     DEFAULT_SEED,
     DEFAULT_TFLITE_BATCH,
@@ -41,6 +44,7 @@ from volo_convert.options import (
     MAX_TFLITE_BATCH,
     MAX_VERIFY_IMAGES,
     TFLITE_BATCH_DYNAMIC,
+    TFLITE_DTYPES,
     TFLITE_IO,
 )
 
@@ -142,21 +146,49 @@ def option_group(*options: Decorator) -> Decorator:
     return apply
 
 
-ATOL = click.option(
-    "--atol",
-    type=click.FloatRange(min=0.0, min_open=True),
-    help="Largest allowed absolute difference between the converted and PyTorch logits.  "
-    f"[default: {DEFAULT_ATOL:g}; {FLOAT16_ATOL:g} for float16 TFLite; none for int8 and "
-    "bfloat16]",
+def atol_option(defaults: str) -> Decorator:
+    """`--atol`, its help listing `defaults`: those of the files the command can meet."""
+    return click.option(
+        "--atol",
+        type=click.FloatRange(min=0.0, min_open=True),
+        help="Largest allowed absolute difference between the converted and PyTorch logits.  "
+        f"[default: {defaults}]",
+    )
+
+
+def min_top1_option(defaults: str) -> Decorator:
+    """`--min-top1`, its help listing `defaults`."""
+    return click.option(
+        "--min-top1",
+        type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+        help="Smallest allowed top-1 agreement with PyTorch, as a fraction.  "
+        f"[default: {defaults}]",
+    )
+
+
+def verify_images_option(defaults: str) -> Decorator:
+    """`--verify-images`, its help listing `defaults`."""
+    return click.option(
+        "--verify-images",
+        "--batch-size",
+        "verify_images",
+        type=click.IntRange(min=1, max=MAX_VERIFY_IMAGES),
+        help=f"Number of seeded synthetic verification images.  [default: {defaults}]",
+    )
+
+
+# The defaults for every kind of file (convert, verify, batch), and for float32 files alone
+# (demo, which writes a float32 .h5).
+ATOL = atol_option(
+    f"{DEFAULT_ATOL:g}; {FLOAT16_ATOL:g} for float16 TFLite; none for int8 and bfloat16"
 )
-MIN_TOP1 = click.option(
-    "--min-top1",
-    type=click.FloatRange(min=0.0, max=1.0, min_open=True),
-    help="Smallest allowed top-1 agreement with PyTorch, as a fraction.  [default: "
-    + ", ".join(f"{value:g} for {dtype}" for dtype, value in DEFAULT_MIN_TOP1.items())
+MIN_TOP1 = min_top1_option(
+    ", ".join(f"{value:g} for {dtype}" for dtype, value in DEFAULT_MIN_TOP1.items())
     + "; none for float and quantized files, which are judged against their weight-rounding "
-    "floor]",
+    "floor"
 )
+FLOAT32_ATOL = atol_option(f"{DEFAULT_ATOL:g}")
+FLOAT32_MIN_TOP1 = min_top1_option("none")
 DEVICE = click.option(
     "--device",
     type=click.Choice(DEVICES),
@@ -164,15 +196,11 @@ DEVICE = click.option(
     show_default=True,
     help="Where the PyTorch reference runs (auto: a GPU when present).",
 )
-VERIFY_IMAGES = click.option(
-    "--verify-images",
-    "--batch-size",
-    "verify_images",
-    type=click.IntRange(min=1, max=MAX_VERIFY_IMAGES),
-    help="Number of seeded synthetic verification images.  "
-    f"[default: {DEFAULT_VERIFY_IMAGES}; {MANY_VERIFY_IMAGES} for float16 and int8 TFLite and "
-    "bfloat16]",
+VERIFY_IMAGES = verify_images_option(
+    f"{DEFAULT_VERIFY_IMAGES}; {MANY_VERIFY_IMAGES} for float16 and int8 TFLite and bfloat16"
 )
+FLOAT32_VERIFY_IMAGES = verify_images_option(str(DEFAULT_VERIFY_IMAGES))
+
 IMAGES = click.option(
     "--images",
     multiple=True,
@@ -271,20 +299,46 @@ def check_junit_path(
         check_output_path(junit, overwrite, inputs=inputs, others=others)
 
 
-INPUT = click.option(
-    "--input",
-    type=click.Choice(INPUTS),
-    help="images: ImageNet-normalised float32 input; pixels: RGB values 0..255 (uint8 or "
-    "float32), scaled and normalised inside the model.  [default: images; verify: what MODEL "
-    "takes]",
+def input_option(default: str) -> Decorator:
+    """`--input`; `default` says what it is when not given, for this command."""
+    return click.option(
+        "--input",
+        type=click.Choice(INPUTS),
+        help="images: ImageNet-normalised float32 input; pixels: RGB values 0..255 (uint8 or "
+        f"float32), scaled and normalised inside the model.  [default: {default}]",
+    )
+
+
+def compute_dtype_option(default: str) -> Decorator:
+    """`--compute-dtype`; `default` says what it is when not given, for this command."""
+    return click.option(
+        "--compute-dtype",
+        type=click.Choice(COMPUTE_DTYPES),
+        help="What a Keras file or SavedModel computes in: float32, or bfloat16 with float32 "
+        "weights (Keras' mixed_bfloat16; LayerNorm, softmax, residual adds and logits stay "
+        "float32), faster on CPUs with bfloat16 instructions, slower on others; judged by "
+        f"top-1 agreement.  [default: {default}]",
+    )
+
+
+INPUT = input_option(DEFAULT_INPUT)  # what a conversion writes
+COMPUTE_DTYPE = compute_dtype_option(DEFAULT_COMPUTE_DTYPE)
+MODEL_INPUT = input_option("what MODEL takes")  # what a verification checks
+MODEL_COMPUTE_DTYPE = compute_dtype_option("what MODEL computes in")
+TFLITE_DTYPE = click.option(
+    "--tflite-dtype",
+    type=click.Choice(TFLITE_DTYPES),
+    default=TFLITE_DTYPES[0],
+    show_default=True,
+    help="Precision of a .tflite output: float32, float16 weights, int8 weights with float "
+    "activations (int8-dynamic), or full integer (int8, calibrated).",
 )
-COMPUTE_DTYPE = click.option(
-    "--compute-dtype",
-    type=click.Choice(COMPUTE_DTYPES),
-    help="What a Keras file or SavedModel computes in: float32, or bfloat16 with float32 "
-    "weights (Keras' mixed_bfloat16; LayerNorm, softmax, residual adds and logits stay "
-    "float32), faster on CPUs with bfloat16 instructions, slower on others; judged by top-1 "
-    "agreement.  [default: float32; verify: what MODEL computes in]",
+REQUIRE_GPU_COMPATIBLE = click.option(
+    "--require-gpu-compatible",
+    is_flag=True,
+    help="Refuse a .tflite file that TensorFlow's model analyzer finds the GPU delegate "
+    "cannot run (the file is never written). Every .tflite file records which delegates "
+    "can run it; inspect shows it.",
 )
 TFLITE_IO_OPTION = click.option(
     "--tflite-io",
@@ -312,6 +366,9 @@ CALIBRATION_IMAGES = click.option(
 )
 
 verification_options = option_group(ATOL, MIN_TOP1, DEVICE, VERIFY_IMAGES, SEED, IMAGES)
+float32_verification_options = option_group(
+    FLOAT32_ATOL, FLOAT32_MIN_TOP1, DEVICE, FLOAT32_VERIFY_IMAGES, SEED, IMAGES
+)
 checkpoint_options = option_group(VARIANT, IMAGE_SIZE, EMA, TRUST_CHECKPOINT)
 
 
@@ -324,3 +381,20 @@ def head_option(default: str | None, help_text: str) -> Decorator:
         show_default=default is not None,
         help=help_text,
     )
+
+
+# What a conversion writes beyond its format, shared by `convert` and `batch`.
+output_options = option_group(
+    TFLITE_DTYPE,
+    TFLITE_IO_OPTION,
+    TFLITE_BATCH,
+    REQUIRE_GPU_COMPATIBLE,
+    CALIBRATION_IMAGES,
+    COMPUTE_DTYPE,
+    INPUT,
+)
+CONVERT_HEAD = head_option(
+    DEFAULT_HEAD,
+    "full: the published logits (class head + 0.5 x max of the aux head); cls: the class "
+    "head alone; features: no head, the normalised class token (B, C) for transfer learning.",
+)

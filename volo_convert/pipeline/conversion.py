@@ -32,11 +32,8 @@ from volo_convert.formats import (
 from volo_convert.formats.contract import InputContract
 from volo_convert.formats.tflite import TFLiteRunner
 from volo_convert.options import (
-    DEFAULT_COMPUTE_DTYPE,
     DEFAULT_CONVERT_OPTIONS,
-    DEFAULT_TFLITE_BATCH,
     SAVEDMODEL,
-    TFLITE_DTYPES,
     ConvertOptions,
     file_precision,
 )
@@ -60,22 +57,7 @@ from volo_convert.weights.porting import assign_weights, ported_weights, variabl
 
 def _check_format_options(fmt: str, options: ConvertOptions) -> None:
     """Refuses the options that do not apply to the output format."""
-    if options.tflite_dtype != TFLITE_DTYPES[0] and fmt != "tflite":
-        raise ConversionError(
-            f"--tflite-dtype {options.tflite_dtype} applies to .tflite outputs only"
-        )
-    if options.tflite_batch != DEFAULT_TFLITE_BATCH and fmt != "tflite":
-        raise ConversionError(
-            f"--tflite-batch {options.tflite_batch} applies to .tflite outputs only; other "
-            "formats take any batch"
-        )
-    if options.require_gpu_compatible and fmt != "tflite":
-        raise ConversionError("--require-gpu-compatible applies to .tflite outputs only")
-    if options.output_compute_dtype != DEFAULT_COMPUTE_DTYPE and fmt == "tflite":
-        raise ConversionError(
-            f"--compute-dtype {options.output_compute_dtype} applies to Keras files and "
-            "SavedModels, not .tflite; use --tflite-dtype for a smaller TFLite file"
-        )
+    options.check_format(fmt)
     check_backend(fmt)
     check_trainable(fmt, options)
 
