@@ -75,10 +75,15 @@ def test_bfloat16_is_judged_like_a_quantized_file() -> None:
     assert ConvertOptions().output_compute_dtype == "float32"
 
 
-def test_batch_writes_keras_files_only() -> None:
+def test_batch_writes_every_format_and_refuses_options_its_format_cannot_take() -> None:
     assert BatchOptions().convert.output_format == "h5"
-    with pytest.raises(ConversionError, match="unknown batch format 'tflite'"):
-        BatchOptions(ConvertOptions(output_format="tflite"))
+    assert BatchOptions(ConvertOptions(output_format="tflite")).convert.output_format == "tflite"
+    with pytest.raises(ConversionError, match="unknown batch format ''"):
+        BatchOptions(ConvertOptions())
+    with pytest.raises(ConversionError, match=r"--tflite-dtype int8 applies to \.tflite outputs"):
+        ConvertOptions(output_format="savedmodel", tflite_dtype="int8")
+    with pytest.raises(ConversionError, match="--compute-dtype bfloat16 applies to Keras"):
+        ConvertOptions(output_format="tflite", compute_dtype="bfloat16")
 
 
 def test_statuses_read_as_the_reports_spell_them() -> None:

@@ -15,12 +15,13 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-from conftest import SMALL_IMAGE_SIZE, run
+from conftest import SMALL_IMAGE_SIZE, error_line, run, snapshot
 
 from volo_convert.architecture.variants import VARIANTS
 from volo_convert.batch.report import BatchEntry, BatchReport, render_markdown, render_text
-from volo_convert.batch.runner import find_checkpoints, output_stem
+from volo_convert.batch.runner import find_checkpoints, output_name, output_stem
 from volo_convert.errors import ConversionError
+from volo_convert.options import ConvertOptions
 from volo_convert.synthetic import corrupt_checkpoint, write_checkpoint, write_release_checkpoints
 
 GOOD = "d1_32_good.pth.tar"
@@ -108,8 +109,8 @@ def test_report_holds_every_figure(first_batch: tuple) -> None:
     assert document["summary"]["worst_max_abs_diff"] == good["max_abs_diff"]
     assert document["environment"]["torch"]
     markdown = (out_dir / "report.md").read_text()
-    assert "| file | variant | size | parameters | max abs diff |" in markdown
-    assert "| d1_32_good.pth.tar | d1 | 32 | 26,558,696 |" in markdown
+    assert "| file | output | variant | size | parameters | max abs diff |" in markdown
+    assert "| d1_32_good.pth.tar | d1_32_good.h5 | d1 | 32 | 26,558,696 |" in markdown
     assert "| passed |" in markdown and "| error |" in markdown
     assert "d1_32_good.pth.tar" in result.output and "2 checkpoints: 1 converted" in result.output
 
@@ -172,7 +173,7 @@ def test_tables_render_failures_with_their_reason() -> None:
             BatchEntry(file="x.pth", output="x.h5", sha256=None, status="error", reason="bad | zip")
         ]
     )
-    assert "| x.pth | - | - | - | - | - | - | - | - | - | error | bad \\| zip |" in (
+    assert "| x.pth | x.h5 | - | - | - | - | - | - | - | - | - | error | bad \\| zip |" in (
         render_markdown(report)
     )
     assert render_text(report).splitlines()[1].endswith("error   bad | zip")
@@ -190,7 +191,7 @@ def test_a_control_character_in_a_name_or_reason_keeps_each_row_on_one_line() ->
         ]
     )
     assert render_markdown(report).splitlines()[-1] == (
-        "| new\\nline.pth | - | - | - | - | - | - | - | - | - | error | a\\nb |"
+        "| new\\nline.pth | x.h5 | - | - | - | - | - | - | - | - | - | error | a\\nb |"
     )
     text_lines = render_text(report).splitlines()
     assert len(text_lines) == 3  # header, the row, the summary
@@ -285,3 +286,103 @@ def test_damaged_report_row_means_not_done(first_batch: tuple) -> None:
     assert any(
         line.startswith(f"Warning: {report} is unreadable (") for line in result.output.splitlines()
     )
+
+
+def rows_by_output(out_dir: Path) -> dict[str, dict]:
+    """Output name -> report row."""
+    document = json.loads((out_dir / "report.json").read_text())
+    return {row["output"]: row for row in document["checkpoints"]}
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"output_format": "h5"}, "d1_224_84.2.h5"),
+        ({"output_format": "keras", "compute_dtype": "bfloat16"}, "d1_224_84.2_bfloat16.keras"),
+        ({"output_format": "savedmodel"}, "d1_224_84.2_savedmodel"),
+        ({"output_format": "tflite"}, "d1_224_84.2.tflite"),
+        ({"output_format": "tflite", "tflite_dtype": "int8"}, "d1_224_84.2_int8.tflite"),
+        ({"output_format": "tflite", "tflite_batch": "dynamic"}, "d1_224_84.2_bdynamic.tflite"),
+        (
+            {"output_format": "tflite", "tflite_dtype": "float16", "tflite_batch": 8},
+            "d1_224_84.2_float16_b8.tflite",
+        ),
+        (
+            {"output_format": "h5", "head": "features", "input": "pixels"},
+            "d1_224_84.2_features_pixels.h5",
+        ),
+    ],
+)
+def test_each_output_is_named_by_what_sets_it_apart(options: dict, name: str) -> None:
+    assert output_name(Path("d1_224_84.2.pth.tar"), ConvertOptions(**options)) == name
+
+
+@pytest.mark.large
+def test_tflite_and_savedmodel_share_a_folder_and_resume_per_output(
+    d1_checkpoint: Path, tmp_path: Path
+) -> None:
+    shutil.copy(d1_checkpoint, tmp_path / GOOD)
+    out_dir = tmp_path / "models"
+    result = run("batch", tmp_path / GOOD, "-o", out_dir, "--device", "cpu", "--format", "tflite")
+    assert result.exit_code == 0, result.output
+    tflite = out_dir / "d1_32_good.tflite"
+    written = tflite.stat().st_mtime_ns
+    args = ("batch", tmp_path / GOOD, "-o", out_dir, "--device", "cpu", "--format", "savedmodel")
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in out_dir.iterdir()) == [
+        "d1_32_good.tflite",
+        "d1_32_good_savedmodel",
+        "report.json",
+        "report.md",
+    ]
+    rows = rows_by_output(out_dir)
+    assert (rows["d1_32_good_savedmodel"]["status"], rows["d1_32_good.tflite"]["status"]) == (
+        "passed",
+        "passed",
+    )
+    for output, row in rows.items():
+        assert row["file"] == GOOD and row["sha256"] == sha256_of(tmp_path / GOOD)
+        assert 0 < row["max_abs_diff"] <= 1e-4, output
+    assert rows["d1_32_good.tflite"]["settings"]["format"] == "tflite"
+    assert (
+        "| d1_32_good.pth.tar | d1_32_good.tflite | d1 | 32 |"
+        in (out_dir / "report.md").read_text()
+    )
+
+    result = run("batch", tmp_path / GOOD, "-o", out_dir, "--device", "cpu", "--format", "tflite")
+    assert result.exit_code == 0, result.output
+    assert "1 checkpoints: 0 converted, 1 skipped (already done)" in result.output
+    assert tflite.stat().st_mtime_ns == written
+    rows = rows_by_output(out_dir)
+    assert rows["d1_32_good.tflite"]["status"] == "skipped"
+    assert rows["d1_32_good_savedmodel"]["status"] == "passed"  # the other output's row is kept
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--format", "keras", "--tflite-dtype", "int8"],
+            "Error: --tflite-dtype int8 applies to .tflite outputs only",
+        ),
+        (
+            ["--format", "tflite", "--compute-dtype", "bfloat16"],
+            "Error: --compute-dtype bfloat16 applies to Keras files and SavedModels, not "
+            ".tflite; use --tflite-dtype for a smaller TFLite file",
+        ),
+        (
+            ["--format", "tflite", "--calibration-images", "photos"],
+            "Error: --calibration-images applies to --tflite-dtype int8 only",
+        ),
+    ],
+)
+def test_a_combination_convert_refuses_is_refused_before_any_work(
+    args: list[str], message: str, d1_checkpoint: Path
+) -> None:
+    folder = d1_checkpoint.parent
+    before = snapshot(folder)
+    result = run("batch", folder, "-o", folder / "models", *args)
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == message
+    assert snapshot(folder) == before
