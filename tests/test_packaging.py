@@ -8,11 +8,13 @@ import sys
 import zipfile
 from pathlib import Path
 
-from conftest import TINY_CONFIG
+import pytest
+from helpers import TINY_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.large
 def test_wheel_ships_the_mapping_tables(tmp_path: Path) -> None:
     source = tmp_path / "source"  # setuptools writes build files beside the sources
     shutil.copytree(
@@ -65,6 +67,7 @@ print("torch imported:", "torch" in sys.modules)
 """
 
 
+@pytest.mark.large
 def test_plain_import_registers_the_layers_without_torch(
     tiny_state_dict: dict, tmp_path: Path
 ) -> None:
@@ -96,6 +99,7 @@ def test_plain_import_registers_the_layers_without_torch(
     assert lines[-1] == "torch imported: False"
 
 
+@pytest.mark.large
 def test_importtime_shows_no_torch() -> None:
     completed = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "import volo_convert"],

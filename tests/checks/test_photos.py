@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import error_line, run
+from helpers import error_line, run
 from PIL import Image
 
 from volo_convert.architecture.variants import RELEASE_CHECKPOINTS, RELEASE_CROP_PCT, crop_pct
@@ -138,7 +138,7 @@ def test_only_unreadable_images_is_an_error(tmp_path: Path) -> None:
 
 
 def test_cli_verifies_on_photos_and_warns_once_per_bad_file(
-    d1_checkpoint: Path, photo_folder: Path, tmp_path: Path
+    tiny_checkpoint: Path, photo_folder: Path, tmp_path: Path
 ) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -147,7 +147,7 @@ def test_cli_verifies_on_photos_and_warns_once_per_bad_file(
     (photos / "cut.png").write_bytes((photo_folder / "square.png").read_bytes()[:60])
     output = tmp_path / "d1.h5"
     result = run(
-        d1_checkpoint, "-o", output, "--device", "cpu", "--images", photos,
+        tiny_checkpoint, "-o", output, "--device", "cpu", "--images", photos,
         "--report", tmp_path / "r.json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -160,10 +160,10 @@ def test_cli_verifies_on_photos_and_warns_once_per_bad_file(
     assert report["warnings"] == [warnings[0].removeprefix("Warning: ")]
 
 
-def test_cli_refuses_a_folder_without_photos(d1_checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_refuses_a_folder_without_photos(tiny_checkpoint: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run(d1_checkpoint, "-o", tmp_path / "d1.h5", "--device", "cpu", "--images", empty)
+    result = run(tiny_checkpoint, "-o", tmp_path / "d1.h5", "--device", "cpu", "--images", empty)
     assert result.exit_code == 2
     assert error_line(result) == f"Error: {empty}: the folder holds no images (.jpg, .jpeg, .png)"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty"]
