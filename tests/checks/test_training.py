@@ -209,7 +209,7 @@ def test_cli_verify_training_fails_on_a_gradient_only_the_table_gets_wrong(
     assert "top-1 agreement 100%" in result.output
     assert "training parity FAILED" in result.output and "FAIL\n" in result.output
     assert error_line(result).startswith(
-        "Error: training parity failed: 14 of 251 gradients out of tolerance, worst network."
+        "Error: training parity failed: 3 of 104 gradients out of tolerance, worst network."
     )
     assert ".attn.proj.weight (stack" in error_line(result)
 
