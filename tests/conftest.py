@@ -19,6 +19,15 @@ from helpers import SMALL_IMAGE_SIZE, TINY_CONFIG, SyntheticCheckpoint, tiny_var
 from volo_convert.architecture.variants import VARIANTS
 from volo_convert.synthetic import make_state_dict, write_checkpoint
 
+MAX_WORKERS = 4  # each holds torch, TensorFlow and a model or two: about 2-4 GB
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Workers for `-n auto` (pyproject.toml): one per core, at most MAX_WORKERS, when whole
+    folders run (plain `pytest`); none when files or tests are named, which run here."""
+    whole_folders = all(Path(arg.split("::")[0]).is_dir() for arg in config.args)
+    return min(MAX_WORKERS, os.cpu_count() or 1) if whole_folders else 0
+
 
 @pytest.fixture(scope="session")
 def tiny_state_dict() -> dict[str, torch.Tensor]:
