@@ -1,41 +1,58 @@
-"""Shared fixtures and helpers: tiny architectures for fast model tests, small real
-checkpoints and an in-process runner for the CLI."""
+"""Shared fixtures: tiny and full-size synthetic checkpoints. Helpers are in helpers.py.
+
+Tests marked `large` (full-size d1 widths, or a spawned process) run in the second tier:
+`pytest -m large`; plain `pytest` runs the rest, and `.ci/run` runs both.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
-from PIL import Image
+from helpers import SMALL_IMAGE_SIZE, TINY_CONFIG, SyntheticCheckpoint, tiny_variant_known
 
-from volo_convert.architecture.variants import VARIANTS, VoloConfig
-from volo_convert.cli import cli
+from volo_convert.architecture.variants import VARIANTS
 from volo_convert.synthetic import make_state_dict, write_checkpoint
 
-# Two outlookers and one block per transformer stage, every width small: fast yet complete.
-TINY_CONFIG = VoloConfig(
-    name="tiny",
-    layers=(2, 1, 1, 1),
-    embed_dims=(16, 32, 32, 32),
-    num_heads=(2, 4, 4, 4),
-    mlp_ratio=3,
-    stem_hidden_dim=8,
-    num_classes=10,
-)
-SMALL_IMAGE_SIZE = 32  # the smallest size every variant accepts
+MAX_WORKERS = 4  # each holds torch, TensorFlow and a model or two: about 2-4 GB
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Workers for `-n auto` (pyproject.toml): one per core, at most MAX_WORKERS, when whole
+    folders run (plain `pytest`); none when files or tests are named, which run here."""
+    whole_folders = all(Path(arg.split("::")[0]).is_dir() for arg in config.args)
+    return min(MAX_WORKERS, os.cpu_count() or 1) if whole_folders else 0
 
 
 @pytest.fixture(scope="session")
 def tiny_state_dict() -> dict[str, torch.Tensor]:
     return make_state_dict(TINY_CONFIG, 64, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic release-format checkpoint of TINY_CONFIG at 32px (a bare state dict)."""
+    folder = tmp_path_factory.mktemp("tiny_checkpoints")
+    return write_checkpoint(folder / "tiny_32.pth.tar", TINY_CONFIG, SMALL_IMAGE_SIZE, seed=5)
+
+
+@pytest.fixture
+def tiny_variant() -> Iterator[None]:
+    """The CLI and the API know the tiny layout while the test runs (tiny_variant_known)."""
+    with tiny_variant_known():
+        yield
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_checkpoint_file: Path, tiny_variant: None) -> Path:
+    """The tiny checkpoint, which the CLI converts in seconds; use d1_checkpoint (large)
+    where a behaviour depends on the real widths."""
+    return tiny_checkpoint_file
 
 
 @pytest.fixture(scope="session")
@@ -45,58 +62,10 @@ def d1_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_checkpoint(folder / "d1_32.pth.tar", VARIANTS["d1"], SMALL_IMAGE_SIZE, seed=5)
 
 
-def user_environment(**changes: str) -> dict[str, str]:
-    """The environment a user's shell gives a subprocess: without the quieting set above."""
-    environment = {
-        name: value
-        for name, value in os.environ.items()
-        if name not in ("TF_CPP_MIN_LOG_LEVEL", "VOLO_CONVERT_DEBUG")
-    }
-    return {**environment, **changes}
-
-
-def run(*args: object) -> Result:
-    """Runs `volo-convert ARGS` in-process through click's CliRunner."""
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
-
-
-def error_line(result: Result) -> str:
-    """The single `Error:` line of a failed run; there must be no traceback."""
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
-
-
-def snapshot(*folders: Path) -> dict[str, str]:
-    """Every entry under `folders` -> what it is: a file's SHA-256, a link's target, a kind.
-
-    Taken before and after a run, equal snapshots mean nothing was added, removed or
-    changed; FIFOs and devices are named, never opened.
-    """
-    entries = {}
-    for folder in folders:
-        for path in sorted(folder.rglob("*")):
-            mode = path.lstat().st_mode
-            if stat.S_ISLNK(mode):
-                kind = f"link to {os.readlink(path)}"
-            elif stat.S_ISREG(mode):
-                kind = hashlib.sha256(path.read_bytes()).hexdigest()
-            else:
-                kind = "folder" if stat.S_ISDIR(mode) else f"special {stat.S_IFMT(mode)}"
-            entries[str(path)] = kind
-    return entries
-
-
-def photo_like(width: int, height: int, seed: int) -> Image.Image:
-    """A picture with smooth gradients, a sharp-edged shape and mild noise, not uniform noise."""
-    generator = np.random.default_rng(seed)
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
-    red = 255 * cols / (width - 1)  # left to right
-    green = 255 * rows / (height - 1)  # top to bottom
-    blue = np.full_like(red, 60.0 + 40 * seed)
-    pixels = np.stack([red, green, blue], axis=-1)
-    top, left = height // 3, width // 3
-    pixels[top : 2 * top, left : 2 * left] = (240, 30 + 20 * seed, 90)  # a hard-edged block
-    pixels += generator.normal(0, 3, pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+@pytest.fixture(params=["tiny", pytest.param("d1", marks=pytest.mark.large)])
+def sized_checkpoint(request: pytest.FixtureRequest, tiny_variant: None) -> SyntheticCheckpoint:
+    """Runs the test twice: on the tiny checkpoint, and on d1 (large), for the behaviours
+    whose figures (tolerances, sizes) depend on the real widths."""
+    if request.param == "tiny":
+        return SyntheticCheckpoint(request.getfixturevalue("tiny_checkpoint_file"), TINY_CONFIG)
+    return SyntheticCheckpoint(request.getfixturevalue("d1_checkpoint"), VARIANTS["d1"])

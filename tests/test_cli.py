@@ -14,7 +14,7 @@ from xml.etree import ElementTree
 import keras
 import numpy as np
 import pytest
-from conftest import error_line, run, user_environment
+from helpers import TINY_CONFIG, SyntheticCheckpoint, error_line, run, user_environment
 
 from volo_convert import __version__
 from volo_convert.checks.images import sample_images
@@ -28,15 +28,16 @@ def leftovers(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])
 def test_convert_writes_verified_file_and_report(
-    d1_checkpoint: Path, tmp_path: Path, suffix: str
+    sized_checkpoint: SyntheticCheckpoint, tmp_path: Path, suffix: str
 ) -> None:
-    output = tmp_path / f"d1{suffix}"
-    result = run(d1_checkpoint, "-o", output, "--device", "cpu", "--report", tmp_path / "r.json")
+    checkpoint, config = sized_checkpoint.path, sized_checkpoint.config
+    output = tmp_path / f"{config.name}{suffix}"
+    result = run(checkpoint, "-o", output, "--device", "cpu", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
-    assert "VOLO d1 at 32px, 1000 classes" in result.output
+    assert f"VOLO {config.name} at 32px, {config.num_classes} classes" in result.output
     assert "PASS" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["status"] == "passed" and report["variant"] == "d1"
+    assert report["status"] == "passed" and report["variant"] == config.name
     assert report["parity"]["max_abs_diff"] <= 2e-5
     assert report["parity"]["top1_agreement"] == 1.0
     assert leftovers(tmp_path) == sorted([output.name, "r.json"])
@@ -79,35 +80,34 @@ def test_convert_subcommand_and_module_entry_agree(d1_checkpoint: Path, tmp_path
 
 
 def test_verify_command_passes_then_warns_and_fails_on_wrong_checkpoint(
-    d1_checkpoint: Path, tmp_path: Path
+    tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    from volo_convert.architecture.variants import VARIANTS
     from volo_convert.synthetic import write_checkpoint
 
-    converted = tmp_path / "d1.keras"
-    assert run(d1_checkpoint, "-o", converted, "--no-verify").exit_code == 0
+    converted = tmp_path / "tiny.keras"
+    assert run(tiny_checkpoint, "-o", converted, "--no-verify").exit_code == 0
     result = run(
-        "verify", converted, d1_checkpoint, "--device", "cpu", "--report", tmp_path / "v.json",
+        "verify", converted, tiny_checkpoint, "--device", "cpu", "--report", tmp_path / "v.json",
         "--junit", tmp_path / "v.xml",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Warning" not in result.output
     assert json.loads((tmp_path / "v.json").read_text())["status"] == "passed"
     (case,) = ElementTree.parse(tmp_path / "v.xml").iter("testcase")
-    assert case.get("name") == f"{d1_checkpoint.name} -> {converted}"
+    assert case.get("name") == f"{tiny_checkpoint.name} -> {converted}"
     assert list(case) == case.findall("properties") + case.findall("system-out")
     figures = case.find("properties/property[@name='figures']").get("value")
     assert re.fullmatch(
         r"max abs diff \S+ \(atol 0.0001\), top-1 agreement 100% \(2 images\)", figures
     )
 
-    other = write_checkpoint(tmp_path / "other.pth.tar", VARIANTS["d1"], 32, seed=99)
+    other = write_checkpoint(tmp_path / "other.pth.tar", TINY_CONFIG, 32, seed=99)
     result = run("verify", converted, other, "--device", "cpu", "--junit", tmp_path / "w.xml")
     assert result.exit_code == 1
     warning = (
         f"Warning: {other} is not the checkpoint {converted} was converted from (SHA-256 "
         f"{hashlib.sha256(other.read_bytes()).hexdigest()[:12]}, recorded "
-        f"{hashlib.sha256(d1_checkpoint.read_bytes()).hexdigest()[:12]}); verifying anyway"
+        f"{hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()[:12]}); verifying anyway"
     )
     lines = result.output.splitlines()
     assert lines[0] == warning  # before any figure: it is given while loading
@@ -123,7 +123,7 @@ def test_verify_command_passes_then_warns_and_fails_on_wrong_checkpoint(
 
 
 def test_wrong_mapping_transform_fails_and_writes_nothing(
-    d1_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tables = mapping.load_tables()
     broken = [
@@ -141,7 +141,7 @@ def test_wrong_mapping_transform_fails_and_writes_nothing(
     ]
     monkeypatch.setattr(mapping, "load_tables", lambda: broken)
     output = tmp_path / "d1.h5"
-    result = run(d1_checkpoint, "-o", output, "--device", "cpu")
+    result = run(tiny_checkpoint, "-o", output, "--device", "cpu")
     assert result.exit_code == 1
     assert "Error: parity failed" in result.output
     assert f"nothing was written at {output}" in result.output
@@ -149,15 +149,15 @@ def test_wrong_mapping_transform_fails_and_writes_nothing(
 
 
 def test_a_newline_in_the_output_name_is_escaped_in_the_summary(
-    d1_checkpoint: Path, tmp_path: Path
+    tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     output = tmp_path / "new\nline.h5"
-    result = run(d1_checkpoint, "-o", output, "--no-verify")
+    result = run(tiny_checkpoint, "-o", output, "--no-verify")
     assert result.exit_code == 0, result.output
     assert output.is_file()
     named = [line for line in result.output.splitlines() if "line.h5" in line]
     assert len(named) == 1
-    assert named[0].startswith(f"{d1_checkpoint} -> {tmp_path}/new\\nline.h5: VOLO d1 at 32px")
+    assert named[0].startswith(f"{tiny_checkpoint} -> {tmp_path}/new\\nline.h5: VOLO tiny at 32px")
 
 
 def test_missing_checkpoint_is_one_line_exit_2(tmp_path: Path) -> None:
@@ -167,17 +167,17 @@ def test_missing_checkpoint_is_one_line_exit_2(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
-def test_existing_output_is_not_overwritten(d1_checkpoint: Path, tmp_path: Path) -> None:
+def test_existing_output_is_not_overwritten(tiny_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "d1.h5"
     output.write_bytes(b"precious")
-    result = run(d1_checkpoint, "-o", output)
+    result = run(tiny_checkpoint, "-o", output)
     assert result.exit_code == 2
     assert error_line(result) == f"Error: {output}: already exists; pass --overwrite to replace it"
     assert output.read_bytes() == b"precious"
 
 
-def test_unknown_extension_is_refused(d1_checkpoint: Path, tmp_path: Path) -> None:
-    result = run(d1_checkpoint, "-o", tmp_path / "d1.onnx")
+def test_unknown_extension_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = run(tiny_checkpoint, "-o", tmp_path / "d1.onnx")
     assert result.exit_code == 2
     assert "unknown output extension '.onnx', expected one of .h5, .keras" in error_line(result)
 

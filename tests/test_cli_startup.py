@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CONFIG
+from helpers import TINY_CONFIG
 
 from volo_convert import __version__
 from volo_convert.architecture.keras_model import build_volo

@@ -7,7 +7,7 @@ from pathlib import Path
 import keras
 import pytest
 import tensorflow as tf
-from conftest import error_line, run, snapshot
+from helpers import error_line, run, snapshot
 
 from volo_convert import compat
 from volo_convert.compat import CHECKED_ON, PRIVATE_ATTRIBUTES, PRIVATE_SYMBOLS

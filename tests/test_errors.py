@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from conftest import error_line, run, snapshot
+from helpers import error_line, run, snapshot
 from safetensors.torch import save_file
 
 from volo_convert import pipeline
@@ -46,9 +46,14 @@ class RunsACommand:
         return (os.system, ("echo pwned",))
 
 
+# Every case runs on the tiny layout, which the CLI detects as it detects d1: what is
+# checked here (reading, refusing, the output policy) does not depend on the widths.
+pytestmark = pytest.mark.usefixtures("tiny_variant")
+
+
 @pytest.fixture(scope="module")
-def release_state_dict(d1_checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(d1_checkpoint, weights_only=True)
+def release_state_dict(tiny_checkpoint_file: Path) -> dict[str, torch.Tensor]:
+    return torch.load(tiny_checkpoint_file, weights_only=True)
 
 
 @pytest.fixture
@@ -118,15 +123,15 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
     ),
     "missing-tensor": (
         lambda folder, sd: _save(
-            folder / "d1.pth.tar", with_change(sd, lambda c: c.pop("network.2.1.attn.qkv.weight"))
+            folder / "d1.pth.tar", with_change(sd, lambda c: c.pop("network.2.0.attn.qkv.weight"))
         ),
         [],
-        "{input}: tensors missing from the checkpoint: network.2.1.attn.qkv.weight",
+        "{input}: tensors missing from the checkpoint: network.2.0.attn.qkv.weight",
     ),
     "extra-tensor": (
         lambda folder, sd: _save(
             folder / "d1.pth.tar",
-            with_change(sd, lambda c: c.update({"head_dist.weight": torch.ones(1000, 384)})),
+            with_change(sd, lambda c: c.update({"head_dist.weight": torch.ones(10, 32)})),
         ),
         [],
         "{input}: checkpoint tensors no mapping uses: head_dist.weight",
@@ -134,18 +139,16 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
     "wrong-shape": (
         lambda folder, sd: _save(
             folder / "d1.pth.tar",
-            with_change(
-                sd, lambda c: c.update({"network.0.1.attn.v.weight": torch.ones(192, 190)})
-            ),
+            with_change(sd, lambda c: c.update({"network.0.1.attn.v.weight": torch.ones(16, 14)})),
         ),
         [],
-        "{input}: network.0.1.attn.v.weight has shape (192, 190), which after dense_kernel is "
-        "(190, 192), but stack0_block1_attn_v/kernel expects (192, 192)",
+        "{input}: network.0.1.attn.v.weight has shape (16, 14), which after dense_kernel is "
+        "(14, 16), but stack0_block1_attn_v/kernel expects (16, 16)",
     ),
     "nan-weights": (
         lambda folder, sd: _save(
             folder / "d1.pth.tar",
-            with_change(sd, lambda c: c.update({"norm.bias": torch.full((384,), float("nan"))})),
+            with_change(sd, lambda c: c.update({"norm.bias": torch.full((32,), float("nan"))})),
         ),
         [],
         "{input}: weights hold NaN or Inf values in norm.bias",
@@ -154,7 +157,7 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         lambda folder, sd: _save(
             folder / "d1.pth.tar",
             with_change(
-                sd, lambda c: c.update({"cls_token": torch.full((1, 1, 384), float("inf"))})
+                sd, lambda c: c.update({"cls_token": torch.full((1, 1, 32), float("inf"))})
             ),
         ),
         [],
@@ -335,7 +338,7 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
     "meta-tensor": (
         lambda folder, sd: _save(
             folder / "d1.pth.tar",
-            with_change(sd, lambda c: c.update({"norm.bias": torch.empty(384, device="meta")})),
+            with_change(sd, lambda c: c.update({"norm.bias": torch.empty(32, device="meta")})),
         ),
         [],
         "{input}: norm.bias holds no data (a meta tensor)",
@@ -376,7 +379,7 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
         ),
         [],
         "{input}: patch_embed.conv.3.weight has shape (), which conv_kernel cannot take, but "
-        "stem_conv2/kernel expects (3, 3, 64, 64)",
+        "stem_conv2/kernel expects (3, 3, 8, 8)",
     ),
     "code-pickle-system": (
         lambda folder, sd: _save(folder / "evil.pth", {"state_dict": sd, "x": RunsACommand()}),
@@ -635,10 +638,10 @@ ACCEPTED_FORMS: dict[str, tuple[Callable[[Path, dict], Path], list[str]]] = {
                 sd,
                 lambda c: c.update(
                     {
-                        "head.weight": c["head.weight"][:37].clone(),
-                        "head.bias": c["head.bias"][:37].clone(),
-                        "aux_head.weight": c["aux_head.weight"][:37].clone(),
-                        "aux_head.bias": c["aux_head.bias"][:37].clone(),
+                        "head.weight": c["head.weight"][:7].clone(),
+                        "head.bias": c["head.bias"][:7].clone(),
+                        "aux_head.weight": c["aux_head.weight"][:7].clone(),
+                        "aux_head.bias": c["aux_head.bias"][:7].clone(),
                     }
                 ),
             ),
@@ -728,11 +731,11 @@ def test_accepted_form_converts_and_verifies(
     figures = json.loads(report.read_text())
     assert figures["status"] == "passed"
     assert figures["parity"]["max_abs_diff"] <= 5e-5  # float32 noise, at half the default atol
-    assert figures["num_classes"] == (37 if form == "fine-tuned-classes" else 1000)
+    assert figures["num_classes"] == (7 if form == "fine-tuned-classes" else 10)
 
 
 def test_interrupted_save_leaves_no_partial_output(
-    d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fault injection: the disk fills up after 20 weight datasets of the .h5 file."""
     real_create_dataset = h5py.Group.create_dataset
@@ -746,7 +749,7 @@ def test_interrupted_save_leaves_no_partial_output(
 
     monkeypatch.setattr(h5py.Group, "create_dataset", failing_create_dataset)
     output = out_dir / "d1.h5"
-    result = run(d1_checkpoint, "-o", output, "--no-verify")
+    result = run(tiny_checkpoint, "-o", output, "--no-verify")
     assert len(written) == 21  # the save really was cut off part-way
     assert result.exit_code == 2
     assert (
@@ -757,7 +760,7 @@ def test_interrupted_save_leaves_no_partial_output(
 
 
 def test_keyboard_interrupt_during_save_leaves_nothing(
-    d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def interrupted_save(model: object, path: Path, *formats: object) -> None:
         path.write_bytes(b"half a model")
@@ -765,16 +768,16 @@ def test_keyboard_interrupt_during_save_leaves_nothing(
 
     monkeypatch.setattr(conversion, "save_model", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.convert(d1_checkpoint, out_dir / "d1.h5")
+        pipeline.convert(tiny_checkpoint, out_dir / "d1.h5")
     assert list(out_dir.iterdir()) == []
 
 
 def test_failed_parity_with_overwrite_keeps_the_old_file(
-    d1_checkpoint: Path, out_dir: Path
+    tiny_checkpoint: Path, out_dir: Path
 ) -> None:
     output = out_dir / "d1.h5"
     output.write_bytes(b"the user's previous model")
-    result = run(d1_checkpoint, "-o", output, "--overwrite", "--atol", "1e-12", "--device", "cpu")
+    result = run(tiny_checkpoint, "-o", output, "--overwrite", "--atol", "1e-12", "--device", "cpu")
     assert result.exit_code == 1
     assert re.search(r"parity failed: max abs diff \S+ exceeds atol 1e-12", error_line(result))
     assert output.read_bytes() == b"the user's previous model"
@@ -820,29 +823,29 @@ def test_zip_record_whose_crc_fails_is_named(
     assert list(out_dir.iterdir()) == []
 
 
-def test_longest_legal_output_name_is_written(d1_checkpoint: Path, out_dir: Path) -> None:
+def test_longest_legal_output_name_is_written(tiny_checkpoint: Path, out_dir: Path) -> None:
     """The staged file's name is short, so any name the file system takes works."""
     output = out_dir / ("x" * 252 + ".h5")
-    result = run(d1_checkpoint, "-o", output, "--no-verify")
+    result = run(tiny_checkpoint, "-o", output, "--no-verify")
     assert result.exit_code == 0, result.output
     assert [path.name for path in out_dir.iterdir()] == [output.name]
 
 
-def test_empty_keras_zip_is_not_a_model(d1_checkpoint: Path, out_dir: Path) -> None:
+def test_empty_keras_zip_is_not_a_model(tiny_checkpoint: Path, out_dir: Path) -> None:
     model = out_dir / "empty.keras"
     zipfile.ZipFile(model, "w").close()
     before = snapshot(out_dir)
-    result = run("verify", model, d1_checkpoint)
+    result = run("verify", model, tiny_checkpoint)
     assert result.exit_code == 2
     assert error_line(result).startswith(f"Error: {model}: not a loadable Keras model (")
     assert snapshot(out_dir) == before
 
 
-def test_keras_file_that_is_not_a_zip_is_named_so(d1_checkpoint: Path, out_dir: Path) -> None:
+def test_keras_file_that_is_not_a_zip_is_named_so(tiny_checkpoint: Path, out_dir: Path) -> None:
     model = out_dir / "random.keras"
     model.write_bytes(bytes(range(256)) * 20)
     before = snapshot(out_dir)
-    result = run("verify", model, d1_checkpoint)
+    result = run("verify", model, tiny_checkpoint)
     assert result.exit_code == 2
     assert error_line(result) == (
         f"Error: {model}: not a loadable Keras model (a .keras file is a zip archive, and this "
@@ -851,10 +854,11 @@ def test_keras_file_that_is_not_a_zip_is_named_so(d1_checkpoint: Path, out_dir: 
     assert snapshot(out_dir) == before
 
 
-def test_unknown_keras_backend_is_a_usage_error(d1_checkpoint: Path, out_dir: Path) -> None:
+@pytest.mark.large  # Keras picks its backend once per process
+def test_unknown_keras_backend_is_a_usage_error(tiny_checkpoint_file: Path, out_dir: Path) -> None:
     env = {**os.environ, "KERAS_BACKEND": "theano", "PYTHONPATH": str(README.parent)}
     completed = subprocess.run(
-        [sys.executable, "-m", "volo_convert", d1_checkpoint, "-o", out_dir / "d1.h5"],
+        [sys.executable, "-m", "volo_convert", tiny_checkpoint_file, "-o", out_dir / "d1.h5"],
         env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert completed.returncode == 2
@@ -865,10 +869,10 @@ def test_unknown_keras_backend_is_a_usage_error(d1_checkpoint: Path, out_dir: Pa
     assert list(out_dir.iterdir()) == []
 
 
-def test_batch_output_folder_that_cannot_be_made(d1_checkpoint: Path, tmp_path: Path) -> None:
+def test_batch_output_folder_that_cannot_be_made(tiny_checkpoint: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_bytes(b"not a folder")
-    result = run("batch", d1_checkpoint, "-o", blocker / "out")
+    result = run("batch", tiny_checkpoint, "-o", blocker / "out")
     assert result.exit_code == 2
     assert error_line(result) == (
         f"Error: {blocker / 'out'}: cannot create the output folder (Not a directory)"
@@ -877,7 +881,7 @@ def test_batch_output_folder_that_cannot_be_made(d1_checkpoint: Path, tmp_path: 
 
 
 def test_full_disk_while_writing_a_savedmodel(
-    d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import tensorflow as tf
 
@@ -887,7 +891,7 @@ def test_full_disk_while_writing_a_savedmodel(
 
     monkeypatch.setattr(tf.saved_model, "save", disk_full)
     output = out_dir / "d1_savedmodel"
-    result = run(d1_checkpoint, "-o", output, "--no-verify")
+    result = run(tiny_checkpoint, "-o", output, "--no-verify")
     assert result.exit_code == 2
     assert error_line(result) == (
         f"Error: {output}: could not write the SavedModel folder ({output}/variables: "
@@ -897,7 +901,7 @@ def test_full_disk_while_writing_a_savedmodel(
 
 
 def test_hdf5_disk_full_message_is_one_line_naming_the_output(
-    d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def hdf5_failure(group: h5py.Group, *args: object, **kwargs: object) -> None:
         raise OSError(
@@ -907,7 +911,7 @@ def test_hdf5_disk_full_message_is_one_line_naming_the_output(
 
     monkeypatch.setattr(h5py.Group, "create_dataset", hdf5_failure)
     output = out_dir / "d1.h5"
-    result = run(d1_checkpoint, "-o", output, "--no-verify")
+    result = run(tiny_checkpoint, "-o", output, "--no-verify")
     assert result.exit_code == 2
     assert error_line(result) == (
         f"Error: {output}: could not write the h5 file (No space left on device)"
@@ -916,7 +920,7 @@ def test_hdf5_disk_full_message_is_one_line_naming_the_output(
 
 
 def test_failed_tflite_conversion_names_the_output(
-    d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import tensorflow as tf
 
@@ -930,7 +934,7 @@ def test_failed_tflite_conversion_names_the_output(
         tf.lite.TFLiteConverter, "from_saved_model", lambda folder: RefusingConverter()
     )
     output = out_dir / "d1.tflite"
-    result = run(d1_checkpoint, "-o", output, "--no-verify")
+    result = run(tiny_checkpoint, "-o", output, "--no-verify")
     assert result.exit_code == 2
     assert error_line(result) == (
         f"Error: {output}: TFLite conversion with builtin ops only failed: RuntimeError "
@@ -940,13 +944,13 @@ def test_failed_tflite_conversion_names_the_output(
 
 
 def test_a_bug_exits_3_not_1(
-    d1_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("an unexpected state")
 
     monkeypatch.setattr(conversion, "build_volo", broken)
-    result = run(d1_checkpoint, "-o", out_dir / "d1.h5")
+    result = run(tiny_checkpoint, "-o", out_dir / "d1.h5")
     assert result.exit_code == 3
     assert error_line(result) == (
         "Error: internal error: RuntimeError: an unexpected state (rerun with --debug for the "
@@ -956,9 +960,9 @@ def test_a_bug_exits_3_not_1(
 
 
 def test_verification_batch_beyond_the_machine_memory_is_refused(
-    d1_checkpoint: Path, out_dir: Path
+    tiny_checkpoint: Path, out_dir: Path
 ) -> None:
-    result = run(d1_checkpoint, "-o", out_dir / "d1.h5", "--image-size", "4096")
+    result = run(tiny_checkpoint, "-o", out_dir / "d1.h5", "--image-size", "4096")
     assert result.exit_code == 2
     assert re.fullmatch(
         r"Error: verifying 2 images at 4096px needs about [\d,.]+ GB, but this machine has "

@@ -7,7 +7,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 import torch
-from conftest import TINY_CONFIG, error_line, run, snapshot
+from helpers import TINY_CONFIG, error_line, run, snapshot
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.batch.report import BatchEntry
@@ -18,19 +18,19 @@ from volo_convert.results import ConversionResult
 
 
 def test_a_verify_that_cannot_start_is_an_error_naming_its_stage(
-    d1_checkpoint: Path, tmp_path: Path
+    tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     model_file = tmp_path / "tiny.h5"
     build_volo(TINY_CONFIG, 32).save(model_file)
-    state_dict = torch.load(d1_checkpoint, weights_only=True)
-    del state_dict["network.2.1.attn.qkv.weight"]
+    state_dict = torch.load(tiny_checkpoint, weights_only=True)
+    del state_dict["network.2.0.attn.qkv.weight"]
     checkpoint = tmp_path / "d1.pth.tar"
     torch.save(state_dict, checkpoint)
     junit = tmp_path / "parity.xml"
 
     result = run("verify", model_file, checkpoint, "--junit", junit)
     assert result.exit_code == 2
-    message = f"{checkpoint}: tensors missing from the checkpoint: network.2.1.attn.qkv.weight"
+    message = f"{checkpoint}: tensors missing from the checkpoint: network.2.0.attn.qkv.weight"
     assert error_line(result) == f"Error: {message}"
     suite = ElementTree.parse(junit).getroot().find("testsuite")
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("1", "0", "1")
@@ -42,27 +42,27 @@ def test_a_verify_that_cannot_start_is_an_error_naming_its_stage(
     assert left == ["d1.pth.tar", "parity.xml", "tiny.h5"]
 
 
-def test_junit_may_not_be_another_output_of_the_run(d1_checkpoint: Path, tmp_path: Path) -> None:
+def test_junit_may_not_be_another_output_of_the_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """Each would replace the other: the JSON report, or the batch's own files."""
     model_file = tmp_path / "d1.h5"
-    assert run(d1_checkpoint, "-o", model_file, "--no-verify").exit_code == 0
+    assert run(tiny_checkpoint, "-o", model_file, "--no-verify").exit_code == 0
     out_dir = tmp_path / "keras"
     out_dir.mkdir()
     cases = [
         (
-            ["verify", model_file, d1_checkpoint, "--report", tmp_path / "r.json"],
+            ["verify", model_file, tiny_checkpoint, "--report", tmp_path / "r.json"],
             tmp_path / "r.json",
             "is also the report",
         ),
         (
-            ["batch", d1_checkpoint, "-o", out_dir],
+            ["batch", tiny_checkpoint, "-o", out_dir],
             out_dir / "report.json",
             "is also the batch report",
         ),
         (
-            ["batch", d1_checkpoint, "-o", out_dir],
-            out_dir / f"{d1_checkpoint.name.removesuffix('.pth.tar')}.h5",
-            f"is also the output of {d1_checkpoint.name}",
+            ["batch", tiny_checkpoint, "-o", out_dir],
+            out_dir / f"{tiny_checkpoint.name.removesuffix('.pth.tar')}.h5",
+            f"is also the output of {tiny_checkpoint.name}",
         ),
     ]
     for args, junit, what in cases:

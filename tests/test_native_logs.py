@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import user_environment
+import pytest
+from helpers import user_environment
 
 from volo_convert.native_logs import DEBUG_ENVIRONMENT, STARTUP_LINES
+
+pytestmark = pytest.mark.large  # each test runs a fresh interpreter
 
 STARTUP_PATTERNS = [re.compile(pattern) for pattern in STARTUP_LINES]
 CLI = [sys.executable, "-m", "volo_convert"]

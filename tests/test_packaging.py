@@ -9,11 +9,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CONFIG
+from helpers import TINY_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.large
 def test_wheel_ships_the_mapping_tables(tmp_path: Path) -> None:
     source = tmp_path / "source"  # setuptools writes build files beside the sources
     shutil.copytree(
@@ -68,6 +69,7 @@ print("torch imported:", "torch" in sys.modules)
 """
 
 
+@pytest.mark.large
 @pytest.mark.parametrize(
     "imports", ["import keras\nimport volo_convert", "import volo_convert\nimport keras"]
 )
@@ -102,6 +104,7 @@ def test_plain_import_registers_the_layers_without_torch(
     assert lines[-1] == "torch imported: False"
 
 
+@pytest.mark.large
 def test_importtime_shows_no_torch() -> None:
     completed = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "import volo_convert; import keras"],

@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, error_line, photo_like, run, snapshot
+from helpers import TINY_CONFIG, error_line, photo_like, run, snapshot
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.architecture.variants import eval_transform

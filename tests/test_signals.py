@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import snapshot
+from helpers import snapshot
+
+pytestmark = pytest.mark.large  # each test stops a real process
 
 ROOT = Path(__file__).resolve().parents[1]
 START_SECONDS = 180  # imports and loading on a busy 2-core machine

@@ -11,6 +11,7 @@ from volo_convert.checks.images import sample_images
 from volo_convert.synthetic import make_state_dict
 
 
+@pytest.mark.large
 def test_weights_are_away_from_default_init() -> None:
     state_dict = make_state_dict(VARIANTS["d1"], 224, seed=0)
     norm_scale = state_dict["network.2.0.norm1.weight"]
@@ -22,6 +23,7 @@ def test_weights_are_away_from_default_init() -> None:
     assert int(state_dict["patch_embed.conv.1.num_batches_tracked"]) > 0
 
 
+@pytest.mark.large
 def test_same_seed_same_weights_other_seed_other_weights() -> None:
     first = make_state_dict(VARIANTS["d1"], 32, seed=1)
     assert torch.equal(
@@ -32,6 +34,7 @@ def test_same_seed_same_weights_other_seed_other_weights() -> None:
     )
 
 
+@pytest.mark.large
 def test_attention_is_peaked_not_uniform() -> None:
     config = VARIANTS["d1"]
     model = Volo(config, 224)

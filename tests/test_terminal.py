@@ -15,7 +15,10 @@ import sys
 import termios
 from pathlib import Path
 
-from conftest import user_environment
+import pytest
+from helpers import user_environment
+
+pytestmark = pytest.mark.large  # each test runs the real command
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 VOLO_CONVERT = str(Path(sys.executable).with_name("volo-convert"))

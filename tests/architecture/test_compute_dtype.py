@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, error_line, run, snapshot
+from helpers import TINY_CONFIG, error_line, run, snapshot
 from PIL import Image
 
 from volo_convert.architecture.keras_model import COMPUTE_POLICIES, build_volo
@@ -116,6 +116,7 @@ def bfloat16_files(d1_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     return files
 
 
+@pytest.mark.large  # the agreement and mean figures are d1's
 @pytest.mark.parametrize("fmt", ["keras", "h5", "savedmodel"])
 def test_bfloat16_file_is_judged_by_top1_and_records_its_compute(
     fmt: str, bfloat16_files: dict
@@ -133,6 +134,7 @@ def test_bfloat16_file_is_judged_by_top1_and_records_its_compute(
     assert precision(load_artifact(path)) == "bfloat16"
 
 
+@pytest.mark.large
 @pytest.mark.parametrize("fmt", ["keras", "h5"])
 def test_bfloat16_keras_file_reloads_as_bfloat16(fmt: str, bfloat16_files: dict) -> None:
     path, _ = bfloat16_files[fmt]
@@ -142,6 +144,7 @@ def test_bfloat16_keras_file_reloads_as_bfloat16(fmt: str, bfloat16_files: dict)
     assert logits.dtype == np.float32 and logits.shape == (2, 1000)
 
 
+@pytest.mark.large
 def test_verify_finds_bfloat16_in_a_savedmodel(bfloat16_files: dict, d1_checkpoint: Path) -> None:
     path, _ = bfloat16_files["savedmodel"]
     result = run("verify", path, d1_checkpoint, "--device", "cpu")
@@ -150,6 +153,7 @@ def test_verify_finds_bfloat16_in_a_savedmodel(bfloat16_files: dict, d1_checkpoi
     assert "(64 images, min 90%)" in result.output
 
 
+@pytest.mark.large
 def test_a_savedmodel_without_a_recorded_compute_dtype_is_float32(
     bfloat16_files: dict, tmp_path: Path
 ) -> None:
@@ -196,16 +200,17 @@ def test_a_savedmodel_without_a_recorded_compute_dtype_is_float32(
     ],
 )
 def test_convert_refusals_exit_2_and_write_nothing(
-    d1_checkpoint: Path, tmp_path: Path, output: str, args: list[str], message: str
+    tiny_checkpoint: Path, tmp_path: Path, output: str, args: list[str], message: str
 ) -> None:
     (tmp_path / "keep.keras").write_bytes(b"user data")
     before = snapshot(tmp_path)
-    result = run(d1_checkpoint, "-o", tmp_path / output, "--compute-dtype", "bfloat16", *args)
+    result = run(tiny_checkpoint, "-o", tmp_path / output, "--compute-dtype", "bfloat16", *args)
     assert result.exit_code == 2, result.output
     assert error_line(result) == message
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.large
 def test_verify_refusals_name_the_file_and_exit_2(
     bfloat16_files: dict, d1_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -249,6 +254,7 @@ print(keras.backend.backend(), mhsa.compute_dtype, logits.dtype, bool(np.isfinit
 """
 
 
+@pytest.mark.large  # one process per Keras backend
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_bfloat16_file_runs_on_other_backends(
     backend: str, tiny_models: dict, tmp_path: Path

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import TINY_CONFIG
+from helpers import TINY_CONFIG
 
 from volo_convert.architecture.keras_layers import DropPath
 from volo_convert.architecture.keras_model import build_volo, with_dtype_policy
@@ -105,6 +105,7 @@ def fine_tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
     return results
 
 
+@pytest.mark.large
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_readme_fine_tuning_example_runs(backend: str, fine_tuned: dict) -> None:
     completed, output = fine_tuned[backend]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import keras
 import pytest
-from conftest import TINY_CONFIG, error_line, run, snapshot
+from helpers import TINY_CONFIG, error_line, run, snapshot
 
 from volo_convert.architecture.keras_model import build_volo, model_head
 from volo_convert.checks.parity import check_parity
@@ -102,17 +102,17 @@ def test_heads_survive_saving(suffix: str, tmp_path: Path) -> None:
         assert reloaded.output_shape == (None, OUTPUT_WIDTH[head])
 
 
-def test_cli_features_head_verify_reads_the_head(d1_checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_features_head_verify_reads_the_head(tiny_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "d1_features.h5"
-    result = run(d1_checkpoint, "-o", output, "--head", "features", "--no-verify")
+    result = run(tiny_checkpoint, "-o", output, "--head", "features", "--no-verify")
     assert result.exit_code == 0, result.output
-    assert "1000 classes, 25,788,696 parameters, features head" in result.output
-    assert keras.models.load_model(output, compile=False).output_shape == (None, 384)
+    assert "10 classes, 69,324 parameters, features head" in result.output
+    assert keras.models.load_model(output, compile=False).output_shape == (None, 32)
 
     result = run(
         "verify",
         output,
-        d1_checkpoint,
+        tiny_checkpoint,
         "--device",
         "cpu",
         "--explain",
@@ -127,13 +127,13 @@ def test_cli_features_head_verify_reads_the_head(d1_checkpoint: Path, tmp_path: 
     assert [stage["stage"] for stage in report["diagnosis"]["stages"]][-2:] == ["norm", "features"]
 
     before = snapshot(tmp_path)
-    result = run("verify", output, d1_checkpoint, "--head", "full")
+    result = run("verify", output, tiny_checkpoint, "--head", "full")
     assert result.exit_code == 2
     assert error_line(result) == (
         f"Error: {output}: the model ends in the features head, but --head full was given"
     )
     # features have no classes: a top-1 bar could never pass, so it is refused, not failed
-    result = run("verify", output, d1_checkpoint, "--min-top1", "0.5", "--report", tmp_path / "x")
+    result = run("verify", output, tiny_checkpoint, "--min-top1", "0.5", "--report", tmp_path / "x")
     assert result.exit_code == 2
     assert error_line(result) == (
         "Error: --min-top1 bars top-1 agreement, which the features head has not; features are "
@@ -142,11 +142,11 @@ def test_cli_features_head_verify_reads_the_head(d1_checkpoint: Path, tmp_path: 
     assert snapshot(tmp_path) == before
 
 
-def test_cli_unknown_head_and_explain_without_verify(d1_checkpoint: Path, tmp_path: Path) -> None:
-    result = run(d1_checkpoint, "-o", tmp_path / "x.h5", "--head", "aux")
+def test_cli_unknown_head_and_explain_without_verify(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = run(tiny_checkpoint, "-o", tmp_path / "x.h5", "--head", "aux")
     assert result.exit_code == 2
     assert "'aux' is not one of 'full', 'cls', 'features'" in result.output
-    result = run(d1_checkpoint, "-o", tmp_path / "x.h5", "--no-verify", "--explain")
+    result = run(tiny_checkpoint, "-o", tmp_path / "x.h5", "--no-verify", "--explain")
     assert result.exit_code == 2
     assert "Error: --explain compares with PyTorch, so it needs verification" in result.output
     assert list(tmp_path.iterdir()) == []

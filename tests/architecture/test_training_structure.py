@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, run
+from helpers import TINY_CONFIG, run
 
 from volo_convert.architecture.keras_layers import DropPath
 from volo_convert.architecture.keras_model import build_volo, drop_rates_at_zero
@@ -138,13 +138,13 @@ def test_drop_layers_survive_saving_and_can_be_zeroed(
     assert not np.allclose(noisy, exact, atol=1e-3)  # the rates were in use, and are again
 
 
-def test_bad_rates_are_refused_on_the_command_line(d1_checkpoint: Path, tmp_path: Path) -> None:
-    result = run(d1_checkpoint, "-o", tmp_path / "d1.h5", "--drop-path-rate", "1")
+def test_bad_rates_are_refused_on_the_command_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = run(tiny_checkpoint, "-o", tmp_path / "d1.h5", "--drop-path-rate", "1")
     assert result.exit_code == 2
     assert "Invalid value for '--drop-path-rate': 1.0 is not in the range 0.0<=x<1.0." in (
         result.output
     )
-    result = run(d1_checkpoint, "-o", tmp_path / "d1.h5", "--drop-rate", "-0.1")
+    result = run(tiny_checkpoint, "-o", tmp_path / "d1.h5", "--drop-rate", "-0.1")
     assert result.exit_code == 2
     assert "Invalid value for '--drop-rate': -0.1 is not in the range 0.0<=x<1.0." in (
         result.output
@@ -152,12 +152,12 @@ def test_bad_rates_are_refused_on_the_command_line(d1_checkpoint: Path, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_rates_reach_the_converted_file(d1_checkpoint: Path, tmp_path: Path) -> None:
+def test_rates_reach_the_converted_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "d1.keras"
-    result = run(d1_checkpoint, "-o", output, "--drop-path-rate", "0.1", "--device", "cpu")
+    result = run(tiny_checkpoint, "-o", output, "--drop-path-rate", "0.1", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output
     model = keras.models.load_model(output)
     rates = [layer.rate for layer in model.layers if isinstance(layer, DropPath)]
-    assert len(rates) == 2 * 14 and max(rates) == pytest.approx(0.1)
+    assert len(rates) == 2 * sum(TINY_CONFIG.layers[1:]) and max(rates) == pytest.approx(0.1)
     assert "pos_drop" not in {layer.name for layer in model.layers}

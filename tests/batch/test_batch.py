@@ -1,7 +1,7 @@
 """Batch conversion through the CLI: the report, resume, --force and a bad file among good ones.
 
 Every conversion runs in a spawned process (about 10 s of imports each), so the tests
-share one batch run and convert as few files as they can.
+share one batch run and convert as few files as they can; they are `large`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-from conftest import SMALL_IMAGE_SIZE, error_line, run, snapshot
+from helpers import SMALL_IMAGE_SIZE, error_line, run, snapshot
 
 from volo_convert.architecture.variants import VARIANTS
 from volo_convert.batch.report import BatchEntry, BatchReport, render_markdown, render_text
@@ -51,6 +51,7 @@ def first_batch(d1_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     return folder, out_dir, result
 
 
+@pytest.mark.large
 def test_bad_file_is_reported_and_the_others_are_converted(first_batch: tuple) -> None:
     _, out_dir, result = first_batch
     assert result.exit_code == 1, result.output
@@ -68,6 +69,7 @@ def test_bad_file_is_reported_and_the_others_are_converted(first_batch: tuple) -
     ]
 
 
+@pytest.mark.large
 def test_junit_has_one_case_per_checkpoint(first_batch: tuple) -> None:
     _, out_dir, result = first_batch
     junit = out_dir.parent / "parity.xml"
@@ -83,6 +85,7 @@ def test_junit_has_one_case_per_checkpoint(first_batch: tuple) -> None:
     )
 
 
+@pytest.mark.large
 def test_a_log_shows_each_file_and_stage_with_its_duration(first_batch: tuple) -> None:
     _, _, result = first_batch
     lines = result.output.splitlines()
@@ -94,6 +97,7 @@ def test_a_log_shows_each_file_and_stage_with_its_duration(first_batch: tuple) -
     assert good[-3:] == ["recording", "exiting", "passed"]
 
 
+@pytest.mark.large
 def test_report_holds_every_figure(first_batch: tuple) -> None:
     folder, out_dir, result = first_batch
     document = json.loads((out_dir / "report.json").read_text())
@@ -115,6 +119,7 @@ def test_report_holds_every_figure(first_batch: tuple) -> None:
     assert "d1_32_good.pth.tar" in result.output and "2 checkpoints: 1 converted" in result.output
 
 
+@pytest.mark.large
 def test_rerun_skips_finished_files_and_retries_failed_ones(first_batch: tuple) -> None:
     folder, out_dir, _ = first_batch
     converted = out_dir / "d1_32_good.h5"
@@ -129,6 +134,7 @@ def test_rerun_skips_finished_files_and_retries_failed_ones(first_batch: tuple) 
     assert "1 skipped (already done)" in result.output
 
 
+@pytest.mark.large
 def test_force_or_changed_content_converts_again(first_batch: tuple, tmp_path: Path) -> None:
     folder, out_dir, _ = first_batch
     good_only = tmp_path / GOOD
@@ -198,6 +204,7 @@ def test_a_control_character_in_a_name_or_reason_keeps_each_row_on_one_line() ->
     assert text_lines[1].startswith("new\\nline.pth") and text_lines[1].endswith("error   a\\nb")
 
 
+@pytest.mark.large
 def test_synthesize_writes_release_names_and_corrupts_on_request(tmp_path: Path) -> None:
     name = "d1_224_84.2.pth.tar"
     result = run("synthesize", tmp_path, "--only", name, "--corrupt", name)
@@ -232,6 +239,7 @@ def test_synthesize_refuses_before_writing(args: list[str], message: str, tmp_pa
     assert not out_dir.exists()
 
 
+@pytest.mark.large
 def test_non_regular_member_is_reported_and_the_others_go_on(
     first_batch: tuple, tmp_path: Path
 ) -> None:
@@ -251,6 +259,7 @@ def test_non_regular_member_is_reported_and_the_others_go_on(
     )
 
 
+@pytest.mark.large
 def test_output_changed_since_the_report_is_converted_again(first_batch: tuple) -> None:
     folder, out_dir, _ = first_batch
     converted = out_dir / "d1_32_good.h5"
@@ -265,6 +274,7 @@ def test_output_changed_since_the_report_is_converted_again(first_batch: tuple) 
     assert converted.stat().st_size == len(written)
 
 
+@pytest.mark.large
 def test_damaged_report_row_means_not_done(first_batch: tuple) -> None:
     folder, out_dir, _ = first_batch
     report = out_dir / "report.json"

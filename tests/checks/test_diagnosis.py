@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_CONFIG
+from helpers import TINY_CONFIG
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.checks.diagnosis import compare_stages, diagnose, format_diagnosis
@@ -163,7 +163,7 @@ def broken_tables(source: str, changes: dict[str, dict[str, str]]) -> list[mappi
 
 
 def test_cli_failure_names_the_transformer_stack(
-    d1_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The transformer blocks' square attention projection loses its transpose."""
     tables = broken_tables("transformer.yaml", {"_attn_proj/kernel": {"transform": "identity"}})
@@ -171,7 +171,7 @@ def test_cli_failure_names_the_transformer_stack(
     report = tmp_path / "r.json"
     output = tmp_path / "d1.h5"
     result = CliRunner().invoke(
-        cli, [str(d1_checkpoint), "-o", str(output), "--device", "cpu", "--report", str(report)]
+        cli, [str(tiny_checkpoint), "-o", str(output), "--device", "cpu", "--report", str(report)]
     )
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import SMALL_IMAGE_SIZE, TINY_CONFIG
+from helpers import SMALL_IMAGE_SIZE, TINY_CONFIG
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.architecture.variants import VARIANTS
@@ -29,6 +29,7 @@ def converted(config, image_size: int, seed: int):
     return model, state_dict
 
 
+@pytest.mark.large
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_variant_at_small_resolution(variant: str) -> None:
     config = VARIANTS[variant]
@@ -43,6 +44,7 @@ def test_every_variant_at_small_resolution(variant: str) -> None:
     keras.backend.clear_session()
 
 
+@pytest.mark.large
 def test_d1_at_224_within_release_tolerance() -> None:
     config = VARIANTS["d1"]
     model, state_dict = converted(config, 224, seed=0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import error_line, photo_like, run
+from helpers import error_line, photo_like, run
 from PIL import Image
 
 from volo_convert.architecture.variants import (
@@ -133,7 +133,7 @@ def test_only_unreadable_images_is_an_error(tmp_path: Path) -> None:
 
 
 def test_cli_verifies_on_photos_and_warns_once_per_bad_file(
-    d1_checkpoint: Path, photo_folder: Path, tmp_path: Path
+    tiny_checkpoint: Path, photo_folder: Path, tmp_path: Path
 ) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -142,7 +142,7 @@ def test_cli_verifies_on_photos_and_warns_once_per_bad_file(
     (photos / "cut.png").write_bytes((photo_folder / "square.png").read_bytes()[:60])
     output = tmp_path / "d1.h5"
     result = run(
-        d1_checkpoint, "-o", output, "--device", "cpu", "--images", photos,
+        tiny_checkpoint, "-o", output, "--device", "cpu", "--images", photos,
         "--report", tmp_path / "r.json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -166,14 +166,14 @@ def test_cli_verifies_on_photos_and_warns_once_per_bad_file(
 
 
 def test_demo_warns_of_a_skipped_photo_as_convert_does(
-    d1_checkpoint: Path, photo_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, photo_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`demo` shows the pipeline's warnings too; its checkpoint is the small d1 fixture."""
+    """`demo` shows the pipeline's warnings too; its checkpoint is the tiny one."""
     from volo_convert import synthetic
 
     def small_checkpoint(folder: Path, names: list[str], **settings: object) -> list[Path]:
         (folder / names[0]).parent.mkdir(parents=True, exist_ok=True)
-        (folder / names[0]).write_bytes(d1_checkpoint.read_bytes())
+        (folder / names[0]).write_bytes(tiny_checkpoint.read_bytes())
         return [folder / names[0]]
 
     monkeypatch.setattr(synthetic, "write_release_checkpoints", small_checkpoint)
@@ -188,10 +188,10 @@ def test_demo_warns_of_a_skipped_photo_as_convert_does(
     assert warnings[0].startswith(f"Warning: {photos / 'cut.png'}: skipped, not a readable image")
 
 
-def test_cli_refuses_a_folder_without_photos(d1_checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_refuses_a_folder_without_photos(tiny_checkpoint: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run(d1_checkpoint, "-o", tmp_path / "d1.h5", "--device", "cpu", "--images", empty)
+    result = run(tiny_checkpoint, "-o", tmp_path / "d1.h5", "--device", "cpu", "--images", empty)
     assert result.exit_code == 2
     assert error_line(result) == f"Error: {empty}: the folder holds no images (.jpg, .jpeg, .png)"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import SMALL_IMAGE_SIZE, TINY_CONFIG, error_line, run
+from helpers import SMALL_IMAGE_SIZE, TINY_CONFIG, error_line, run, tiny_variant_known
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.architecture.variants import VARIANTS
@@ -56,6 +56,7 @@ def worst_gradient(parity) -> float:
     return max(item.relative_error for item in parity.gradients)
 
 
+@pytest.mark.large
 def test_d1_trains_like_pytorch_at_small_resolution() -> None:
     config = VARIANTS["d1"]
     state_dict = make_state_dict(config, TINY_IMAGE_SIZE, seed=4)
@@ -72,6 +73,7 @@ def test_d1_trains_like_pytorch_at_small_resolution() -> None:
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), value)
 
 
+@pytest.mark.large
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_variant_trains_like_pytorch_at_32px(variant: str) -> None:
     config = VARIANTS[variant]
@@ -141,32 +143,35 @@ def test_every_weight_has_a_stage() -> None:
 
 
 @pytest.fixture(scope="module")
-def d1_with_drop_path(d1_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """d1 at 32px converted for fine-tuning: drop path in every transformer block."""
-    output = tmp_path_factory.mktemp("training") / "d1.keras"
-    convert(d1_checkpoint, output, ConvertOptions(drop_path_rate=0.2, verify=False))
+def tiny_with_drop_path(
+    tiny_checkpoint_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny model at 32px converted for fine-tuning: drop path in every transformer block."""
+    output = tmp_path_factory.mktemp("training") / "tiny.keras"
+    with tiny_variant_known():
+        convert(tiny_checkpoint_file, output, ConvertOptions(drop_path_rate=0.2, verify=False))
     return output
 
 
 def test_cli_verify_training_passes(
-    d1_with_drop_path: Path, d1_checkpoint: Path, tmp_path: Path
+    tiny_with_drop_path: Path, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     report = tmp_path / "training.json"
     result = run(
-        "verify", d1_with_drop_path, d1_checkpoint, "--training", "--device", "cpu",
+        "verify", tiny_with_drop_path, tiny_checkpoint, "--training", "--device", "cpu",
         "--report", report,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "training mode: tensorflow gradients, 2 images" in result.output
-    assert "gradient: 251 tensors" in result.output
-    assert "after SGD step (lr 0.1): 251 tensors" in result.output
+    assert "gradient: 104 tensors" in result.output
+    assert "after SGD step (lr 0.1): 104 tensors" in result.output
     assert "BatchNorm statistic: 6 tensors" in result.output
     assert "training parity passed" in result.output and "PASS" in result.output
     figures = json.loads(report.read_text())
     assert figures["status"] == "passed"
     training = figures["training"]
     assert training["passed"] and training["backend"] == "tensorflow"
-    assert len(training["gradients"]) == 251
+    assert len(training["gradients"]) == 104
     assert max(item["relative_error"] for item in training["gradients"]) <= SMALL_GRADIENT_RTOL
 
 
@@ -189,8 +194,8 @@ def break_transformer_row(monkeypatch: pytest.MonkeyPatch, keras_suffix: str) ->
 
 
 def test_cli_verify_training_fails_on_a_gradient_only_the_table_gets_wrong(
-    d1_with_drop_path: Path,
-    d1_checkpoint: Path,
+    tiny_with_drop_path: Path,
+    tiny_checkpoint: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A right file checked through a wrong table: the logits agree, the gradients do not.
@@ -199,19 +204,19 @@ def test_cli_verify_training_fails_on_a_gradient_only_the_table_gets_wrong(
     test_wrong_square_transform_fails_the_gradient_check.)
     """
     break_transformer_row(monkeypatch, "_attn_proj/kernel")
-    result = run("verify", d1_with_drop_path, d1_checkpoint, "--training", "--device", "cpu")
+    result = run("verify", tiny_with_drop_path, tiny_checkpoint, "--training", "--device", "cpu")
     assert result.exit_code == 1
     assert "top-1 agreement 100%" in result.output
     assert "training parity FAILED" in result.output and "FAIL\n" in result.output
     assert error_line(result).startswith(
-        "Error: training parity failed: 14 of 251 gradients out of tolerance, worst network."
+        "Error: training parity failed: 3 of 104 gradients out of tolerance, worst network."
     )
     assert ".attn.proj.weight (stack" in error_line(result)
 
 
-def test_training_check_needs_a_keras_file(d1_checkpoint: Path, tmp_path: Path) -> None:
+def test_training_check_needs_a_keras_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ConversionError) as raised:
-        convert(d1_checkpoint, tmp_path / "d1.tflite", ConvertOptions(training=True))
+        convert(tiny_checkpoint, tmp_path / "d1.tflite", ConvertOptions(training=True))
     assert str(raised.value) == (
         "--training trains the model in Keras, so it needs a .h5 or .keras file, not tflite"
     )
@@ -223,7 +228,7 @@ def test_training_check_needs_a_keras_file(d1_checkpoint: Path, tmp_path: Path) 
 CHECK_UNDER_BACKEND = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from conftest import TINY_CONFIG
+from helpers import TINY_CONFIG
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.checks.training import check_training_parity
 from volo_convert.synthetic import make_state_dict
@@ -237,6 +242,7 @@ print(parity.backend, parity.passed, max(item.relative_error for item in parity.
 """
 
 
+@pytest.mark.large
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_gradients_under_the_other_backends(backend: str) -> None:
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG
+from helpers import TINY_CONFIG
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.checks.parity import clear_margins, compare_logits, top1_margins

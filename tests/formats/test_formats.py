@@ -15,10 +15,9 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import SMALL_IMAGE_SIZE, TINY_CONFIG, error_line, run, snapshot
+from helpers import SMALL_IMAGE_SIZE, TINY_CONFIG, error_line, run, snapshot
 
 from volo_convert.architecture.keras_model import build_volo
-from volo_convert.architecture.variants import VARIANTS
 from volo_convert.checks.diagnosis import REBUILT_PASSES
 from volo_convert.checks.parity import check_parity, model_outputs
 from volo_convert.checks.reference import ReferenceRun, run_reference
@@ -202,6 +201,7 @@ def test_check_builtin_ops_refuses_flex_ops() -> None:
         check_builtin_ops(converter.convert())
 
 
+@pytest.mark.large
 def test_savedmodel_and_tflite_run_without_volo_convert(
     tiny_model: keras.Model,
     tiny_tflite: dict[str, bytes],
@@ -264,6 +264,7 @@ def test_a_folder_that_is_no_savedmodel_is_never_replaced(tmp_path: Path) -> Non
         check_output_path(tmp_path / "photos", overwrite=True, folder=True)
 
 
+@pytest.mark.large
 def test_cli_savedmodel_round_trip(d1_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "d1_savedmodel"
     result = run(
@@ -283,6 +284,7 @@ def test_cli_savedmodel_round_trip(d1_checkpoint: Path, tmp_path: Path) -> None:
     assert "26,558,696 parameters" in result.output
 
 
+@pytest.mark.large
 def test_cli_tflite_float16_uses_its_own_tolerance(d1_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "d1_fp16.tflite"
     result = run(
@@ -311,7 +313,7 @@ def test_cli_tflite_float16_uses_its_own_tolerance(d1_checkpoint: Path, tmp_path
 
 
 def test_failed_savedmodel_write_leaves_nothing(
-    d1_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def fails_halfway(model: keras.Model, path: Path, fmt: str, *tflite_settings: object) -> None:
         (path / "saved_model.pb").write_bytes(b"partial")
@@ -319,7 +321,7 @@ def test_failed_savedmodel_write_leaves_nothing(
 
     monkeypatch.setattr(conversion, "save_model", fails_halfway)
     output = tmp_path / "d1_savedmodel"
-    result = run(d1_checkpoint, "-o", output, "--device", "cpu")
+    result = run(tiny_checkpoint, "-o", output, "--device", "cpu")
     assert result.exit_code == 2
     assert result.output.splitlines()[-1] == (
         f"Error: {output}: could not write the SavedModel folder (No space left on device)"
@@ -327,8 +329,8 @@ def test_failed_savedmodel_write_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_tflite_dtype_needs_a_tflite_output(d1_checkpoint: Path, tmp_path: Path) -> None:
-    result = run(d1_checkpoint, "-o", tmp_path / "d1.h5", "--tflite-dtype", "float16")
+def test_tflite_dtype_needs_a_tflite_output(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = run(tiny_checkpoint, "-o", tmp_path / "d1.h5", "--tflite-dtype", "float16")
     assert result.exit_code == 2
     assert "Error: --tflite-dtype float16 applies to .tflite outputs only" in result.output
     assert list(tmp_path.iterdir()) == []
@@ -392,6 +394,7 @@ def test_provenance_is_stored_natively_and_the_model_is_unchanged(
     assert inspected(path) == json.loads(provenance.to_json())
 
 
+@pytest.mark.large
 def test_inspect_reads_the_record_without_torch(tiny_model: keras.Model, tmp_path: Path) -> None:
     path = tmp_path / "tiny.h5"
     save_model(tiny_model, path, "h5")
@@ -517,13 +520,13 @@ def test_inspect_names_a_damaged_tflite_file(
 
 
 def test_a_file_of_another_model_is_told_apart_from_a_bad_port(
-    d1_checkpoint: Path, tmp_path: Path
+    tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     """A SavedModel has no stages to read: the graph rebuilt from the checkpoint stands in,
     and when that passes every stage, the difference is the file's own."""
     folder = tmp_path / "d1_savedmodel"
-    assert run(d1_checkpoint, "-o", folder, "--no-verify").exit_code == 0
-    other = write_checkpoint(tmp_path / "other.pth", VARIANTS["d1"], SMALL_IMAGE_SIZE, seed=6)
+    assert run(tiny_checkpoint, "-o", folder, "--no-verify").exit_code == 0
+    other = write_checkpoint(tmp_path / "other.pth", TINY_CONFIG, SMALL_IMAGE_SIZE, seed=6)
     result = run("verify", folder, other, "--device", "cpu")
     assert result.exit_code == 1, result.output
     assert REBUILT_PASSES in result.output.splitlines()
@@ -556,7 +559,7 @@ def _foreign_model(case: str) -> keras.Model:
     ],
 )
 def test_a_foreign_file_that_is_no_image_classifier_is_refused(
-    case: str, fmt: str, message: str, d1_checkpoint: Path, tmp_path: Path
+    case: str, fmt: str, message: str, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     import tensorflow as tf
 
@@ -567,7 +570,7 @@ def test_a_foreign_file_that_is_no_image_classifier_is_refused(
     else:
         model.export(path, verbose=False)
     before = snapshot(tmp_path)
-    result = run("verify", path, d1_checkpoint, "--device", "cpu")
+    result = run("verify", path, tiny_checkpoint, "--device", "cpu")
     assert result.exit_code == 2, result.output
     assert error_line(result) == f"Error: {path}: {message}"
     assert snapshot(tmp_path) == before
@@ -575,7 +578,7 @@ def test_a_foreign_file_that_is_no_image_classifier_is_refused(
 
 @pytest.mark.parametrize("fmt", ["savedmodel", "tflite"])
 def test_verify_refuses_a_damaged_input_record(
-    fmt: str, tiny_model: keras.Model, tiny_tflite: dict[str, bytes], d1_checkpoint: Path,
+    fmt: str, tiny_model: keras.Model, tiny_tflite: dict[str, bytes], tiny_checkpoint: Path,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     """The input kind a file records is read, never trusted: a damaged one is exit 2."""
@@ -593,7 +596,7 @@ def test_verify_refuses_a_damaged_input_record(
         record.write_text('{"input": ')
         message = f"{record}: is damaged (Expecting value: line 1 column 11 (char 10))"
     before = snapshot(tmp_path)
-    result = run("verify", path, d1_checkpoint, "--device", "cpu")
+    result = run("verify", path, tiny_checkpoint, "--device", "cpu")
     assert result.exit_code == 2, result.output
     assert error_line(result) == f"Error: {message}"
     assert snapshot(tmp_path) == before
@@ -601,7 +604,7 @@ def test_verify_refuses_a_damaged_input_record(
 
 @pytest.mark.parametrize("document", ["{}", "[1, 2]", '"images"', '{"compute_dtype": "float32"}'])
 def test_a_savedmodel_record_without_its_input_entry_is_damaged(
-    document: str, tiny_model: keras.Model, d1_checkpoint: Path, tmp_path: Path
+    document: str, tiny_model: keras.Model, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     path = tmp_path / "tiny"
     path.mkdir()
@@ -609,23 +612,23 @@ def test_a_savedmodel_record_without_its_input_entry_is_damaged(
     record = path / "assets" / "volo_convert.json"
     record.write_text(document)
     before = snapshot(tmp_path)
-    result = run("verify", path, d1_checkpoint, "--device", "cpu")
+    result = run("verify", path, tiny_checkpoint, "--device", "cpu")
     assert result.exit_code == 2, result.output
     assert error_line(result) == f"Error: {record}: is damaged (no 'input' entry)"
     assert snapshot(tmp_path) == before
 
 
-def test_every_cli_output_records_its_source(d1_checkpoint: Path, tmp_path: Path) -> None:
+def test_every_cli_output_records_its_source(tiny_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "d1.keras"
-    result = run(d1_checkpoint, "-o", output, "--device", "cpu", "--report", tmp_path / "r.json")
+    result = run(tiny_checkpoint, "-o", output, "--device", "cpu", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     record = inspected(output)
-    assert record["source_file"] == d1_checkpoint.name
-    assert record["source_sha256"] == hashlib.sha256(d1_checkpoint.read_bytes()).hexdigest()
+    assert record["source_file"] == tiny_checkpoint.name
+    assert record["source_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
     assert record["source_sha256"] == report["checkpoint_sha256"]
-    assert (record["variant"], record["image_size"], record["head"]) == ("d1", 32, "full")
-    assert (record["num_classes"], record["output_format"]) == (1000, "keras")
+    assert (record["variant"], record["image_size"], record["head"]) == ("tiny", 32, "full")
+    assert (record["num_classes"], record["output_format"]) == (10, "keras")
     verification = record["verification"]
     assert verification["max_abs_diff"] == report["parity"]["max_abs_diff"]
     assert verification["atol"] == report["parity"]["atol"] == 1e-4
@@ -635,7 +638,7 @@ def test_every_cli_output_records_its_source(d1_checkpoint: Path, tmp_path: Path
     assert record["converter_version"] == report["environment"]["volo_convert"]
 
     unverified = tmp_path / "d1_unverified.h5"
-    assert run(d1_checkpoint, "-o", unverified, "--no-verify").exit_code == 0
+    assert run(tiny_checkpoint, "-o", unverified, "--no-verify").exit_code == 0
     assert inspected(unverified)["verification"] is None
     assert "verified   no (--no-verify)" in run("inspect", unverified).output
 
@@ -656,6 +659,7 @@ np.savez(out_file, one=one, three=three, names=np.array(names), shape=np.array(s
 """
 
 
+@pytest.mark.large
 def test_savedmodel_serves_named_images_to_logits_at_any_batch(
     tiny_model: keras.Model, tmp_path: Path, tiny_state_dict: dict
 ) -> None:

@@ -18,6 +18,8 @@ import pytest
 from volo_convert.options import ConvertOptions
 from volo_convert.pipeline import convert
 
+pytestmark = pytest.mark.large  # a process per Keras backend
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOAT32_ATOL = 5e-5  # float32 noise at small sizes, as in test_parity.py
 NEEDS_JAX = pytest.mark.skipif(

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG
+from helpers import TINY_CONFIG
 
 from volo_convert.architecture.keras_model import build_volo, skeleton_scope
 from volo_convert.formats.keras_h5 import write_h5
@@ -91,6 +91,7 @@ def test_the_file_is_what_keras_writes(tiny_h5: tuple[Path, keras.Model], tmp_pa
         assert ours[name] == entry, name
 
 
+@pytest.mark.large
 def test_keras_loads_it_after_a_plain_import(
     tiny_h5: tuple[Path, keras.Model], tmp_path: Path
 ) -> None:

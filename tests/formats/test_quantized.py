@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, error_line, run
+from helpers import TINY_CONFIG, error_line, run
 from PIL import Image
 
 from volo_convert.architecture import variants
@@ -151,6 +151,7 @@ def test_a_missed_top1_bar_fails_and_says_so(tiny_files: dict, tiny_run: Referen
     )
 
 
+@pytest.mark.large  # sizes and agreement on real widths
 def test_cli_int8_dynamic_on_d1(d1_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "d1_dynamic.tflite"
     result = run(
@@ -216,14 +217,15 @@ def test_cli_int8_dynamic_on_d1(d1_checkpoint: Path, tmp_path: Path) -> None:
     ],
 )
 def test_quantization_options_are_checked_first(
-    d1_checkpoint: Path, tmp_path: Path, args: list[str], message: str
+    tiny_checkpoint: Path, tmp_path: Path, args: list[str], message: str
 ) -> None:
-    result = run(d1_checkpoint, "-o", tmp_path / "d1.tflite", *args)
+    result = run(tiny_checkpoint, "-o", tmp_path / "d1.tflite", *args)
     assert result.exit_code == 2
     assert error_line(result) == message
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.large
 def test_d1_at_224_in_full_int8_taking_uint8_pixels(tmp_path: Path) -> None:
     """The one full-size quantization: d1 at 224, the deployment a phone would use."""
     checkpoint = write_checkpoint(tmp_path / "d1_224.pth.tar", VARIANTS["d1"], 224, seed=0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from ai_edge_litert.interpreter import Interpreter
-from conftest import SMALL_IMAGE_SIZE, TINY_CONFIG, run
+from helpers import SMALL_IMAGE_SIZE, TINY_CONFIG, run
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.architecture.variants import VARIANTS

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, error_line, run, snapshot
+from helpers import TINY_CONFIG, error_line, run, snapshot
 
 from volo_convert.architecture import variants
 from volo_convert.formats import tflite_delegates

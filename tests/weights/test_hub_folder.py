@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, error_line, run, snapshot
+from helpers import TINY_CONFIG, error_line, run, snapshot
 from PIL import Image
 from safetensors.torch import save_file
 

@@ -6,7 +6,7 @@ import re
 
 import keras
 import pytest
-from conftest import TINY_CONFIG
+from helpers import TINY_CONFIG
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.architecture.variants import VARIANTS

@@ -14,6 +14,8 @@ import torch
 from volo_convert.weights.checkpoint import load_state_dict
 from volo_convert.weights.memory import MappedCheckpoint
 
+pytestmark = pytest.mark.large  # page release and peak memory on real widths
+
 
 def test_released_pages_read_back_the_same_values(d1_checkpoint: Path) -> None:
     state_dict = load_state_dict(d1_checkpoint).state_dict

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CONFIG, run
+from helpers import TINY_CONFIG, run
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.checks.parity import check_parity
@@ -42,34 +42,34 @@ def check_pos_embed(model_path: Path, checkpoint: Path, image_size: int) -> None
     model = keras.models.load_model(model_path, compile=False)
     assert model.input_shape == (None, image_size, image_size, 3)
     keras_pos_embed = np.asarray(model.get_layer("pos_embed").weights[0].numpy())
-    source = load_state_dict(checkpoint).state_dict["pos_embed"]  # 1, 2, 2, 384 at 32px
+    source = load_state_dict(checkpoint).state_dict["pos_embed"]  # 1, 2, 2, 32 at 32px
     grid = image_size // 16
     np.testing.assert_array_equal(keras_pos_embed, torch_bicubic(source, grid))
     assert np.abs(keras_pos_embed - tensorflow_bicubic(source, grid)).max() > 1e-2
 
 
-def test_convert_to_another_size(d1_checkpoint: Path, tmp_path: Path) -> None:
+def test_convert_to_another_size(tiny_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "d1_64.keras"
     result = run(
-        *(d1_checkpoint, "-o", output, "--image-size", 64, "--device", "cpu"),
+        *(tiny_checkpoint, "-o", output, "--image-size", 64, "--device", "cpu"),
         *("--report", tmp_path / "r.json"),
     )
     assert result.exit_code == 0, result.output
-    assert "VOLO d1 at 64px" in result.output and "PASS" in result.output
+    assert "VOLO tiny at 64px" in result.output and "PASS" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["image_size"] == 64 and report["status"] == "passed"
     assert report["parity"]["max_abs_diff"] <= 2e-5
-    check_pos_embed(output, d1_checkpoint, 64)
+    check_pos_embed(output, tiny_checkpoint, 64)
 
 
-def test_verify_resizes_to_the_keras_input_size(d1_checkpoint: Path, tmp_path: Path) -> None:
+def test_verify_resizes_to_the_keras_input_size(tiny_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "d1_48.h5"
-    assert run(d1_checkpoint, "-o", output, "--image-size", 48, "--no-verify").exit_code == 0
-    check_pos_embed(output, d1_checkpoint, 48)
-    result = run("verify", output, d1_checkpoint, "--device", "cpu")
+    assert run(tiny_checkpoint, "-o", output, "--image-size", 48, "--no-verify").exit_code == 0
+    check_pos_embed(output, tiny_checkpoint, 48)
+    result = run("verify", output, tiny_checkpoint, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "VOLO d1 at 48px" in result.output and "PASS" in result.output
-    result = run("verify", output, d1_checkpoint, "--image-size", 32)
+    assert "VOLO tiny at 48px" in result.output and "PASS" in result.output
+    result = run("verify", output, tiny_checkpoint, "--image-size", 32)
     assert result.exit_code == 2
     assert f"{output}: the model takes 48px images, but --image-size 32 was given" in result.output
 
@@ -101,9 +101,9 @@ def test_resize_keeps_the_grid_when_the_size_is_unchanged(tiny_state_dict: dict)
 
 @pytest.mark.parametrize("image_size", ["30", "0", "-16"])
 def test_size_not_a_multiple_of_16_is_refused(
-    d1_checkpoint: Path, tmp_path: Path, image_size: str
+    tiny_checkpoint: Path, tmp_path: Path, image_size: str
 ) -> None:
-    result = run(d1_checkpoint, "-o", tmp_path / "x.h5", "--image-size", image_size)
+    result = run(tiny_checkpoint, "-o", tmp_path / "x.h5", "--image-size", image_size)
     assert result.exit_code == 2
     assert f"Error: image size must be a positive multiple of 16, got {image_size}" in result.output
     assert "Traceback" not in result.output
