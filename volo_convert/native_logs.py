@@ -47,6 +47,10 @@ TFLITE_LINES = (
     # The exporter's Identity ops carry a `Truncate` attribute that the op definition lacks.
     r"\bnode_def_util\.cc:\d+\] NodeDef mentions attribute Truncate which is not in the op ",
     r"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$",
+    # The int8 quantizer's settings, and its note that the exporter adds the runtime version.
+    r"^fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, "
+    r"output_inference_type: \w+$",
+    r"\bflatbuffer_export\.cc:\d+\] Skipping runtime version metadata in the model\. ",
 )
 # Lines of a Keras training step under TensorFlow: a note that an integer op (the optimizer's
 # step counter) runs on Eigen, not oneDNN, on CPUs without AVX-512.
