@@ -30,6 +30,37 @@ TINY_CONFIG = VoloConfig(
     num_classes=10,
 )
 SMALL_IMAGE_SIZE = 32  # the smallest size every variant accepts
+REPO = Path(__file__).resolve().parents[1]
+# The user's documentation: the README, then the pages it links to.
+DOCUMENTS = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
+
+
+def documented(page: str) -> str:
+    """The text of one documentation page: "README.md", or a docs/ page ("ERRORS.md")."""
+    return (REPO / page if page == "README.md" else REPO / "docs" / page).read_text()
+
+
+def error_table() -> str:
+    """The "Inputs and errors" page from its table on: every accepted form and error case."""
+    page = documented("ERRORS.md")
+    return page[page.index("## Inputs and errors") :]
+
+
+def transcript(command: str) -> list[str]:
+    """The lines the documentation shows after `$ COMMAND` (the first page that shows it),
+    up to the next prompt or the end of the block."""
+    for document in DOCUMENTS:
+        lines = document.read_text(encoding="utf-8").splitlines()
+        if f"$ {command}" in lines:
+            break
+    else:
+        raise AssertionError(f"no page shows `$ {command}`")
+    shown = []
+    for line in lines[lines.index(f"$ {command}") + 1 :]:
+        if line.startswith(("$ ", "```")):
+            break
+        shown.append(line)
+    return shown
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Every accepted checkpoint form and every bad input (README: "Inputs and errors").
+"""Every accepted checkpoint form and every bad input (docs/ERRORS.md: "Inputs and errors").
 
 Error cases check the exit code, the one-line message and that nothing was left in the
 output folder; accepted forms are converted and verified.
@@ -21,15 +21,13 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from helpers import error_line, run, snapshot
+from helpers import REPO, error_line, error_table, run, snapshot
 from safetensors.torch import save_file
 
 from volo_convert import pipeline
 from volo_convert.errors import ConversionError, about, first_line
 from volo_convert.pipeline import conversion
 from volo_convert.weights.checkpoint import load_state_dict
-
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 class TrainingArguments:
@@ -560,8 +558,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_readme_lists_every_case() -> None:
-    readme = README.read_text()
-    table = readme[readme.index("## Inputs and errors") :]
+    table = error_table()
     for case in [*ERROR_CASES, *ACCEPTED_FORMS]:
         assert f"`{case}`" in table, case
 
@@ -856,7 +853,7 @@ def test_keras_file_that_is_not_a_zip_is_named_so(tiny_checkpoint: Path, out_dir
 
 @pytest.mark.large  # Keras picks its backend once per process
 def test_unknown_keras_backend_is_a_usage_error(tiny_checkpoint_file: Path, out_dir: Path) -> None:
-    env = {**os.environ, "KERAS_BACKEND": "theano", "PYTHONPATH": str(README.parent)}
+    env = {**os.environ, "KERAS_BACKEND": "theano", "PYTHONPATH": str(REPO)}
     completed = subprocess.run(
         [sys.executable, "-m", "volo_convert", tiny_checkpoint_file, "-o", out_dir / "d1.h5"],
         env=env, capture_output=True, text=True,

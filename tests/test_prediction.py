@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import TINY_CONFIG, error_line, photo_like, run, snapshot
+from helpers import TINY_CONFIG, error_line, error_table, photo_like, run, snapshot, transcript
 
 from volo_convert.architecture.keras_model import build_volo
 from volo_convert.architecture.variants import eval_transform
@@ -24,7 +24,6 @@ from volo_convert.formats import read_provenance, save_model, write_provenance
 from volo_convert.options import CALIBRATION_SEED, DEFAULT_CALIBRATION_IMAGES
 from volo_convert.provenance import Provenance
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 TINY_SIZE = 64
 LABELS = [f"class {name}" for name in "abcdefghij"]  # TINY_CONFIG has 10 classes
 FLOAT_LOGIT_ATOL = 1e-4
@@ -242,8 +241,7 @@ def test_bad_inputs_are_one_line_and_exit_2(tiny_files: Path, photos: Path, tmp_
         f"Error: {tiny_files / 'features.h5'}: ends in the features head (32 features, no "
         "classes); predict needs a file converted with --head full or cls"
     )
-    readme = README.read_text()
-    table = readme[readme.index("## Inputs and errors") :]
+    table = error_table()
     assert all(f"`{case}`" in table for case in cases)
 
 
@@ -285,7 +283,7 @@ def test_predict_imports_no_torch(tiny_files: Path, photos: Path) -> None:
 def test_predict_prints_what_the_readme_shows(
     d1_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_terminal import shape, transcript
+    from test_terminal import shape
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "volo-demo").mkdir()

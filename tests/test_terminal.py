@@ -16,27 +16,14 @@ import termios
 from pathlib import Path
 
 import pytest
-from helpers import user_environment
+from helpers import transcript, user_environment
 
 pytestmark = pytest.mark.large  # each test runs the real command
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 VOLO_CONVERT = str(Path(sys.executable).with_name("volo-convert"))
 NUMBER = re.compile(r"\d[\d,]*(\.\d+)?(e[-+]?\d+)?")
 LIVE_LINE = re.compile(r"(\w+) (\d+\.\d)s  \((\d+\.\d)s in all\)")
 TERMINAL_SIZE = struct.pack("HHHH", 24, 160, 0, 0)  # rows, columns, pixel sizes
-
-
-def transcript(command: str) -> list[str]:
-    """The lines the README shows after `$ COMMAND`, up to the next prompt or block end."""
-    lines = README.read_text(encoding="utf-8").splitlines()
-    start = lines.index(f"$ {command}") + 1
-    shown = []
-    for line in lines[start:]:
-        if line.startswith(("$ ", "```")):
-            break
-        shown.append(line)
-    return shown
 
 
 def shape(line: str) -> str:

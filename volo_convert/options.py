@@ -59,23 +59,23 @@ IMAGE_SIZE_MULTIPLE = 16
 
 DEFAULT_ATOL = 1e-4
 # float16 weights carry 11 significant bits: they moved the logits of d1 and d2 by up to
-# 1.5e-2 (README, float16 tolerance), so such files get about three times that by default.
+# 1.5e-2 (docs/FORMATS.md, float16 tolerance), so such files get about three times that by default.
 FLOAT16_ATOL = 5e-2
 DEFAULT_VERIFY_IMAGES = 2  # float32 files: every logit within atol says more than top-1
 # float16 and quantized files are judged, or described, by top-1 agreement: a fraction
 # needs enough images to mean something.
 MANY_VERIFY_IMAGES = 64
-# bfloat16 rounds far less than int8 (README, "bfloat16 compute"): a working file keeps
+# bfloat16 rounds far less than int8 (docs/FORMATS.md, "bfloat16 compute"): a working file keeps
 # nearly every top-1, a broken one few, and 0.9 still allows for the close calls of
 # synthetic images, whose top-2 margins are smaller than a trained model's on photos.
 # Quantized files have no raw top-1 bar by default: near-ties make it a coin toss on weights
 # whose int8 rounding alone flips 15% of top-1s (issue 20). They are judged against their
-# weight-rounding floor instead (checks/weight_floor.py, README "Quantized TFLite").
+# weight-rounding floor instead (checks/weight_floor.py, docs/FORMATS.md "Quantized TFLite").
 DEFAULT_MIN_TOP1 = {"bfloat16": 0.9}
 # A quantized file's mean abs logit diff may be at most this many times the floor's. Working
 # files measured 1.17-1.44x (int8-dynamic) and 1.31-2.16x (int8) over 3 weight styles x 3
 # seeds (docs/BENCHMARKS.md, "int8 against its weight-rounding floor"); plain full-integer
-# quantization, the broken scheme, had 10x the shipped scheme's error (README). The bars sit
+# quantization, the broken scheme, had 10x the shipped scheme's error (docs/FORMATS.md). The bars sit
 # above every working figure and far below broken ones.
 MAX_FLOOR_RATIO = {"int8-dynamic": 2.0, "int8": 3.0}
 # An image's float top-1 margin is clear of quantization noise at this many times the floor's

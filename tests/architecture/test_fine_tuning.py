@@ -1,5 +1,5 @@
-"""The README's fine-tuning example, run as written on the three Keras backends, and a
-backbone under `mixed_bfloat16`: its precision, its training, its saved file.
+"""The fine-tuning example of docs/FINE_TUNING.md, run as written on the three Keras
+backends, and a backbone under `mixed_bfloat16`: its precision, its training, its saved file.
 
 The backend is fixed when Keras is first imported, so each run is a fresh process with
 KERAS_BACKEND set; the runs go side by side. A tiny backbone (drop path and dropout on)
@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import TINY_CONFIG
+from helpers import TINY_CONFIG, documented
 
 from volo_convert.architecture.keras_layers import DropPath
 from volo_convert.architecture.keras_model import build_volo, with_dtype_policy
@@ -39,9 +39,8 @@ MIXED_BFLOAT16_RTOL = 0.1
 
 
 def readme_example() -> str:
-    """The fine-tuning script exactly as the README shows it."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    """The fine-tuning script exactly as docs/FINE_TUNING.md shows it."""
+    blocks = re.findall(r"```python\n(.*?)```", documented("FINE_TUNING.md"), flags=re.DOTALL)
     (script,) = [block for block in blocks if block.startswith('"""Fine-tune a converted VOLO')]
     return script
 

@@ -1,4 +1,4 @@
-"""Hugging Face hub folders as CHECKPOINT (README: "Hub folders" and "Inputs and errors").
+"""Hugging Face hub folders as CHECKPOINT (docs/USAGE.md and docs/ERRORS.md).
 
 The folders are written here the way timm 1.0.31's `save_for_hf` writes them (config.json
 beside model.safetensors or pytorch_model.bin), so the tests need no timm. Conversions run
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_CONFIG, error_line, run, snapshot
+from helpers import TINY_CONFIG, error_line, error_table, run, snapshot
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -32,7 +32,6 @@ from volo_convert.formats.tflite_flatbuffer import metadata_document
 from volo_convert.provenance import PROVENANCE_NAME
 from volo_convert.weights.hub_folder import read_hub_config
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 CLASS_NAMES = [f"n{index:08d}" for index in range(TINY_CONFIG.num_classes)]
 TINY_SIZE = 64  # conftest's tiny_state_dict
 
@@ -252,8 +251,7 @@ def test_bad_hub_folder_gets_one_line_and_exit_2(
 
 
 def test_readme_lists_every_hub_case() -> None:
-    readme = README.read_text()
-    table = readme[readme.index("## Inputs and errors") :]
+    table = error_table()
     for case in [*HUB_ERROR_CASES, *HUB_FORMS]:
         assert f"`{case}`" in table, case
 

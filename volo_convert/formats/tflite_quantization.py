@@ -3,7 +3,7 @@
 Only convolutions and dense layers run in integers; the ops in FLOAT_OPS stay in float32.
 Before calibration each LayerNorm's per-channel range is moved into the dense layers it
 feeds (SmoothQuant), so that a few outlier channels do not take the whole int8 range.
-README, "Quantized TFLite", says what each measure bought.
+docs/FORMATS.md, "Quantized TFLite", says what each measure bought.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ PROBE_BATCH = 4  # images per pass when reading LayerNorm peaks
 # Kept in float32 in int8 files: per-layer comparison with the quantization debugger put
 # the loss in the attention matmuls (up to 18 quantization steps of error per op), then
 # in LayerNorm's statistics; quantizing only the convolutions and dense layers took d1's
-# top-1 agreement on photos from 35% to 92% (README, "Quantized TFLite").
+# top-1 agreement on photos from 35% to 92% (docs/FORMATS.md, "Quantized TFLite").
 FLOAT_OPS = (
     "BATCH_MATMUL",
     "SOFTMAX",
