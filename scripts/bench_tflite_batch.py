@@ -6,7 +6,7 @@ verifies them), loads each in LiteRT with --threads threads (XNNPACK, its defaul
 delegate), and then:
 
 - XNNPACK coverage: the nodes the delegate took out of all nodes, and in how many
-  partitions (the same walk as `xnnpack_coverage` on the `delegates` branch);
+  partitions (`formats.tflite_delegates.xnnpack_coverage`, as every file's delegate report);
 - latency per image: each round runs N images through every contender in turn, the
   batch-1 file as N invocations, the batch-N and dynamic files as one; the median over
   rounds is reported, with the 1-minute load average at start and end (the machine is
@@ -30,37 +30,19 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-DELEGATE_OPERATOR = "DELEGATE"
+from volo_convert.compat import interpreter_nodes
+from volo_convert.formats import tflite_delegates
+from volo_convert.formats.tflite_delegates import nodes_run_alone
 
 
 def xnnpack_coverage(interpreter: Any) -> tuple[int, int, int]:
-    """(nodes XNNPACK runs, all nodes, partitions): walks back from the outputs, so the
-    nodes a delegate node replaced are never reached."""
-    operators = interpreter._get_ops_details()
-    producers: dict[int, dict[str, Any]] = {}
-    for operator in sorted(operators, key=lambda op: op["op_name"] == DELEGATE_OPERATOR):
-        for tensor in operator["outputs"]:
-            producers[tensor] = operator
-    executed: set[int] = set()
-    pending = [details["index"] for details in interpreter.get_output_details()]
-    seen: set[int] = set()
-    while pending:
-        tensor = pending.pop()
-        if tensor in seen or tensor not in producers:
-            continue
-        seen.add(tensor)
-        operator = producers[tensor]
-        if operator["index"] not in executed:
-            executed.add(operator["index"])
-            pending.extend(index for index in operator["inputs"] if index >= 0)
-    file_nodes = [op for op in operators if op["op_name"] != DELEGATE_OPERATOR]
-    alone = [op["op_name"] for op in file_nodes if op["index"] in executed]
-    partitions = sum(
-        1 for op in operators if op["op_name"] == DELEGATE_OPERATOR and op["index"] in executed
-    )
+    """(nodes XNNPACK runs, all nodes, partitions), printing the operators it leaves out."""
+    operators = interpreter_nodes(interpreter)
+    outputs = [details["index"] for details in interpreter.get_output_details()]
+    alone = nodes_run_alone(operators, outputs)
     if alone:
-        print(f"  run outside XNNPACK: {sorted(set(alone))}")
-    return len(file_nodes) - len(alone), len(file_nodes), partitions
+        print(f"  run outside XNNPACK: {sorted({op['op_name'] for op in alone})}")
+    return tflite_delegates.xnnpack_coverage(operators, outputs)
 
 
 def main() -> None:

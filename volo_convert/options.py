@@ -75,8 +75,8 @@ DEFAULT_MIN_TOP1 = {"bfloat16": 0.9}
 # A quantized file's mean abs logit diff may be at most this many times the floor's. Working
 # files measured 1.17-1.44x (int8-dynamic) and 1.31-2.16x (int8) over 3 weight styles x 3
 # seeds (docs/BENCHMARKS.md, "int8 against its weight-rounding floor"); plain full-integer
-# quantization, the broken scheme, had 10x the shipped scheme's error (docs/FORMATS.md). The bars sit
-# above every working figure and far below broken ones.
+# quantization, the broken scheme, had 10x the shipped scheme's error (docs/FORMATS.md). The
+# bars sit above every working figure and far below broken ones.
 MAX_FLOOR_RATIO = {"int8-dynamic": 2.0, "int8": 3.0}
 # An image's float top-1 margin is clear of quantization noise at this many times the floor's
 # largest abs logit diff on that image (2 would keep the floor from flipping it; 4 leaves a

@@ -86,14 +86,14 @@ def parse_gpu_analysis(analysis: str) -> tuple[bool, tuple[str, ...]]:
     return compatible and not flagged, tuple(flagged)
 
 
-def xnnpack_coverage(operators: list[dict[str, Any]], outputs: list[int]) -> tuple[int, int, int]:
-    """(nodes XNNPACK runs, all nodes, XNNPACK partitions) of a loaded interpreter.
+def _executed(operators: list[dict[str, Any]], outputs: list[int]) -> set[int]:
+    """The indices of the nodes a loaded interpreter runs: its own kernels and delegates.
 
     `operators` are the interpreter's node details (`index`, `op_name`, `inputs`,
     `outputs`), the file's nodes followed by the delegate nodes that replaced some of
-    them; `outputs` are the graph's output tensors. The nodes the interpreter runs are
-    found by walking back from the outputs: a tensor a delegate node produces comes from
-    that node, so the nodes it replaced are never reached.
+    them; `outputs` are the graph's output tensors. The nodes it runs are found by walking
+    back from the outputs: a tensor a delegate node produces comes from that node, so the
+    nodes it replaced are never reached.
     """
     producers: dict[int, dict[str, Any]] = {}
     for operator in sorted(operators, key=lambda op: op["op_name"] == DELEGATE_OPERATOR):
@@ -110,11 +110,26 @@ def xnnpack_coverage(operators: list[dict[str, Any]], outputs: list[int]) -> tup
         if operator["index"] not in executed:
             executed.add(operator["index"])
             pending.extend(index for index in operator["inputs"] if index >= 0)
+    return executed
+
+
+def nodes_run_alone(operators: list[dict[str, Any]], outputs: list[int]) -> list[dict[str, Any]]:
+    """The file's nodes a loaded interpreter runs in its own kernels, outside every delegate
+    (`_executed` says what `operators` and `outputs` are)."""
+    executed = _executed(operators, outputs)
+    return [
+        op for op in operators if op["op_name"] != DELEGATE_OPERATOR and op["index"] in executed
+    ]
+
+
+def xnnpack_coverage(operators: list[dict[str, Any]], outputs: list[int]) -> tuple[int, int, int]:
+    """(nodes XNNPACK runs, all nodes, XNNPACK partitions) of a loaded interpreter
+    (`_executed` says what `operators` and `outputs` are)."""
+    executed = _executed(operators, outputs)
+    delegated = [op for op in operators if op["op_name"] == DELEGATE_OPERATOR]
     file_nodes = [op for op in operators if op["op_name"] != DELEGATE_OPERATOR]
     run_alone = sum(1 for op in file_nodes if op["index"] in executed)
-    partitions = sum(
-        1 for op in operators if op["op_name"] == DELEGATE_OPERATOR and op["index"] in executed
-    )
+    partitions = sum(1 for op in delegated if op["index"] in executed)
     return len(file_nodes) - run_alone, len(file_nodes), partitions
 
 
