@@ -90,23 +90,13 @@ def load_checkpoint(path: str | Path, options: ConvertOptions) -> LoadedCheckpoi
         state_dict["pos_embed"] = resize_pos_embed(state_dict["pos_embed"], options.image_size)
         image_size = options.image_size
     if hub is None:
-        return LoadedCheckpoint(
-            state_dict,
-            config,
-            image_size,
-            sha256,
-            mapped,
-            source.name,
-            eval_transform(config.name, image_size),
+        transform, labels, descriptions = eval_transform(config.name, image_size), None, None
+    else:
+        transform, labels, descriptions = (
+            hub.transform(image_size),
+            hub.labels,
+            hub.label_descriptions,
         )
     return LoadedCheckpoint(
-        state_dict,
-        config,
-        image_size,
-        sha256,
-        mapped,
-        source.name,
-        hub.transform(image_size),
-        hub.labels,
-        hub.label_descriptions,
+        state_dict, config, image_size, sha256, mapped, source.name, transform, labels, descriptions
     )
