@@ -413,7 +413,12 @@ ERROR_CASES: dict[str, tuple[Callable[[Path, dict], Path], list[str], str]] = {
     "pos-embed-too-large": (
         lambda folder, sd: _save(
             folder / "d1.pth.tar",
-            with_change(sd, lambda c: c.update({"pos_embed": torch.zeros(1, 257, 257, 384)})),
+            with_change(
+                sd,
+                lambda c: c.update(
+                    {"pos_embed": torch.zeros(1, 257, 257, c["pos_embed"].shape[-1])}
+                ),
+            ),
         ),
         [],
         "{input}: image size must be at most 4096, got 4112",
